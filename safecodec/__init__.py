@@ -1,0 +1,77 @@
+"""safecodec: a pure-Python safetensors codec with zero-copy JAX loading.
+
+Reads and writes safetensors files without the Rust wheel: a strict header parser, a
+memory-mapped reader that hands out views, a streaming atomic writer, and outputs for
+NumPy, JAX and the JAX frameworks. ``import safecodec`` imports NumPy and ml_dtypes only;
+JAX and fsspec are imported when first needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._errors import (
+    ClosedHandleError,
+    DtypeError,
+    HeaderError,
+    OffsetError,
+    RemoteIOError,
+    SafecodecError,
+    SliceIndexError,
+    TensorNotFoundError,
+    TreeStructureError,
+)
+from ._header import Header, TensorInfo
+from ._reader import SafeOpen, TensorSlice, load, load_file, read_header, safe_open
+from ._version import __version__
+from ._writer import save, save_file
+
+__all__ = [
+    "ClosedHandleError",
+    "DtypeError",
+    "Header",
+    "HeaderError",
+    "OffsetError",
+    "RemoteIOError",
+    "SafeOpen",
+    "SafecodecError",
+    "SliceIndexError",
+    "TensorInfo",
+    "TensorNotFoundError",
+    "TensorSlice",
+    "TreeStructureError",
+    "__version__",
+    "deserialize",
+    "load",
+    "load_file",
+    "load_tree",
+    "read_header",
+    "safe_open",
+    "save",
+    "save_file",
+    "save_tree",
+    "serialize",
+]
+
+# Heavier entry points live in modules that import jax (or flax, objax...) lazily.
+_LAZY = {
+    "save_tree": "._tree",
+    "load_tree": "._tree",
+    "serialize": "._safejax",
+    "deserialize": "._safejax",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safecodec' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

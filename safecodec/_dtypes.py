@@ -1,0 +1,157 @@
+"""The dtype table of the safetensors format: one row per code, looked up both ways.
+
+Every code maps to its width in bits, the NumPy / ml_dtypes type that holds one logical
+element, and its rank in the reference writer's ordering (widest first). The table is the
+only place that knows about dtypes; the header parser, the reader and the writer all ask it.
+
+Packed sub-byte codes (``F4``, ``F6_E2M3``, ``F6_E3M2``) store several logical elements per
+byte; see :mod:`safecodec._packed` for the bit order.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Final
+
+import ml_dtypes
+import numpy as np
+
+from ._errors import DtypeError
+
+__all__ = ["CODES", "DTYPES", "DType", "code_for_numpy", "dtype_for_code"]
+
+#: True on little-endian hosts. The reader and writer take the byte-swapping path when it
+#: is False; tests flip it to exercise that path on little-endian machines.
+HOST_IS_LITTLE_ENDIAN: bool = sys.byteorder == "little"
+
+
+@dataclass(frozen=True, slots=True)
+class DType:
+    """One row of the dtype table.
+
+    Attributes:
+        code: The safetensors code, e.g. ``"BF16"``.
+        bits: Width of one logical element in bits (4, 6, 8, 16, 32 or 64).
+        numpy: The NumPy / ml_dtypes dtype of one unpacked element, little-endian where
+            byte order applies.
+        rank: Position in the reference writer's order (0 is written first).
+        storage: The unsigned integer dtype of the same width (used to byte-swap types
+            that have no non-native byte order, such as bfloat16). ``uint8`` for packed.
+    """
+
+    code: str
+    bits: int
+    numpy: np.dtype
+    rank: int
+    storage: np.dtype
+
+    @property
+    def packed(self) -> bool:
+        """True for sub-byte codes whose elements share bytes (F4, F6_*)."""
+        return self.bits % 8 != 0
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element for byte-sized codes (raises for packed codes)."""
+        if self.packed:
+            raise DtypeError(f"dtype {self.code} is packed ({self.bits} bits per element)")
+        return self.bits // 8
+
+    def nbytes(self, count: int) -> int:
+        """Bytes taken by ``count`` elements; the caller guarantees it is whole."""
+        return count * self.bits // 8
+
+
+# The reference writer's order, widest first; ties are broken by name.
+_WRITE_ORDER: Final = (
+    "U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+    "F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8",
+    "F6_E3M2", "F6_E2M3", "F4", "BOOL",
+)  # fmt: skip
+
+_ROWS: Final = {
+    # code: (bits, element dtype)
+    "BOOL": (8, np.dtype(np.bool_)),
+    "U8": (8, np.dtype(np.uint8)),
+    "I8": (8, np.dtype(np.int8)),
+    "F8_E5M2": (8, np.dtype(ml_dtypes.float8_e5m2)),
+    "F8_E4M3": (8, np.dtype(ml_dtypes.float8_e4m3fn)),
+    "F8_E8M0": (8, np.dtype(ml_dtypes.float8_e8m0fnu)),
+    "F8_E4M3FNUZ": (8, np.dtype(ml_dtypes.float8_e4m3fnuz)),
+    "F8_E5M2FNUZ": (8, np.dtype(ml_dtypes.float8_e5m2fnuz)),
+    "I16": (16, np.dtype("<i2")),
+    "U16": (16, np.dtype("<u2")),
+    "F16": (16, np.dtype("<f2")),
+    "BF16": (16, np.dtype(ml_dtypes.bfloat16)),
+    "I32": (32, np.dtype("<i4")),
+    "U32": (32, np.dtype("<u4")),
+    "F32": (32, np.dtype("<f4")),
+    "I64": (64, np.dtype("<i8")),
+    "U64": (64, np.dtype("<u8")),
+    "F64": (64, np.dtype("<f8")),
+    "C64": (64, np.dtype("<c8")),
+    "F4": (4, np.dtype(ml_dtypes.float4_e2m1fn)),
+    "F6_E2M3": (6, np.dtype(ml_dtypes.float6_e2m3fn)),
+    "F6_E3M2": (6, np.dtype(ml_dtypes.float6_e3m2fn)),
+}
+
+_STORAGE: Final = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
+
+#: code -> DType, for every one of the 22 codes.
+DTYPES: Final[dict[str, DType]] = {
+    code: DType(code, bits, dt, _WRITE_ORDER.index(code), _STORAGE.get(bits, np.dtype("<u1")))
+    for code, (bits, dt) in _ROWS.items()
+}
+#: The set of valid codes (case-sensitive).
+CODES: Final[frozenset[str]] = frozenset(DTYPES)
+
+# numpy dtype (native byte order form) -> code. Built once; lookups are dict hits.
+_BY_NUMPY: Final[dict[np.dtype, str]] = {}
+for _code, _row in DTYPES.items():
+    _BY_NUMPY[_row.numpy] = _code
+    _BY_NUMPY[_row.numpy.newbyteorder("=")] = _code
+    if _row.numpy.byteorder in "<>":
+        _BY_NUMPY[_row.numpy.newbyteorder(">")] = _code
+
+# Dtypes that have no code, with the cast we suggest in the error message.
+_SUGGESTED_CASTS: Final[dict[str, str]] = {
+    "complex128": "complex64 (C64), or store real and imaginary parts as two F64 tensors",
+    "float128": "float64 (F64)",
+    "longdouble": "float64 (F64)",
+    "clongdouble": "complex64 (C64)",
+    "int4": "int8 (I8)",
+    "uint4": "uint8 (U8)",
+    "int2": "int8 (I8)",
+    "uint2": "uint8 (U8)",
+    "float8_e3m4": "bfloat16 (BF16) or float8_e4m3fn (F8_E4M3)",
+    "float8_e4m3": "float8_e4m3fn (F8_E4M3) or bfloat16 (BF16)",
+    "float8_e4m3b11fnuz": "float8_e4m3fn (F8_E4M3) or bfloat16 (BF16)",
+}
+
+
+def dtype_for_code(code: str) -> DType:
+    """Return the table row of ``code``; raise :class:`DtypeError` for an unknown code."""
+    try:
+        return DTYPES[code]
+    except (KeyError, TypeError):
+        raise DtypeError(
+            f"unknown dtype code {code!r}; valid codes are {', '.join(sorted(CODES))}"
+        ) from None
+
+
+def code_for_numpy(dtype: np.dtype, name: str = "") -> str:
+    """Return the safetensors code for a NumPy dtype, or raise a :class:`DtypeError`
+    that names the tensor, its dtype and the cast to use."""
+    code = _BY_NUMPY.get(dtype)
+    if code is not None:
+        return code
+    label = getattr(dtype, "name", str(dtype))
+    if dtype.kind in "OSUVMm" or dtype.fields is not None:
+        hint = "convert it to a numeric array first"
+    else:
+        hint = _SUGGESTED_CASTS.get(label, "a supported numeric dtype")
+        hint = f"cast it to {hint}"
+    raise DtypeError(
+        f"tensor {name!r} has dtype {label}, which has no safetensors code; {hint}"
+    )

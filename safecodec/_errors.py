@@ -1,0 +1,62 @@
+"""The exception hierarchy of safecodec.
+
+Every problem with the bytes of a file (or with tensors handed to a writer) is a
+:class:`SafecodecError`, which is a :class:`ValueError`, so ``except ValueError`` keeps
+working for code written against the reference wheel. Subclasses say which layer found the
+problem; messages name the check, the tensor and the expected and actual numbers.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClosedHandleError",
+    "DtypeError",
+    "HeaderError",
+    "OffsetError",
+    "RemoteIOError",
+    "SafecodecError",
+    "SliceIndexError",
+    "TensorNotFoundError",
+    "TreeStructureError",
+]
+
+
+class SafecodecError(ValueError):
+    """Base class of every error safecodec raises about data or arguments."""
+
+
+class HeaderError(SafecodecError):
+    """The 8-byte length prefix or the JSON header breaks a rule of the format."""
+
+
+class OffsetError(SafecodecError):
+    """Tensor offsets, shapes and dtypes do not describe the data section exactly."""
+
+
+class DtypeError(SafecodecError):
+    """A dtype code is unknown, or an array's dtype has no safetensors code, or a
+    requested output cannot represent the dtype."""
+
+
+class TreeStructureError(SafecodecError):
+    """A tree does not match its template, or recorded structure is inconsistent."""
+
+
+class RemoteIOError(SafecodecError):
+    """Reading from or writing to a remote / file-like source failed or came back short."""
+
+
+class ClosedHandleError(SafecodecError):
+    """A ``safe_open`` handle was used after it was closed."""
+
+
+class TensorNotFoundError(SafecodecError, KeyError):
+    """No tensor of that name exists. Also a :class:`KeyError`."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class SliceIndexError(SafecodecError, IndexError):
+    """An index given to a slice is out of range or not a basic index. Also an
+    :class:`IndexError`."""

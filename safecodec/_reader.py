@@ -1,0 +1,645 @@
+"""Reading tensors: a validated :class:`~safecodec._header.Header` plus a source become
+NumPy arrays, lazily, one tensor or one slice at a time.
+
+Views, not copies. When the source is memory (bytes, a mapping), tensors are NumPy views
+of it. Copies happen in exactly one place, :func:`_materialize`, and only when the caller
+asked (``copy=True``), the source is not addressable memory (a file object without mmap,
+a remote object), the dtype is packed (F4/F6 are unpacked), or the host is big-endian.
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+import numpy as np
+
+from . import _dtypes
+from ._dtypes import DType
+from ._errors import ClosedHandleError, SafecodecError, SliceIndexError, TensorNotFoundError
+from ._header import PREFIX_SIZE, Header, TensorInfo, decode_length, parse_header
+from ._packed import unpack
+from ._source import MapMode, open_source
+
+__all__ = ["SafeOpen", "TensorSlice", "load", "load_file", "read_header", "safe_open"]
+
+#: Bytes fetched by the first read of a source: the length prefix and, usually, the whole
+#: header, in one request (remote sources) or one syscall.
+FIRST_READ: Final = 64 * 1024
+
+_NUMPY_FRAMEWORKS: Final = frozenset({"numpy", "np"})
+_JAX_FRAMEWORKS: Final = frozenset({"jax", "flax"})
+
+
+def _read_header_from(source: Any) -> tuple[Header, bytes | memoryview]:
+    """Read and validate the header of an opened source (at most two reads)."""
+    size = source.size
+    if size < PREFIX_SIZE:
+        decode_length(b"", size)  # raises "header too small"
+    first = source.read(0, min(size, FIRST_READ), "header")
+    n = decode_length(first, size)
+    end = PREFIX_SIZE + n
+    if end <= len(first):
+        header_bytes = first[PREFIX_SIZE:end]
+    else:
+        header_bytes = bytes(first[PREFIX_SIZE:]) + bytes(
+            source.read(len(first), end - len(first), "header")
+        )
+    return parse_header(header_bytes, size), first
+
+
+def read_header(source: Any, *, fs: Any = None) -> Header:
+    """Read and validate only the header of ``source``.
+
+    Args:
+        source: A path, fsspec URL, bytes-like object or binary file object.
+        fs: An fsspec filesystem on which ``source`` is a path.
+
+    Returns:
+        The :class:`~safecodec.Header`: ``tensors`` (name -> dtype, shape, offsets),
+        ``metadata``, ``header_size``, ``file_size``.
+
+    Example:
+        >>> import numpy as np, safecodec as sc
+        >>> sc.read_header(sc.save({"w": np.zeros((2, 3), np.float32)})).tensors["w"].shape
+        (2, 3)
+    """
+    src = open_source(source, fs=fs)
+    try:
+        header, _ = _read_header_from(src)
+    finally:
+        src.close()
+    return header
+
+
+def _missing(name: object, header: Header) -> TensorNotFoundError:
+    names = list(header.tensors)
+    close = difflib.get_close_matches(str(name), names, n=3) if len(names) < 100_000 else []
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return TensorNotFoundError(f"no tensor named {name!r} in this file ({len(names)} tensors){hint}")
+
+
+def _native(arr: np.ndarray, dtype: DType) -> np.ndarray:
+    """Little-endian data into native byte order (only runs on big-endian hosts, or when
+    tests force the path): a byte-swapping copy through the unsigned storage type."""
+    if dtype.bits <= 8:
+        return arr
+    swapped = arr.view(dtype.storage).astype(dtype.storage.newbyteorder("="))
+    return swapped.view(dtype.numpy.newbyteorder("=") if dtype.numpy.byteorder != "|" else dtype.numpy)
+
+
+def _view(buf: memoryview, offset: int, info: TensorInfo) -> np.ndarray:
+    dt = info.dtype
+    count = info.count
+    if count == 0:
+        return np.empty(info.shape, dt.numpy)
+    arr = np.frombuffer(buf, dtype=dt.numpy, count=count, offset=offset)
+    return arr.reshape(info.shape)
+
+
+class _Reader:
+    """Turns tensor infos into arrays for one source. Shared by handles and load funcs."""
+
+    def __init__(self, source: Any, header: Header, *, copy: bool, unpack: bool, mode: MapMode):
+        self.source = source
+        self.header = header
+        self.copy = copy
+        self.unpack = unpack
+        self.mode = mode
+        self._buf: memoryview | None = None if copy else source.buffer(mode)
+
+    def array(self, info: TensorInfo) -> np.ndarray:
+        """The whole tensor as an array: a view when possible (see module docstring)."""
+        offset = self.header.data_start + info.begin
+        dt = info.dtype
+        if dt.packed:
+            raw = self._raw(offset, info.nbytes, info.name)
+            if not self.unpack:
+                return raw if not self.copy or raw.flags.owndata else raw.copy()
+            return unpack(raw, dt, info.count).reshape(info.shape)
+        if self._buf is not None:
+            arr = _view(self._buf, offset, info)
+        else:
+            arr = self._materialize(offset, info)
+        if not _dtypes.HOST_IS_LITTLE_ENDIAN:
+            arr = _native(arr, dt)
+        return arr
+
+    def _raw(self, offset: int, nbytes: int, name: str) -> np.ndarray:
+        if self._buf is not None:
+            return np.frombuffer(self._buf, np.uint8, nbytes, offset)
+        out = np.empty(nbytes, np.uint8)
+        if nbytes:
+            self.source.readinto(offset, memoryview(out), f"tensor {name!r}")
+        return out
+
+    def _materialize(self, offset: int, info: TensorInfo) -> np.ndarray:
+        """The one place a tensor is copied out of its source into new memory."""
+        out = np.empty(info.shape, info.dtype.numpy)
+        if info.nbytes:
+            self.source.readinto(offset, memoryview(out.reshape(-1).view(np.uint8)),
+                                 f"tensor {info.name!r}")
+        return out
+
+    def ranges(self, runs: Sequence[tuple[int, int]], name: str) -> list[Any]:
+        """Fetch byte ranges (absolute offsets) of one tensor; merged by the source."""
+        if self._buf is not None:
+            return [self._buf[a:b] for a, b in runs]
+        return list(self.source.read_ranges(runs, f"tensor {name!r}"))
+
+
+# ----------------------------------------------------------------------------- slicing
+
+
+def _normalize_index(index: Any, shape: tuple[int, ...], name: str) -> tuple[list[Any], list[int]]:
+    """Expand ``index`` to one entry per dimension (int or (start, stop, step) range), plus
+    the positions of ``None`` (new axes) in the result. Raises SliceIndexError."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    for item in index:
+        if not (item is Ellipsis or item is None or isinstance(item, slice)
+                or (hasattr(item, "__index__") and not isinstance(item, (bool, np.bool_)))):
+            raise SliceIndexError(
+                f"tensor {name!r}: only basic indexing is supported (ints, slices, Ellipsis, "
+                f"None), got {type(item).__name__} {item!r:.60}"
+            )
+    ellipses = sum(1 for i in index if i is Ellipsis)
+    if ellipses > 1:
+        raise SliceIndexError(f"tensor {name!r}: an index can only have a single ellipsis")
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if consumed > len(shape):
+        raise SliceIndexError(
+            f"tensor {name!r}: too many indices, shape {list(shape)} has {len(shape)} "
+            f"dimensions but {consumed} were indexed"
+        )
+    expanded: list[Any] = []
+    for item in index:
+        if item is Ellipsis:
+            expanded.extend([slice(None)] * (len(shape) - consumed))
+        else:
+            expanded.append(item)
+    if ellipses == 0:
+        expanded.extend([slice(None)] * (len(shape) - consumed))
+    per_dim: list[Any] = []
+    new_axes: list[int] = []
+    out_pos = 0
+    dim = 0
+    for item in expanded:
+        if item is None:
+            new_axes.append(out_pos)
+            out_pos += 1
+            continue
+        size = shape[dim]
+        if isinstance(item, slice):
+            try:
+                per_dim.append(item.indices(size))
+            except (TypeError, ValueError) as exc:
+                raise SliceIndexError(f"tensor {name!r}: bad slice {item!r}: {exc}") from None
+            out_pos += 1
+        else:
+            i = operator.index(item)
+            if not -size <= i < size:
+                raise SliceIndexError(
+                    f"index {i} is out of bounds for axis {dim} with size {size} "
+                    f"(tensor {name!r}, shape {list(shape)})"
+                )
+            per_dim.append(i + size if i < 0 else i)
+        dim += 1
+    return per_dim, new_axes
+
+
+def _selected(entry: Any) -> range:
+    """The indices one dimension selects, ascending."""
+    if isinstance(entry, int):
+        return range(entry, entry + 1)
+    r = range(*entry)
+    return r if entry[2] > 0 else r[::-1]
+
+
+def plan_runs(shape: tuple[int, ...], per_dim: list[Any]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Element runs ``(start, stop)`` in C order covering a basic index, ascending, and
+    the shape of the ascending block they fill. Trailing dimensions taken whole merge into
+    one run; the last partial dimension with unit step extends it."""
+    ndim = len(shape)
+    inner = 1
+    k = ndim
+    while k > 0:
+        e = per_dim[k - 1]
+        if isinstance(e, tuple) and e[2] == 1 and e[0] == 0 and e[1] == shape[k - 1]:
+            inner *= shape[k - 1]
+            k -= 1
+        else:
+            break
+    sels = [_selected(e) for e in per_dim]
+    block_shape = [len(s) for s in sels]
+    run_dim: int | None = None
+    if k > 0 and (isinstance(per_dim[k - 1], int) or per_dim[k - 1][2] in (1, -1)):
+        run_dim = k - 1
+    strides = [1] * ndim
+    for d in range(ndim - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    if 0 in block_shape:
+        return [], block_shape
+    outer_dims = list(range(run_dim if run_dim is not None else k))
+    if run_dim is not None:
+        sel = sels[run_dim]
+        run_len = len(sel) * inner
+        run_off = sel.start * strides[run_dim]
+    else:
+        run_len = inner
+        run_off = 0
+    runs: list[tuple[int, int]] = []
+    # Iterate outer indices in C order without itertools.product materialising tuples.
+    counters = [0] * len(outer_dims)
+    while True:
+        base = run_off
+        for j, d in enumerate(outer_dims):
+            base += sels[d][counters[j]] * strides[d]
+        if runs and runs[-1][1] == base:
+            runs[-1] = (runs[-1][0], base + run_len)
+        else:
+            runs.append((base, base + run_len))
+        j = len(outer_dims) - 1
+        while j >= 0:
+            counters[j] += 1
+            if counters[j] < len(sels[outer_dims[j]]):
+                break
+            counters[j] = 0
+            j -= 1
+        if j < 0:
+            break
+    return runs, block_shape
+
+
+def _finish(block: np.ndarray, per_dim: list[Any], new_axes: list[int]) -> np.ndarray:
+    """Turn the ascending block into the result of the original index."""
+    local: list[Any] = []
+    for e in per_dim:
+        if isinstance(e, int):
+            local.append(0)
+        elif e[2] < 0:
+            local.append(slice(None, None, -1))
+        else:
+            local.append(slice(None))
+    out = block[tuple(local)]
+    for pos in new_axes:
+        out = np.expand_dims(out, pos)
+    return out
+
+
+class TensorSlice:
+    """A lazy view of one tensor: ``get_shape()``, ``get_dtype()``, and ``[index]`` with
+    NumPy basic-indexing semantics (ints, negative ints, slices with any step, Ellipsis,
+    None), reading only the bytes the index needs."""
+
+    def __init__(self, handle: SafeOpen, info: TensorInfo) -> None:
+        self._handle = handle
+        self._info = info
+
+    def get_shape(self) -> list[int]:
+        """The tensor's shape, as a list (like the reference wheel)."""
+        return list(self._info.shape)
+
+    def get_dtype(self) -> str:
+        """The tensor's dtype code, e.g. ``"F32"`` (like the reference wheel)."""
+        return self._info.dtype.code
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._info.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._info.dtype.numpy
+
+    @property
+    def ndim(self) -> int:
+        return len(self._info.shape)
+
+    def __len__(self) -> int:
+        if not self._info.shape:
+            raise TypeError("len() of unsized object")
+        return self._info.shape[0]
+
+    def __repr__(self) -> str:
+        return f"TensorSlice({self._info.name!r}, dtype={self.get_dtype()}, shape={self.get_shape()})"
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._handle._convert(self.numpy(index), self._info)
+
+    def numpy(self, index: Any = ()) -> np.ndarray:
+        """The selected part as a NumPy array (whatever the handle's framework)."""
+        handle = self._handle
+        reader = handle._reader_checked()
+        info = self._info
+        per_dim, new_axes = _normalize_index(index, info.shape, info.name)
+        if reader._buf is not None and not info.dtype.packed:
+            full = reader.array(info)
+            return full[_numpy_index(per_dim, new_axes)]
+        return self._read_runs(reader, per_dim, new_axes)
+
+    def _read_runs(self, reader: _Reader, per_dim: list[Any], new_axes: list[int]) -> np.ndarray:
+        info = self._info
+        dt = info.dtype
+        runs, block_shape = plan_runs(info.shape, per_dim)
+        base = reader.header.data_start + info.begin
+        if dt.packed:
+            group = 8 // _gcd(8, dt.bits)  # elements per packed group (F4: 2, F6: 4)
+            gbytes = group * dt.bits // 8
+            spans = [((a // group) * gbytes, -(-b // group) * gbytes) for a, b in runs]
+            chunks = reader.ranges([(base + s, base + e) for s, e in spans], info.name)
+            parts = []
+            for (a, b), (s, _), chunk in zip(runs, spans, chunks, strict=True):
+                vals = unpack(np.frombuffer(chunk, np.uint8), dt, len(chunk) * 8 // dt.bits)
+                skip = a - (s // gbytes) * group
+                parts.append(vals[skip : skip + (b - a)])
+            flat = np.concatenate(parts) if parts else np.empty(0, dt.numpy)
+            block = flat.reshape(block_shape)
+            if not self._handle._unpack:
+                raise SafecodecError(
+                    f"tensor {info.name!r} is packed {dt.code}; slicing needs unpack=True"
+                )
+        else:
+            itemsize = dt.itemsize
+            block = np.empty(block_shape, dt.numpy)
+            flat = block.reshape(-1).view(np.uint8)
+            chunks = reader.ranges([(base + a * itemsize, base + b * itemsize) for a, b in runs],
+                                   info.name)
+            pos = 0
+            for chunk in chunks:
+                n = len(chunk)
+                flat[pos : pos + n] = np.frombuffer(chunk, np.uint8)
+                pos += n
+            if not _dtypes.HOST_IS_LITTLE_ENDIAN:
+                block = _native(block, dt)
+        return _finish(block, per_dim, new_axes)
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _numpy_index(per_dim: list[Any], new_axes: list[int]) -> tuple[Any, ...]:
+    items: list[Any] = []
+    for e in per_dim:
+        if isinstance(e, int):
+            items.append(e)
+        else:
+            start, stop, step = e
+            if step < 0 and stop < 0:
+                stop = None  # type: ignore[assignment]
+            items.append(slice(start, stop, step))
+    # Re-insert new axes at their positions in the output.
+    out_items: list[Any] = []
+    out_pos = 0
+    it = iter(items)
+    pending = sorted(new_axes)
+    for item in it:
+        while pending and pending[0] == out_pos:
+            out_items.append(None)
+            pending.pop(0)
+            out_pos += 1
+        out_items.append(item)
+        if not isinstance(item, int):
+            out_pos += 1
+    out_items.extend(None for _ in pending)
+    return tuple(out_items)
+
+
+# ----------------------------------------------------------------------------- handle
+
+
+class SafeOpen:
+    """A lazy, read-only handle on one safetensors file or buffer (see :func:`safe_open`).
+
+    Thread-safe for reads: many threads may call ``get_tensor``/``get_slice`` at once.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        framework: str = "numpy",
+        *,
+        fs: Any = None,
+        copy: bool = False,
+        unpack: bool = True,
+        device: Any = None,
+        sharding: Any = None,
+    ) -> None:
+        fw = str(framework).lower()
+        if fw not in _NUMPY_FRAMEWORKS and fw not in _JAX_FRAMEWORKS:
+            raise SafecodecError(
+                f"unsupported framework {framework!r}; use 'numpy' (or 'np'), 'jax' or 'flax'"
+            )
+        self._framework = fw
+        self._source = open_source(source, fs=fs)
+        self._unpack = unpack
+        try:
+            self._header, _ = _read_header_from(self._source)
+        except BaseException:
+            self._source.close()
+            raise
+        mode: MapMode = "copy" if fw in _NUMPY_FRAMEWORKS else "read"
+        self._reader: _Reader | None = _Reader(
+            self._source, self._header, copy=copy, unpack=unpack, mode=mode
+        )
+        self._jax: Any = None
+        if fw in _JAX_FRAMEWORKS:
+            from . import _jax
+
+            self._jax = _jax.Converter(device=device, sharding=sharding, handle=self)
+        elif device is not None or sharding is not None:
+            raise SafecodecError("device= and sharding= need framework='jax'")
+
+    # -- plumbing
+    def _reader_checked(self) -> _Reader:
+        reader = self._reader
+        if reader is None:
+            raise ClosedHandleError("this safe_open handle is closed")
+        return reader
+
+    def _info(self, name: str) -> TensorInfo:
+        self._reader_checked()
+        try:
+            return self._header.tensors[name]
+        except (KeyError, TypeError):
+            raise _missing(name, self._header) from None
+
+    def _convert(self, arr: np.ndarray, info: TensorInfo) -> Any:
+        if self._jax is None:
+            return arr
+        return self._jax.convert(arr, info)
+
+    # -- the reference API
+    def keys(self) -> list[str]:
+        """Tensor names, sorted."""
+        self._reader_checked()
+        return self._header.names()
+
+    def offset_keys(self) -> list[str]:
+        """Tensor names in file order (ascending offsets)."""
+        self._reader_checked()
+        return list(self._header.tensors)
+
+    def metadata(self) -> dict[str, str] | None:
+        """The file's ``__metadata__`` (a new dict), or None when it has none."""
+        self._reader_checked()
+        md = self._header.metadata
+        return None if md is None else dict(md)
+
+    def get_tensor(self, name: str) -> Any:
+        """The whole tensor ``name``: a NumPy array (or a jax.Array for framework='jax')."""
+        info = self._info(name)
+        if self._jax is not None:
+            return self._jax.load_tensor(info)
+        return self._reader_checked().array(info)
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """A lazy :class:`TensorSlice` of tensor ``name``."""
+        return TensorSlice(self, self._info(name))
+
+    def get_tensors(self) -> dict[str, Any]:
+        """Every tensor, in file order."""
+        reader = self._reader_checked()
+        if self._jax is not None:
+            return self._jax.load_all(list(self._header.tensors.values()))
+        array = reader.array
+        return {name: array(info) for name, info in self._header.tensors.items()}
+
+    # -- extras
+    @property
+    def header(self) -> Header:
+        """The parsed :class:`~safecodec.Header`."""
+        return self._header
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Bytes read and read requests made so far (header included)."""
+        return self._source.stats.as_dict()
+
+    @property
+    def closed(self) -> bool:
+        return self._reader is None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._header.tensors
+
+    def __len__(self) -> int:
+        return len(self._header.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def close(self) -> None:
+        """Close the handle. Arrays already handed out stay valid."""
+        if self._reader is not None:
+            self._reader = None
+            self._source.close()
+
+    def __enter__(self) -> SafeOpen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self)} tensors"
+        return f"<safecodec.safe_open {self._source.name!r} ({state}), framework={self._framework!r}>"
+
+
+def safe_open(
+    source: Any,
+    framework: str = "numpy",
+    *,
+    fs: Any = None,
+    copy: bool = False,
+    unpack: bool = True,
+    device: Any = None,
+    sharding: Any = None,
+) -> SafeOpen:
+    """Open a safetensors file, buffer, file object or URL lazily.
+
+    Only the header is read; tensors are read when asked for. Use as a context manager.
+
+    Args:
+        source: A str/PathLike path, an fsspec URL, a bytes-like object, or a binary file
+            object (memory-mapped when it has a usable ``fileno()``).
+        framework: ``"numpy"`` (default, also ``"np"``), or ``"jax"`` / ``"flax"`` for
+            jax.Array outputs.
+        fs: An fsspec filesystem on which ``source`` is a path.
+        copy: Return independent arrays instead of views of the source.
+        unpack: Unpack F4/F6 tensors to one element per byte (ml_dtypes). With False, they
+            come back as 1-D ``uint8`` arrays of the packed bytes.
+        device: With framework='jax', the device to place arrays on.
+        sharding: With framework='jax', a Sharding, mapping or callable (see
+            :func:`safecodec.jax.load_file`).
+
+    Raises:
+        SafecodecError: The header breaks a rule of the format (subclass says which).
+
+    Example:
+        >>> import numpy as np, safecodec as sc
+        >>> data = sc.save({"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+        >>> with sc.safe_open(data) as f:
+        ...     f.get_slice("w")[:, 1].tolist()
+        [1.0, 4.0]
+    """
+    return SafeOpen(source, framework, fs=fs, copy=copy, unpack=unpack, device=device,
+                    sharding=sharding)
+
+
+def load(data: Any, *, copy: bool = False, unpack: bool = True) -> dict[str, np.ndarray]:
+    """Load every tensor of an in-memory safetensors file.
+
+    Args:
+        data: bytes, bytearray, memoryview or any C-contiguous buffer.
+        copy: Return independent arrays instead of views into ``data`` (views of
+            ``bytes`` are read-only; views of a ``bytearray`` share its memory).
+        unpack: See :func:`safe_open`.
+
+    Returns:
+        name -> NumPy array, in file order.
+
+    Raises:
+        SafecodecError: ``data`` is not a valid safetensors file.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            memoryview(data)
+        except TypeError:
+            raise SafecodecError(
+                f"load() takes bytes-like data, got {type(data).__name__}; use load_file() "
+                "for paths and file objects"
+            ) from None
+    with SafeOpen(data, copy=copy, unpack=unpack) as f:
+        return f.get_tensors()
+
+
+def load_file(
+    path: Any, *, fs: Any = None, copy: bool = False, unpack: bool = True
+) -> dict[str, np.ndarray]:
+    """Load every tensor of a safetensors file.
+
+    Local files are memory-mapped: the arrays are copy-on-write views of a private
+    mapping, writable, with nothing copied until written and nothing written reaching the
+    file. They stay valid after the file is closed, deleted or replaced.
+
+    Args:
+        path: A str/PathLike path, an fsspec URL, or a binary file object.
+        fs: An fsspec filesystem on which ``path`` is a path.
+        copy: Read into independent arrays (one copy from the page cache) instead.
+        unpack: See :func:`safe_open`.
+
+    Returns:
+        name -> NumPy array, in file order.
+
+    Raises:
+        SafecodecError: The file is not a valid safetensors file.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    with SafeOpen(path, fs=fs, copy=copy, unpack=unpack) as f:
+        return f.get_tensors()

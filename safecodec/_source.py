@@ -1,0 +1,356 @@
+"""Where bytes come from: the one module that turns "path, bytes, file object or URL" into
+something the reader can read.
+
+A :class:`Source` offers exact reads at absolute offsets (``read``), batched reads of many
+ranges (``read_ranges``), and, when the whole content is addressable memory (a bytes-like
+object or a memory mapping), that memory as a buffer (``buffer``) so the reader can hand
+out views instead of copies.
+
+* bytes / bytearray / memoryview / any buffer  -> :class:`BufferSource` (views, no copy)
+* local path or a file object with a usable ``fileno()`` -> :class:`MappedSource`
+  (a private copy-on-write mapping for NumPy outputs, a read-only one for JAX)
+* the same without mmap, or a file object without ``fileno()`` -> :class:`FileSource`
+  (positioned reads, one copy)
+* an fsspec URL, or a path with ``fs=`` -> :class:`FsspecSource` (byte-range requests).
+  fsspec is imported only on this path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import IO, Any, Literal, Protocol, runtime_checkable
+
+from ._errors import RemoteIOError, SafecodecError
+
+try:  # some platforms (Pyodide, WASI) have no mmap
+    import mmap as _mmap
+except ImportError:  # pragma: no cover - exercised by forcing MMAP_AVAILABLE = False
+    _mmap = None  # type: ignore[assignment]
+
+__all__ = [
+    "MMAP_AVAILABLE",
+    "BufferSource",
+    "FileSource",
+    "MappedSource",
+    "Source",
+    "open_source",
+]
+
+#: Whether memory mapping is used for local files. Tests set it to False to exercise the
+#: plain-read path that platforms without mmap take.
+MMAP_AVAILABLE: bool = _mmap is not None
+
+#: Largest single read() asked of a file object: a lying length must never make us
+#: allocate more than what actually arrives.
+READ_CHUNK = 1 << 24
+
+MapMode = Literal["copy", "read"]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What the reader needs from a byte source."""
+
+    size: int
+    name: str
+
+    def read(self, offset: int, length: int, what: str = "data") -> bytes | memoryview: ...
+
+    def read_ranges(
+        self, ranges: Sequence[tuple[int, int]], what: str = "data"
+    ) -> list[bytes | memoryview]: ...
+
+    def buffer(self, mode: MapMode = "copy") -> memoryview | None: ...
+
+    def readinto(self, offset: int, out: memoryview, what: str = "data") -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Stats:
+    """Bytes and requests a source has served (for remote sources, what crossed the wire)."""
+
+    __slots__ = ("bytes_read", "requests")
+
+    def __init__(self) -> None:
+        self.bytes_read = 0
+        self.requests = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"bytes_read": self.bytes_read, "requests": self.requests}
+
+
+class _SourceBase:
+    size: int
+    name: str
+
+    def __init__(self) -> None:
+        self.stats = _Stats()
+
+    def read_ranges(
+        self, ranges: Sequence[tuple[int, int]], what: str = "data"
+    ) -> list[bytes | memoryview]:
+        """Read each ``(start, end)`` range; the default reads them one by one."""
+        return [self.read(start, end - start, what) for start, end in ranges]
+
+    def readinto(self, offset: int, out: memoryview, what: str = "data") -> None:
+        """Fill ``out`` with the bytes at ``offset``."""
+        data = self.read(offset, len(out), what)
+        out[:] = data
+
+    def buffer(self, mode: MapMode = "copy") -> memoryview | None:
+        """The whole content as memory, or None when it is not addressable."""
+        return None
+
+    def close(self) -> None:
+        """Release what the source holds; views already handed out stay valid."""
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RemoteIOError(
+                f"unexpected end of {self.name} while reading {what}: wanted {length} bytes "
+                f"at offset {offset}, the source has {self.size}"
+            )
+
+
+class BufferSource(_SourceBase):
+    """An in-memory bytes-like object. Reads are zero-copy memoryview slices."""
+
+    def __init__(self, data: Any, name: str = "buffer") -> None:
+        super().__init__()
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise SafecodecError(
+                f"expected bytes, bytearray, memoryview or another buffer, got "
+                f"{type(data).__name__}"
+            ) from None
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes())
+        self._view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        self.size = self._view.nbytes
+        self.name = name
+
+    def read(self, offset: int, length: int, what: str = "data") -> memoryview:
+        self._check_range(offset, length, what)
+        self.stats.requests += 1
+        self.stats.bytes_read += length
+        return self._view[offset : offset + length]
+
+    def buffer(self, mode: MapMode = "copy") -> memoryview:
+        return self._view
+
+
+class FileSource(_SourceBase):
+    """A file read with positioned reads (``os.pread`` when there is a descriptor, else
+    seek + read under a lock). Every read is a copy; used when mmap is unavailable."""
+
+    def __init__(self, file: IO[bytes] | str | os.PathLike[str], name: str | None = None) -> None:
+        super().__init__()
+        self._owned = isinstance(file, (str, os.PathLike))
+        self._file: Any = open(file, "rb") if self._owned else file  # noqa: SIM115
+        self.name = name or str(getattr(self._file, "name", "file object"))
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        try:
+            fd = self._file.fileno()
+            os.fstat(fd)
+            self._fd = fd if hasattr(os, "pread") else None
+        except (AttributeError, OSError, ValueError, Exception):  # BytesIO raises UnsupportedOperation
+            self._fd = None
+        if self._fd is not None:
+            self.size = os.fstat(self._fd).st_size
+        else:
+            try:
+                self.size = self._file.seek(0, os.SEEK_END)
+            except (AttributeError, OSError, ValueError) as exc:
+                raise SafecodecError(
+                    f"file object {self.name} is not seekable; pass its bytes instead"
+                ) from exc
+
+    def read(self, offset: int, length: int, what: str = "data") -> bytes:
+        self._check_range(offset, length, what)
+        out = bytearray(length)
+        self.readinto(offset, memoryview(out), what)
+        return bytes(out) if length < 4096 else out  # type: ignore[return-value]
+
+    def readinto(self, offset: int, out: memoryview, what: str = "data") -> None:
+        if self._fd is not None:
+            _pread_into(self._fd, offset, out, self, what)
+            return
+        length = len(out)
+        self._check_range(offset, length, what)
+        self.stats.requests += 1
+        done = 0
+        out = out.cast("B") if out.format != "B" else out
+        while done < length:
+            want = min(length - done, READ_CHUNK)
+            with self._lock:
+                self._file.seek(offset + done)
+                chunk = self._file.read(want)
+            if not chunk:
+                raise RemoteIOError(
+                    f"unexpected end of {self.name} while reading {what}: wanted {length} "
+                    f"bytes at offset {offset}, got {done} (was the file truncated?)"
+                )
+            out[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        self.stats.bytes_read += length
+
+    def close(self) -> None:
+        if self._owned:
+            self._file.close()
+
+
+class MappedSource(_SourceBase):
+    """A local file, memory-mapped lazily.
+
+    ``buffer("copy")`` is a private copy-on-write mapping: writable, nothing is copied
+    until a page is written, nothing written reaches the file. ``buffer("read")`` is a
+    read-only mapping, for outputs (JAX) that must never change behind the caller's back.
+    Views keep their mapping alive; :meth:`close` only drops the source's references.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, file: Any = None) -> None:
+        super().__init__()
+        assert _mmap is not None
+        if file is None:
+            assert path is not None
+            self._file: Any = open(path, "rb")  # noqa: SIM115
+            self._owned = True
+            self.name = os.fspath(path)
+        else:
+            self._file = file
+            self._owned = False
+            self.name = str(getattr(file, "name", "file object"))
+        self._fd = self._file.fileno()
+        self.size = os.fstat(self._fd).st_size
+        self._maps: dict[str, memoryview] = {}
+        self._lock = threading.Lock()
+
+    def buffer(self, mode: MapMode = "copy") -> memoryview:
+        view = self._maps.get(mode)
+        if view is None:
+            with self._lock:
+                view = self._maps.get(mode)
+                if view is None:
+                    assert _mmap is not None
+                    access = _mmap.ACCESS_COPY if mode == "copy" else _mmap.ACCESS_READ
+                    mapping = _mmap.mmap(self._fd, self.size, access=access)
+                    view = memoryview(mapping)
+                    self._maps[mode] = view
+        return view
+
+    def read(self, offset: int, length: int, what: str = "data") -> bytes:
+        # Small reads (the header) go through pread: no mapping is created for them.
+        out = bytearray(length)
+        self.readinto(offset, memoryview(out), what)
+        return bytes(out)
+
+    def readinto(self, offset: int, out: memoryview, what: str = "data") -> None:
+        # A copy straight from the page cache, without touching a mapping.
+        _pread_into(self._fd, offset, out, self, what)
+
+    def close(self) -> None:
+        # Mappings are not closed: arrays handed out keep them alive through their base.
+        self._maps = {}
+        if self._owned:
+            self._file.close()
+
+
+def _pread_into(fd: int, offset: int, out: memoryview, src: _SourceBase, what: str) -> None:
+    """Fill ``out`` from ``fd`` at ``offset`` with positioned reads, looping over short
+    reads; a file shorter than its header promised is reported, never zero-filled."""
+    length = len(out)
+    src._check_range(offset, length, what)
+    out = out.cast("B") if out.format != "B" else out
+    done = 0
+    while done < length:
+        if _HAS_PREADV:
+            n = os.preadv(fd, [out[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            chunk = os.pread(fd, min(length - done, READ_CHUNK), offset + done)
+            n = len(chunk)
+            out[done : done + n] = chunk
+        if n == 0:
+            raise RemoteIOError(
+                f"unexpected end of {src.name} while reading {what}: wanted {length} bytes "
+                f"at offset {offset}, got {done} (was the file truncated?)"
+            )
+        done += n
+    src.stats.requests += 1
+    src.stats.bytes_read += length
+
+
+_HAS_PREADV = hasattr(os, "preadv")
+
+
+def _is_url(path: str) -> bool:
+    head, sep, _ = path.partition("://")
+    return bool(sep) and head.replace("+", "").replace("-", "").isalnum() and len(head) > 1
+
+
+def is_remote(source: Any, fs: Any = None) -> bool:
+    """True when ``source`` goes through fsspec (a URL, or any path with ``fs=``)."""
+    if fs is not None:
+        return True
+    return isinstance(source, str) and _is_url(source)
+
+
+def open_source(source: Any, *, fs: Any = None, storage_options: dict[str, Any] | None = None) -> Any:
+    """Resolve ``source`` into a :class:`Source`.
+
+    Args:
+        source: A str or PathLike path, an fsspec URL, a bytes-like object, or a binary file
+            object.
+        fs: An fsspec filesystem; ``source`` is then a path on it.
+        storage_options: Passed to fsspec when ``source`` is a URL.
+
+    Raises:
+        SafecodecError: ``source`` is of an unsupported type.
+        FileNotFoundError / OSError: a local path cannot be opened (not a format error).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return BufferSource(source)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, bytes):  # pragma: no cover - handled above
+        return BufferSource(source)
+    if isinstance(source, str):
+        if is_remote(source, fs):
+            from ._remote import FsspecSource
+
+            return FsspecSource.open(source, fs=fs, storage_options=storage_options)
+        if MMAP_AVAILABLE:
+            try:
+                return MappedSource(source)
+            except (ValueError, OSError) as exc:
+                if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)):
+                    raise
+                # Empty files, special files: fall back to plain reads.
+        return FileSource(source)
+    if hasattr(source, "read"):
+        if MMAP_AVAILABLE:
+            try:
+                fd = source.fileno()
+                if os.fstat(fd).st_size > 0 and getattr(source, "seekable", lambda: True)():
+                    return MappedSource(file=source)
+            except (AttributeError, OSError, ValueError, Exception):
+                pass
+        return FileSource(source)
+    if hasattr(source, "__buffer__") or _supports_buffer(source):
+        return BufferSource(source)
+    raise SafecodecError(
+        "expected a path, an fsspec URL, a bytes-like object or a binary file object, got "
+        f"{type(source).__name__}"
+    )
+
+
+def _supports_buffer(obj: Any) -> bool:
+    try:
+        memoryview(obj)
+    except TypeError:
+        return False
+    return True

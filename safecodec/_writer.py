@@ -1,0 +1,292 @@
+"""Writing safetensors files: tensors -> layout plan -> sink, streaming.
+
+The whole file is never built in memory. The header is planned from each tensor's dtype
+and shape alone; then tensors are written one at a time, C-contiguous little-endian arrays
+straight from their buffers (no ``tobytes()``), others through one temporary copy of that
+tensor only (Fortran order, strided views, big-endian, packed F4/F6).
+
+:func:`save_file` is atomic: it writes a temporary file in the target's directory,
+flushes and fsyncs it, then renames it over the target, so a crash never leaves a torn
+file under the final name and a file mapped by a reader is never truncated under it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from typing import IO, Any, Final
+
+import numpy as np
+
+from . import _dtypes
+from ._dtypes import DType, code_for_numpy
+from ._errors import SafecodecError
+from ._header import PlannedTensor, check_metadata, check_name, plan_layout
+from ._packed import pack
+
+__all__ = ["iter_tensor_bytes", "prepare", "save", "save_file"]
+
+#: Temporary files are named ``.<target>.<pid>.<random>.safecodec-tmp`` next to the target.
+TMP_SUFFIX: Final = ".safecodec-tmp"
+#: Above this size, one tensor is written in pieces (bounded temporary memory for copies).
+WRITE_CHUNK: Final = 64 << 20
+
+
+def _shape_dtype(value: Any, name: str) -> tuple[np.dtype, tuple[int, ...], Any]:
+    """dtype and shape of a tensor without converting it when it already says (numpy and
+    jax arrays, ShapeDtypeStruct-likes); anything else goes through ``np.asarray``."""
+    if isinstance(value, np.ndarray):
+        return value.dtype, value.shape, value
+    dtype = getattr(value, "dtype", None)
+    shape = getattr(value, "shape", None)
+    if dtype is not None and shape is not None and hasattr(value, "__array__"):
+        try:
+            return np.dtype(dtype), tuple(int(d) for d in shape), value
+        except TypeError:
+            pass
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:
+        raise SafecodecError(
+            f"tensor {name!r}: cannot convert {type(value).__name__} to an array ({exc})"
+        ) from exc
+    return arr.dtype, arr.shape, arr
+
+
+def prepare(
+    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None, alignment: int
+) -> tuple[bytes, list[PlannedTensor], dict[str, Any]]:
+    """Validate names, dtypes and metadata and plan the file.
+
+    Returns:
+        ``(header, planned, values)``: the length prefix plus padded header bytes, the
+        tensors in file order with offsets, and name -> original value.
+    """
+    if not isinstance(tensors, Mapping):
+        raise SafecodecError(
+            f"tensors must be a mapping of name -> array, got {type(tensors).__name__}"
+        )
+    md = check_metadata(metadata)
+    entries: list[tuple[str, DType, tuple[int, ...]]] = []
+    values: dict[str, Any] = {}
+    for name, value in tensors.items():
+        check_name(name)
+        dtype, shape, value = _shape_dtype(value, name)
+        code = code_for_numpy(dtype, name)
+        entries.append((name, _dtypes.DTYPES[code], shape))
+        values[name] = value
+    header, planned = plan_layout(entries, md, alignment)
+    return header, planned, values
+
+
+def _le_bytes(value: Any, t: PlannedTensor) -> Iterator[memoryview]:
+    """The tensor's bytes in file layout, as memoryviews, without copying when the array
+    already is C-contiguous little-endian."""
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if arr.shape != t.shape:
+        raise SafecodecError(
+            f"tensor {t.name!r} changed shape while being written: planned {list(t.shape)}, "
+            f"got {list(arr.shape)}"
+        )
+    dt = t.dtype
+    if dt.packed:
+        yield memoryview(pack(np.ascontiguousarray(arr), dt, t.name))
+        return
+    if dt.bits > 8:
+        order = arr.dtype.byteorder
+        big = order == ">" or (order == "=" and not _dtypes.HOST_IS_LITTLE_ENDIAN)
+        if big:
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        elif order in ("=", "|") and not _dtypes.HOST_IS_LITTLE_ENDIAN:
+            # ml_dtypes types are always native: swap through the storage type.
+            arr = arr.view(dt.storage.newbyteorder("=")).astype(dt.storage)
+    if arr.size == 0:
+        return
+    if arr.flags.c_contiguous:
+        yield memoryview(arr.reshape(-1).view(np.uint8))
+        return
+    # Non-contiguous: copy a bounded number of rows at a time, in C order.
+    row_bytes = arr.itemsize * (arr.size // arr.shape[0])
+    rows = max(1, WRITE_CHUNK // max(row_bytes, 1))
+    for start in range(0, arr.shape[0], rows):
+        piece = np.ascontiguousarray(arr[start : start + rows])
+        yield memoryview(piece.reshape(-1).view(np.uint8))
+
+
+def iter_tensor_bytes(planned: list[PlannedTensor], values: Mapping[str, Any]) -> Iterator[memoryview]:
+    """Yield the data section piece by piece, in file order."""
+    for t in planned:
+        written = 0
+        for chunk in _le_bytes(values[t.name], t):
+            written += chunk.nbytes
+            yield chunk
+        if written != t.end - t.begin:
+            raise SafecodecError(
+                f"tensor {t.name!r}: wrote {written} bytes, the header promised {t.end - t.begin}"
+            )
+
+
+def save(
+    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *, alignment: int = 64
+) -> bytes:
+    """Serialize tensors to safetensors bytes.
+
+    Args:
+        tensors: name -> anything ``numpy.asarray`` accepts (arrays, scalars, jax arrays).
+        metadata: Optional str -> str mapping stored as ``__metadata__``.
+        alignment: 64 (default) writes the zero-copy layout: data starts at a multiple of 64
+            and every tensor whose size is a multiple of 64 bytes starts 64-byte aligned.
+            8 writes exactly the bytes the reference writer writes.
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        SafecodecError: A bad name (NUL, ``__metadata__``), metadata that is not str -> str,
+            a dtype with no safetensors code, or a header over the size limit.
+
+    Example:
+        >>> import numpy as np, safecodec as sc
+        >>> data = sc.save({"a": np.ones(3, np.float32)}, alignment=8)
+        >>> data[8:40]
+        b'{"a":{"dtype":"F32","shape":[3],'
+    """
+    header, planned, values = prepare(tensors, metadata, alignment)
+    buf = io.BytesIO()
+    buf.write(header)
+    for chunk in iter_tensor_bytes(planned, values):
+        buf.write(chunk)
+    return buf.getvalue()
+
+
+def write_to(stream: IO[bytes], tensors: Mapping[str, Any], metadata: Mapping[str, str] | None,
+             alignment: int) -> int:
+    """Stream a safetensors file to a writable binary stream; return bytes written."""
+    header, planned, values = prepare(tensors, metadata, alignment)
+    total = stream.write(header) or 0
+    for chunk in iter_tensor_bytes(planned, values):
+        total += stream.write(chunk) or 0
+    return total
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_stale_temporaries(target: str) -> list[str]:
+    """Remove temporary files left next to ``target`` by writers that died (their pid is
+    gone). Returns the removed paths."""
+    directory, base = os.path.split(os.path.abspath(target))
+    prefix = f".{base}."
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in names:
+        if not (entry.startswith(prefix) and entry.endswith(TMP_SUFFIX)):
+            continue
+        middle = entry[len(prefix) : -len(TMP_SUFFIX)]
+        pid_text, _, _ = middle.partition(".")
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            try:
+                os.unlink(os.path.join(directory, entry))
+                removed.append(os.path.join(directory, entry))
+            except OSError:
+                pass
+    return removed
+
+
+class AtomicFile:
+    """A temporary file next to ``target`` that becomes ``target`` on :meth:`commit`
+    (flush, fsync, rename, fsync of the directory) and disappears on :meth:`discard`."""
+
+    def __init__(self, target: str | os.PathLike[str]) -> None:
+        self.target = os.fspath(target)
+        directory, base = os.path.split(os.path.abspath(self.target))
+        clean_stale_temporaries(self.target)
+        self.tmp = os.path.join(
+            directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        )
+        # 0o666 & ~umask, like a plain open(): mkstemp would make it 0o600.
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.target)
+        _fsync_directory(os.path.dirname(os.path.abspath(self.target)))
+
+    def discard(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_file(
+    tensors: Mapping[str, Any],
+    path: Any,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    alignment: int = 64,
+    fs: Any = None,
+) -> None:
+    """Write tensors to a safetensors file, atomically and streaming.
+
+    Args:
+        tensors: name -> anything ``numpy.asarray`` accepts.
+        path: A str/PathLike local path, or an fsspec URL / a path on ``fs``.
+        metadata: Optional str -> str mapping.
+        alignment: 64 (zero-copy layout, default) or 8 (the reference writer's bytes).
+        fs: An fsspec filesystem on which ``path`` is a path.
+
+    Raises:
+        SafecodecError: See :func:`save`. Nothing is left at ``path`` on failure.
+    """
+    from ._source import is_remote
+
+    if isinstance(path, str | os.PathLike) and not is_remote(os.fspath(path), fs):
+        header, planned, values = prepare(tensors, metadata, alignment)
+        out = AtomicFile(path)
+        try:
+            out.file.write(header)
+            for chunk in iter_tensor_bytes(planned, values):
+                out.file.write(chunk)
+            out.commit()
+        except BaseException:
+            out.discard()
+            raise
+        return
+    if isinstance(path, str | os.PathLike):
+        from ._remote import save_remote
+
+        save_remote(tensors, os.fspath(path), metadata, alignment=alignment, fs=fs)
+        return
+    raise SafecodecError(f"save_file() takes a path or URL, got {type(path).__name__}")
