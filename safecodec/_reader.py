@@ -160,7 +160,8 @@ def _normalize_index(index: Any, shape: tuple[int, ...], name: str) -> tuple[lis
         index = (index,)
     for item in index:
         if not (item is Ellipsis or item is None or isinstance(item, slice)
-                or (hasattr(item, "__index__") and not isinstance(item, (bool, np.bool_)))):
+                or (hasattr(item, "__index__") and not isinstance(item, (bool, np.bool_))
+                    and np.ndim(item) == 0)):
             raise SliceIndexError(
                 f"tensor {name!r}: only basic indexing is supported (ints, slices, Ellipsis, "
                 f"None), got {type(item).__name__} {item!r:.60}"
@@ -199,7 +200,10 @@ def _normalize_index(index: Any, shape: tuple[int, ...], name: str) -> tuple[lis
                 raise SliceIndexError(f"tensor {name!r}: bad slice {item!r}: {exc}") from None
             out_pos += 1
         else:
-            i = operator.index(item)
+            try:
+                i = operator.index(item)
+            except TypeError as exc:
+                raise SliceIndexError(f"tensor {name!r}: bad index {item!r:.40}: {exc}") from None
             if not -size <= i < size:
                 raise SliceIndexError(
                     f"index {i} is out of bounds for axis {dim} with size {size} "
@@ -389,10 +393,14 @@ def _numpy_index(per_dim: list[Any], new_axes: list[int]) -> tuple[Any, ...]:
         if isinstance(e, int):
             items.append(e)
         else:
-            start, stop, step = e
-            if step < 0 and stop < 0:
-                stop = None  # type: ignore[assignment]
-            items.append(slice(start, stop, step))
+            r = range(*e)
+            if not r:
+                items.append(slice(0, 0))
+            elif e[2] > 0:
+                items.append(slice(r[0], r[-1] + 1, e[2]))
+            else:  # a negative stop would wrap around: stop just past the last element
+                last = r[-1] - 1
+                items.append(slice(r[0], last if last >= 0 else None, e[2]))
     # Re-insert new axes at their positions in the output.
     out_items: list[Any] = []
     out_pos = 0
