@@ -111,8 +111,10 @@ _BY_NUMPY: Final[dict[np.dtype, str]] = {}
 for _code, _row in DTYPES.items():
     _BY_NUMPY[_row.numpy] = _code
     _BY_NUMPY[_row.numpy.newbyteorder("=")] = _code
-    if _row.numpy.byteorder in "<>":
+    if _row.numpy.byteorder != "|" and _row.numpy.kind in "biufc":
+        # Big-endian input is accepted (and stored little-endian by the writer).
         _BY_NUMPY[_row.numpy.newbyteorder(">")] = _code
+        _BY_NUMPY[_row.numpy.newbyteorder("<")] = _code
 
 # Dtypes that have no code, with the cast we suggest in the error message.
 _SUGGESTED_CASTS: Final[dict[str, str]] = {
@@ -147,11 +149,12 @@ def code_for_numpy(dtype: np.dtype, name: str = "") -> str:
     if code is not None:
         return code
     label = getattr(dtype, "name", str(dtype))
-    if dtype.kind in "OSUVMm" or dtype.fields is not None:
+    if label in _SUGGESTED_CASTS:
+        hint = f"cast it to {_SUGGESTED_CASTS[label]}"
+    elif dtype.kind in "OSUVMm" or dtype.fields is not None:
         hint = "convert it to a numeric array first"
     else:
-        hint = _SUGGESTED_CASTS.get(label, "a supported numeric dtype")
-        hint = f"cast it to {hint}"
+        hint = "cast it to a supported numeric dtype"
     raise DtypeError(
         f"tensor {name!r} has dtype {label}, which has no safetensors code; {hint}"
     )
