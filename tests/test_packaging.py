@@ -1,0 +1,81 @@
+"""Packaging promises: the wheel works on its own, imports stay light, no hidden dependency
+on the reference wheel."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import venv
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_import_does_not_pull_jax_or_fsspec():
+    code = (
+        "import sys, json, safecodec, safecodec.numpy; "
+        "print(json.dumps(sorted(m for m in ('jax', 'jaxlib', 'fsspec', 'safetensors', "
+        "'flax', 'objax', 'haiku', 'equinox') if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_codec_tests_pass_with_safetensors_blocked():
+    """Re-run the codec's own tests in a subprocess where ``import safetensors`` fails."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "block_safetensors", "-p", "no:cacheprovider",
+         "tests/test_reader.py", "tests/test_writer.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout
+
+
+def test_blocker_really_blocks():
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    code = (
+        "import block_safetensors, sys\n"
+        "block_safetensors.pytest_configure(None)\n"
+        "try:\n    import safetensors\nexcept ImportError as e:\n    print('blocked', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.startswith("blocked"), out.stderr
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_clean_environment(tmp_path):
+    """Build the wheel, install it (not editable) into a fresh venv, round-trip a file."""
+    pytest.importorskip("build", reason="the 'build' package (test extra) is needed")
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)],
+                   check=True, capture_output=True, timeout=600)
+    wheels = list(dist.glob("safecodec-*.whl"))
+    assert len(wheels) == 1
+    env_dir = tmp_path / "env"
+    venv.create(env_dir, with_pip=True, clear=True)
+    python = env_dir / ("Scripts" if os.name == "nt" else "bin") / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheels[0])], check=True,
+                   timeout=600)
+    script = (
+        "import numpy as np, safecodec, pathlib, sys\n"
+        "assert 'site-packages' in safecodec.__file__, safecodec.__file__\n"
+        "p = pathlib.Path('w.safetensors')\n"
+        "safecodec.save_file({'w': np.arange(6.0).reshape(2, 3)}, p, {'a': 'b'})\n"
+        "t = safecodec.load_file(p)\n"
+        "assert t['w'].tolist() == [[0, 1, 2], [3, 4, 5]]\n"
+        "assert safecodec.read_header(p).metadata == {'a': 'b'}\n"
+        "import importlib.resources as r\n"
+        "assert r.files('safecodec').joinpath('py.typed').is_file()\n"
+        "print('ok', safecodec.__version__)\n"
+    )
+    out = subprocess.run([str(python), "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok 0.")
