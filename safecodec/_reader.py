@@ -9,7 +9,6 @@ a remote object), the dtype is packed (F4/F6 are unpacked), or the host is big-e
 
 from __future__ import annotations
 
-import difflib
 import operator
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
@@ -50,12 +49,14 @@ def _read_header_from(source: Any) -> tuple[Header, bytes | memoryview]:
     return parse_header(header_bytes, size), first
 
 
-def read_header(source: Any, *, fs: Any = None) -> Header:
+def read_header(source: Any, *, fs: Any = None,
+                storage_options: dict[str, Any] | None = None) -> Header:
     """Read and validate only the header of ``source``.
 
     Args:
         source: A path, fsspec URL, bytes-like object or binary file object.
         fs: An fsspec filesystem on which ``source`` is a path.
+        storage_options: Options for the fsspec filesystem a URL names.
 
     Returns:
         The :class:`~safecodec.Header`: ``tensors`` (name -> dtype, shape, offsets),
@@ -66,7 +67,7 @@ def read_header(source: Any, *, fs: Any = None) -> Header:
         >>> sc.read_header(sc.save({"w": np.zeros((2, 3), np.float32)})).tensors["w"].shape
         (2, 3)
     """
-    src = open_source(source, fs=fs)
+    src = open_source(source, fs=fs, storage_options=storage_options)
     try:
         header, _ = _read_header_from(src)
     finally:
@@ -75,6 +76,8 @@ def read_header(source: Any, *, fs: Any = None) -> Header:
 
 
 def _missing(name: object, header: Header) -> TensorNotFoundError:
+    import difflib
+
     names = list(header.tensors)
     close = difflib.get_close_matches(str(name), names, n=3) if len(names) < 100_000 else []
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -437,6 +440,8 @@ class SafeOpen:
         unpack: bool = True,
         device: Any = None,
         sharding: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        progress: bool = False,
     ) -> None:
         fw = str(framework).lower()
         if fw not in _NUMPY_FRAMEWORKS and fw not in _JAX_FRAMEWORKS:
@@ -444,7 +449,8 @@ class SafeOpen:
                 f"unsupported framework {framework!r}; use 'numpy' (or 'np'), 'jax' or 'flax'"
             )
         self._framework = fw
-        self._source = open_source(source, fs=fs)
+        self._source = open_source(source, fs=fs, storage_options=storage_options,
+                                   progress=progress)
         self._unpack = unpack
         try:
             self._header, _ = _read_header_from(self._source)
@@ -512,11 +518,33 @@ class SafeOpen:
 
     def get_tensors(self) -> dict[str, Any]:
         """Every tensor, in file order."""
+        return self._load_infos(list(self._header.tensors.values()))
+
+    def _load_infos(self, infos: list[TensorInfo]) -> dict[str, Any]:
+        """Load the given tensors (``get_tensors``, and sharded handles for the subset of a
+        shard that their index names)."""
         reader = self._reader_checked()
         if self._jax is not None:
-            return self._jax.load_all(list(self._header.tensors.values()))
+            return self._jax.load_all(infos)  # type: ignore[no-any-return]
+        if reader._buf is None and infos and getattr(self._source, "remote", False):
+            reader = self._fetched_reader(infos)
         array = reader.array
-        return {name: array(info) for name, info in self._header.tensors.items()}
+        return {info.name: array(info) for info in infos}
+
+    def _fetched_reader(self, infos: list[TensorInfo]) -> _Reader:
+        """Remote whole loads: stream the tensors' bytes into memory in one pass (merged,
+        concurrent range requests), check that the object did not change meanwhile, and
+        read the tensors as views of that private memory."""
+        from ._source import BufferSource
+
+        start = self._header.data_start
+        memory = bytearray(self._header.file_size)
+        self._source.readinto_ranges(
+            memoryview(memory), [(start + i.begin, start + i.end) for i in infos], "tensors"
+        )
+        self._source.check_unchanged()
+        return _Reader(BufferSource(memory, self._source.name), self._header, copy=False,
+                       unpack=self._unpack, mode="copy")
 
     # -- extras
     @property
@@ -568,7 +596,9 @@ def safe_open(
     unpack: bool = True,
     device: Any = None,
     sharding: Any = None,
-) -> SafeOpen:
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Any:
     """Open a safetensors file, buffer, file object or URL lazily.
 
     Only the header is read; tensors are read when asked for. Use as a context manager.
@@ -585,9 +615,18 @@ def safe_open(
         device: With framework='jax', the device to place arrays on.
         sharding: With framework='jax', a Sharding, mapping or callable (see
             :func:`safecodec.jax.load_file`).
+        storage_options: Options for the fsspec filesystem a URL names (credentials,
+            endpoint...).
+        progress: Show a progress bar (tqdm, when installed) on long remote reads.
+
+    Returns:
+        A :class:`SafeOpen` handle; for a directory or a ``*.safetensors.index.json``
+        (local or remote), a :class:`~safecodec._sharded.ShardedSafeOpen` with the same API
+        over every shard.
 
     Raises:
-        SafecodecError: The header breaks a rule of the format (subclass says which).
+        SafecodecError: The header breaks a rule of the format (subclass says which), or a
+            sharded checkpoint's index and shards disagree.
 
     Example:
         >>> import numpy as np, safecodec as sc
@@ -596,8 +635,17 @@ def safe_open(
         ...     f.get_slice("w")[:, 1].tolist()
         [1.0, 4.0]
     """
+    from ._sharded import ShardedSafeOpen, find_sharded
+
+    location = find_sharded(source, fs, storage_options)
+    if location is not None:
+        if location.single is not None:  # a directory holding one unsharded file
+            return SafeOpen(location.single, framework, fs=location.fs, copy=copy,
+                            unpack=unpack, device=device, sharding=sharding, progress=progress)
+        return ShardedSafeOpen(location, framework, copy=copy, unpack=unpack, device=device,
+                               sharding=sharding, progress=progress)
     return SafeOpen(source, framework, fs=fs, copy=copy, unpack=unpack, device=device,
-                    sharding=sharding)
+                    sharding=sharding, storage_options=storage_options, progress=progress)
 
 
 def load(data: Any, *, copy: bool = False, unpack: bool = True) -> dict[str, np.ndarray]:
@@ -628,7 +676,13 @@ def load(data: Any, *, copy: bool = False, unpack: bool = True) -> dict[str, np.
 
 
 def load_file(
-    path: Any, *, fs: Any = None, copy: bool = False, unpack: bool = True
+    path: Any,
+    *,
+    fs: Any = None,
+    copy: bool = False,
+    unpack: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Load every tensor of a safetensors file.
 
@@ -641,13 +695,19 @@ def load_file(
         fs: An fsspec filesystem on which ``path`` is a path.
         copy: Read into independent arrays (one copy from the page cache) instead.
         unpack: See :func:`safe_open`.
+        storage_options: Options for the fsspec filesystem a URL names. Remote files are
+            streamed into memory once (concurrent range requests) and validated like local
+            ones. A directory or ``*.safetensors.index.json`` loads every shard.
+        progress: Show a progress bar (tqdm, when installed) on long remote reads.
 
     Returns:
         name -> NumPy array, in file order.
 
     Raises:
         SafecodecError: The file is not a valid safetensors file.
+        RemoteIOError: A remote object came back short or changed while being read.
         FileNotFoundError: ``path`` does not exist.
     """
-    with SafeOpen(path, fs=fs, copy=copy, unpack=unpack) as f:
-        return f.get_tensors()
+    with safe_open(path, fs=fs, copy=copy, unpack=unpack, storage_options=storage_options,
+                   progress=progress) as f:
+        return f.get_tensors()  # type: ignore[no-any-return]

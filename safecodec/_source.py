@@ -299,7 +299,8 @@ def is_remote(source: Any, fs: Any = None) -> bool:
     return isinstance(source, str) and _is_url(source)
 
 
-def open_source(source: Any, *, fs: Any = None, storage_options: dict[str, Any] | None = None) -> Any:
+def open_source(source: Any, *, fs: Any = None, storage_options: dict[str, Any] | None = None,
+                progress: bool = False) -> Any:
     """Resolve ``source`` into a :class:`Source`.
 
     Args:
@@ -307,6 +308,7 @@ def open_source(source: Any, *, fs: Any = None, storage_options: dict[str, Any] 
             object.
         fs: An fsspec filesystem; ``source`` is then a path on it.
         storage_options: Passed to fsspec when ``source`` is a URL.
+        progress: For remote sources, show a progress bar on large reads.
 
     Raises:
         SafecodecError: ``source`` is of an unsupported type.
@@ -322,7 +324,8 @@ def open_source(source: Any, *, fs: Any = None, storage_options: dict[str, Any] 
         if is_remote(source, fs):
             from ._remote import FsspecSource
 
-            return FsspecSource.open(source, fs=fs, storage_options=storage_options)
+            return FsspecSource.open(source, fs=fs, storage_options=storage_options,
+                                     progress=progress)
         if MMAP_AVAILABLE:
             try:
                 return MappedSource(source)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 from collections.abc import Iterator, Mapping
 from typing import IO, Any, Final
 
@@ -214,7 +213,7 @@ class AtomicFile:
         directory, base = os.path.split(os.path.abspath(self.target))
         clean_stale_temporaries(self.target)
         self.tmp = os.path.join(
-            directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+            directory, f".{base}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
         )
         # 0o666 & ~umask, like a plain open(): mkstemp would make it 0o600.
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -257,6 +256,9 @@ def save_file(
     *,
     alignment: int = 64,
     fs: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    max_shard_size: int | str | None = None,
+    progress: bool = False,
 ) -> None:
     """Write tensors to a safetensors file, atomically and streaming.
 
@@ -266,11 +268,27 @@ def save_file(
         metadata: Optional str -> str mapping.
         alignment: 64 (zero-copy layout, default) or 8 (the reference writer's bytes).
         fs: An fsspec filesystem on which ``path`` is a path.
+        storage_options: Options for the fsspec filesystem a URL names. Remote writes go
+            to a temporary key that is moved to ``path`` once complete.
+        max_shard_size: Write a sharded checkpoint instead (an int or ``"5GB"``): ``path``
+            is then a directory, an index path or a ``name.safetensors`` whose stem prefixes
+            the shards; see :func:`safecodec._sharded.save_sharded`.
+        progress: Show a progress bar (tqdm, when installed) on remote or sharded writes.
 
     Raises:
         SafecodecError: See :func:`save`. Nothing is left at ``path`` on failure.
     """
     from ._source import is_remote
+
+    if max_shard_size is not None:
+        from ._sharded import save_sharded
+
+        if not isinstance(path, str | os.PathLike):
+            raise SafecodecError(f"save_file() takes a path or URL, got {type(path).__name__}")
+        save_sharded(tensors, path, metadata, max_shard_size=max_shard_size,
+                     alignment=alignment, fs=fs, storage_options=storage_options,
+                     progress=progress)
+        return
 
     if isinstance(path, str | os.PathLike) and not is_remote(os.fspath(path), fs):
         header, planned, values = prepare(tensors, metadata, alignment)
@@ -287,6 +305,7 @@ def save_file(
     if isinstance(path, str | os.PathLike):
         from ._remote import save_remote
 
-        save_remote(tensors, os.fspath(path), metadata, alignment=alignment, fs=fs)
+        save_remote(tensors, os.fspath(path), metadata, alignment=alignment, fs=fs,
+                    storage_options=storage_options, progress=progress)
         return
     raise SafecodecError(f"save_file() takes a path or URL, got {type(path).__name__}")
