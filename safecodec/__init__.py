@@ -2,8 +2,8 @@
 
 Reads and writes safetensors files without the Rust wheel: a strict header parser, a
 memory-mapped reader that hands out views, a streaming atomic writer, and outputs for
-NumPy, JAX and the JAX frameworks. ``import safecodec`` imports NumPy and ml_dtypes only;
-JAX and fsspec are imported when first needed.
+NumPy, JAX and the JAX frameworks. ``import safecodec`` imports NumPy and the standard
+library only; ml_dtypes, JAX and fsspec are imported when first needed.
 """
 
 from __future__ import annotations

@@ -11,10 +11,8 @@ byte; see :mod:`safecodec._packed` for the bit order.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-import ml_dtypes
 import numpy as np
 
 from ._errors import DtypeError
@@ -26,7 +24,6 @@ __all__ = ["CODES", "DTYPES", "DType", "code_for_numpy", "dtype_for_code"]
 HOST_IS_LITTLE_ENDIAN: bool = sys.byteorder == "little"
 
 
-@dataclass(frozen=True, slots=True)
 class DType:
     """One row of the dtype table.
 
@@ -34,17 +31,35 @@ class DType:
         code: The safetensors code, e.g. ``"BF16"``.
         bits: Width of one logical element in bits (4, 6, 8, 16, 32 or 64).
         numpy: The NumPy / ml_dtypes dtype of one unpacked element, little-endian where
-            byte order applies.
+            byte order applies (ml_dtypes is imported on first use, keeping
+            ``import safecodec`` light).
         rank: Position in the reference writer's order (0 is written first).
         storage: The unsigned integer dtype of the same width (used to byte-swap types
             that have no non-native byte order, such as bfloat16). ``uint8`` for packed.
     """
 
-    code: str
-    bits: int
-    numpy: np.dtype
-    rank: int
-    storage: np.dtype
+    __slots__ = ("_numpy", "_spec", "bits", "code", "rank", "storage")
+
+    def __init__(self, code: str, bits: int, spec: str, rank: int, storage: np.dtype) -> None:
+        self.code = code
+        self.bits = bits
+        self._spec = spec
+        self._numpy: np.dtype | None = None
+        self.rank = rank
+        self.storage = storage
+
+    @property
+    def numpy(self) -> np.dtype:
+        dt = self._numpy
+        if dt is None:
+            if self._spec.startswith("ml_dtypes."):
+                import ml_dtypes
+
+                dt = np.dtype(getattr(ml_dtypes, self._spec.partition(".")[2]))
+            else:
+                dt = np.dtype(self._spec)
+            self._numpy = dt
+        return dt
 
     @property
     def packed(self) -> bool:
@@ -62,6 +77,12 @@ class DType:
         """Bytes taken by ``count`` elements; the caller guarantees it is whole."""
         return count * self.bits // 8
 
+    def __repr__(self) -> str:
+        return f"DType({self.code!r}, bits={self.bits})"
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (dtype_for_code, (self.code,))
+
 
 # The reference writer's order, widest first; ties are broken by name.
 _WRITE_ORDER: Final = (
@@ -71,50 +92,59 @@ _WRITE_ORDER: Final = (
 )  # fmt: skip
 
 _ROWS: Final = {
-    # code: (bits, element dtype)
-    "BOOL": (8, np.dtype(np.bool_)),
-    "U8": (8, np.dtype(np.uint8)),
-    "I8": (8, np.dtype(np.int8)),
-    "F8_E5M2": (8, np.dtype(ml_dtypes.float8_e5m2)),
-    "F8_E4M3": (8, np.dtype(ml_dtypes.float8_e4m3fn)),
-    "F8_E8M0": (8, np.dtype(ml_dtypes.float8_e8m0fnu)),
-    "F8_E4M3FNUZ": (8, np.dtype(ml_dtypes.float8_e4m3fnuz)),
-    "F8_E5M2FNUZ": (8, np.dtype(ml_dtypes.float8_e5m2fnuz)),
-    "I16": (16, np.dtype("<i2")),
-    "U16": (16, np.dtype("<u2")),
-    "F16": (16, np.dtype("<f2")),
-    "BF16": (16, np.dtype(ml_dtypes.bfloat16)),
-    "I32": (32, np.dtype("<i4")),
-    "U32": (32, np.dtype("<u4")),
-    "F32": (32, np.dtype("<f4")),
-    "I64": (64, np.dtype("<i8")),
-    "U64": (64, np.dtype("<u8")),
-    "F64": (64, np.dtype("<f8")),
-    "C64": (64, np.dtype("<c8")),
-    "F4": (4, np.dtype(ml_dtypes.float4_e2m1fn)),
-    "F6_E2M3": (6, np.dtype(ml_dtypes.float6_e2m3fn)),
-    "F6_E3M2": (6, np.dtype(ml_dtypes.float6_e3m2fn)),
+    # code: (bits, element dtype: a NumPy spec or "ml_dtypes.<name>")
+    "BOOL": (8, "bool"),
+    "U8": (8, "u1"),
+    "I8": (8, "i1"),
+    "F8_E5M2": (8, "ml_dtypes.float8_e5m2"),
+    "F8_E4M3": (8, "ml_dtypes.float8_e4m3fn"),
+    "F8_E8M0": (8, "ml_dtypes.float8_e8m0fnu"),
+    "F8_E4M3FNUZ": (8, "ml_dtypes.float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (8, "ml_dtypes.float8_e5m2fnuz"),
+    "I16": (16, "<i2"),
+    "U16": (16, "<u2"),
+    "F16": (16, "<f2"),
+    "BF16": (16, "ml_dtypes.bfloat16"),
+    "I32": (32, "<i4"),
+    "U32": (32, "<u4"),
+    "F32": (32, "<f4"),
+    "I64": (64, "<i8"),
+    "U64": (64, "<u8"),
+    "F64": (64, "<f8"),
+    "C64": (64, "<c8"),
+    "F4": (4, "ml_dtypes.float4_e2m1fn"),
+    "F6_E2M3": (6, "ml_dtypes.float6_e2m3fn"),
+    "F6_E3M2": (6, "ml_dtypes.float6_e3m2fn"),
 }
 
 _STORAGE: Final = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
 
 #: code -> DType, for every one of the 22 codes.
 DTYPES: Final[dict[str, DType]] = {
-    code: DType(code, bits, dt, _WRITE_ORDER.index(code), _STORAGE.get(bits, np.dtype("<u1")))
-    for code, (bits, dt) in _ROWS.items()
+    code: DType(code, bits, spec, _WRITE_ORDER.index(code), _STORAGE.get(bits, np.dtype("<u1")))
+    for code, (bits, spec) in _ROWS.items()
 }
 #: The set of valid codes (case-sensitive).
 CODES: Final[frozenset[str]] = frozenset(DTYPES)
 
-# numpy dtype (native byte order form) -> code. Built once; lookups are dict hits.
-_BY_NUMPY: Final[dict[np.dtype, str]] = {}
-for _code, _row in DTYPES.items():
-    _BY_NUMPY[_row.numpy] = _code
-    _BY_NUMPY[_row.numpy.newbyteorder("=")] = _code
-    if _row.numpy.byteorder != "|" and _row.numpy.kind in "biufc":
-        # Big-endian input is accepted (and stored little-endian by the writer).
-        _BY_NUMPY[_row.numpy.newbyteorder(">")] = _code
-        _BY_NUMPY[_row.numpy.newbyteorder("<")] = _code
+# numpy dtype -> code, built on first use (it needs ml_dtypes).
+_BY_NUMPY: dict[np.dtype, str] = {}
+
+
+def _by_numpy() -> dict[np.dtype, str]:
+    if not _BY_NUMPY:
+        table = {}
+        for code, row in DTYPES.items():
+            dt = row.numpy
+            table[dt] = code
+            table[dt.newbyteorder("=")] = code
+            if dt.byteorder != "|" and dt.kind in "biufc":
+                # Big-endian input is accepted (and stored little-endian by the writer).
+                table[dt.newbyteorder(">")] = code
+                table[dt.newbyteorder("<")] = code
+        _BY_NUMPY.update(table)
+    return _BY_NUMPY
+
 
 # Dtypes that have no code, with the cast we suggest in the error message.
 _SUGGESTED_CASTS: Final[dict[str, str]] = {
@@ -145,7 +175,7 @@ def dtype_for_code(code: str) -> DType:
 def code_for_numpy(dtype: np.dtype, name: str = "") -> str:
     """Return the safetensors code for a NumPy dtype, or raise a :class:`DtypeError`
     that names the tensor, its dtype and the cast to use."""
-    code = _BY_NUMPY.get(dtype)
+    code = _by_numpy().get(dtype)
     if code is not None:
         return code
     label = getattr(dtype, "name", str(dtype))
