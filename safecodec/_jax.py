@@ -1,0 +1,786 @@
+"""JAX outputs: safetensors tensors become ``jax.Array`` values, zero-copy where the
+hardware allows, one copy everywhere else, sharded across devices and processes.
+
+How a tensor reaches JAX
+------------------------
+* **CPU, 64-byte aligned, byte-sized dtype, same dtype in JAX**: the host array is a
+  read-only view of the file's mapping and the CPU client *aliases* it (``jax.device_put``
+  shares memory whose address is a multiple of 64). Loading costs a header parse, not a
+  memcpy. safecodec's writer (``alignment=64``, the default) puts every tensor whose byte
+  size is a multiple of 64 at such an address.
+* **CPU, anything else** (a file from the reference writer, which is only 8-byte aligned;
+  ``copy=True``; a 64-bit tensor with x64 off; a writable source buffer): exactly one copy,
+  into a 64-byte aligned buffer that JAX then aliases.
+* **Accelerators**: the host array handed to the transfer is the mapped view itself (no
+  host copy by safecodec); the device transfer is the one copy. Transfers are batched per
+  device.
+* **Packed F4**: unpacked once into ``float4_e2m1fn`` (JAX keeps sub-byte types in its
+  own layout). **F6** has no JAX dtype: a :class:`~safecodec.DtypeError` points to the
+  NumPy output.
+
+Sharding
+--------
+With a sharding, each process builds only the shards addressable on it, and reads only
+their byte ranges (:func:`safecodec._reader.plan_runs`: rows of a contiguous block are one
+range). Replicated shards (same index on several devices) are read once and shared.
+
+Lifetime, and what writing to a mapped file does
+------------------------------------------------
+Arrays that alias the mapping keep it alive: they stay valid after the handle is closed,
+after the loader's objects are garbage-collected, and after the file is deleted or
+atomically replaced (the old inode stays mapped). They are *not* protected against
+in-place modification of the file (``open(path, "r+b")``, a writer that truncates and
+rewrites instead of renaming): the mapping is shared with the page cache, so such writes
+show up in the arrays, which JAX assumes immutable, and truncating the file makes reading
+the arrays crash the process (SIGBUS). safecodec's own writers always replace files
+atomically. Pass ``copy=True`` to get arrays that own their memory.
+
+Per-array overhead
+------------------
+The public ``jax.device_put`` costs tens of microseconds per array, which dominates a
+zero-copy load. :data:`PUT` is chosen once at import: ``xla_client.batched_device_put``
+(the primitive ``jax.device_put`` ends in, measured 5-15x cheaper on jax 0.10 and 0.12)
+when it is present and passes a self-check, else the public API (:class:`PublicPut`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import jax
+import numpy as np
+
+from . import _dtypes, _writer
+from ._errors import DtypeError, SafecodecError, TensorNotFoundError
+from ._header import PlannedTensor, TensorInfo
+from ._packed import pack
+from ._reader import SafeOpen, plan_runs
+
+__all__ = [
+    "ALIGNMENT",
+    "InternalPut",
+    "PrecisionWarning",
+    "PublicPut",
+    "Converter",
+    "load",
+    "load_file",
+    "save",
+    "save_file",
+]
+
+#: JAX's CPU client aliases host memory whose address is a multiple of this.
+ALIGNMENT: Final = 64
+
+_F6_CODES: Final = frozenset({"F6_E2M3", "F6_E3M2"})
+
+
+class PrecisionWarning(UserWarning):
+    """A tensor changes dtype on its way into JAX (64-bit values with x64 disabled)."""
+
+
+# ----------------------------------------------------------------------------- host memory
+
+
+def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts at a multiple of
+    :data:`ALIGNMENT` (so that JAX's CPU client aliases it instead of copying)."""
+    dt = np.dtype(dtype)
+    count = 1
+    for d in shape:
+        count *= int(d)
+    nbytes = count * dt.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = (-raw.ctypes.data) % ALIGNMENT
+    return raw[start : start + nbytes].view(dt).reshape(tuple(shape))
+
+
+def _aligned(arr: np.ndarray) -> bool:
+    return arr.ctypes.data % ALIGNMENT == 0 and arr.flags.c_contiguous
+
+
+# ----------------------------------------------------------------------------- putting
+
+
+class PublicPut:
+    """Device placement through the public API only (``jax.device_put``,
+    ``jax.make_array_from_single_device_arrays``). The fallback of :class:`InternalPut`."""
+
+    name = "jax.device_put"
+
+    def single(self, arr: np.ndarray, device: Any, committed: bool) -> jax.Array:
+        """One host array onto one device (committed when a device was asked for)."""
+        return jax.device_put(arr, device if committed else None)
+
+    def many(self, arrs: list[np.ndarray], device: Any, committed: bool) -> list[jax.Array]:
+        """Many host arrays onto one device, in one batched call."""
+        if not arrs:
+            return []
+        return list(jax.device_put(arrs, device if committed else None))
+
+    def sharded(self, shape: tuple[int, ...], dtype: np.dtype, sharding: Any,
+                shards: list[np.ndarray], devices: list[Any]) -> jax.Array:
+        """A global array from the host shards of the addressable devices."""
+        pieces = [jax.device_put(s, d) for s, d in zip(shards, devices, strict=True)]
+        return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+
+
+class InternalPut(PublicPut):
+    """Device placement through ``xla_client.batched_device_put``: what ``jax.device_put``
+    of a NumPy array ends in, without the dispatch layers above it. Same aliasing rules."""
+
+    name = "xla_client.batched_device_put"
+
+    def __init__(self) -> None:
+        from jax._src import core
+        from jax._src.lib import xla_client
+
+        self._put = xla_client.batched_device_put
+        self._aval_type = core.ShapedArray
+        self._avals: dict[tuple[tuple[int, ...], np.dtype], Any] = {}
+        self._single: dict[Any, Any] = {}
+
+    def _aval(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        key = (shape, dtype)
+        aval = self._avals.get(key)
+        if aval is None:
+            aval = self._avals[key] = self._aval_type(shape, dtype)
+        return aval
+
+    def single(self, arr: np.ndarray, device: Any, committed: bool) -> jax.Array:
+        sharding = self._single.get(device)
+        if sharding is None:
+            sharding = self._single[device] = jax.sharding.SingleDeviceSharding(device)
+        return self._put(self._aval(arr.shape, arr.dtype), sharding, [arr], [device], committed)
+
+    def many(self, arrs: list[np.ndarray], device: Any, committed: bool) -> list[jax.Array]:
+        if device.platform != "cpu":
+            # Accelerators: one batched transfer per device beats many small calls.
+            return PublicPut.many(self, arrs, device, committed)
+        single = self.single
+        return [single(a, device, committed) for a in arrs]
+
+    def sharded(self, shape: tuple[int, ...], dtype: np.dtype, sharding: Any,
+                shards: list[np.ndarray], devices: list[Any]) -> jax.Array:
+        return self._put(self._aval(shape, dtype), sharding, shards, devices, True)
+
+
+def _select_put() -> PublicPut:
+    """Use :class:`InternalPut` when it exists and passes a self-check (right type,
+    values, and aliasing on CPU); otherwise :class:`PublicPut`."""
+    if os.environ.get("SAFECODEC_JAX_PUBLIC_API"):
+        return PublicPut()
+    try:
+        put = InternalPut()
+        probe = aligned_empty((4,), np.float32)
+        probe[:] = (1.0, 2.0, 3.0, 4.0)
+        device = jax.local_devices()[0]
+        out = put.single(probe, device, False)
+        ok = (isinstance(out, jax.Array) and out.shape == (4,) and out.dtype == np.float32
+              and np.asarray(out).tolist() == [1.0, 2.0, 3.0, 4.0])
+        if ok and device.platform == "cpu":
+            ok = out.unsafe_buffer_pointer() == probe.ctypes.data
+        return put if ok else PublicPut()
+    except Exception:  # any change in the private API: take the public road
+        return PublicPut()
+
+
+#: The placement strategy in use. Tests replace it with ``PublicPut()`` to exercise the
+#: fallback; the environment variable ``SAFECODEC_JAX_PUBLIC_API=1`` does it at import.
+PUT: PublicPut = _select_put()
+
+
+# ----------------------------------------------------------------------------- converter
+
+
+def _default_device() -> Any:
+    dev = jax.config.jax_default_device
+    if dev is not None and not isinstance(dev, str):
+        return dev
+    if isinstance(dev, str):
+        return jax.local_devices(backend=dev)[0]
+    return jax.local_devices()[0]
+
+
+def _index_key(index: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """A hashable, normalised form of a shard's index (one (start, stop, step) per dim)."""
+    key = []
+    for dim, item in itertools.zip_longest(shape, index, fillvalue=slice(None)):
+        if isinstance(item, slice):
+            key.append(item.indices(dim))
+        else:  # an integer index never comes from a sharding, but be exact anyway
+            i = int(item)
+            key.append((i, i + 1, 1))
+    return tuple(key)
+
+
+class Converter:
+    """Turns the tensors of one :class:`~safecodec.SafeOpen` handle (framework ``"jax"``)
+    into ``jax.Array`` values. Built by the handle; see the module docstring.
+
+    Args:
+        device: Default device (committed placement), or None for JAX's default device
+            (uncommitted, like ``jax.device_put(x)``).
+        sharding: A ``jax.sharding.Sharding`` for every tensor, a mapping name -> Sharding
+            (tensors not in it get default placement), or a callable called positionally as
+            ``fn(name, shape, dtype)`` returning a Sharding or None.
+        handle: The owning handle.
+        strict_x64: Raise instead of warning when a 64-bit tensor would be narrowed
+            because JAX's x64 mode is off.
+    """
+
+    def __init__(self, *, device: Any = None, sharding: Any = None, handle: SafeOpen,
+                 strict_x64: bool = False) -> None:
+        if device is not None and isinstance(device, jax.sharding.Sharding):
+            sharding, device = (device if sharding is None else sharding), None
+        if sharding is not None and not (isinstance(sharding, (jax.sharding.Sharding, Mapping))
+                                         or callable(sharding)):
+            raise SafecodecError(
+                "sharding= takes a jax.sharding.Sharding, a mapping name -> Sharding, or a "
+                f"callable fn(name, shape, dtype); got {type(sharding).__name__}"
+            )
+        self.device = device
+        self.sharding = sharding
+        self.handle = handle
+        self.strict_x64 = strict_x64
+        self._warned = False
+        self._narrowed: list[str] | None = None  # collecting names during load_all
+        #: Bytes of tensor data this converter placed (views and copies), for measurement.
+        self.bytes_loaded = 0
+        #: Arrays that share the mapped memory (no copy), for measurement.
+        self.aliased = 0
+
+    # -- policy
+    def _target(self) -> tuple[Any, bool]:
+        if self.device is not None:
+            return self.device, True
+        return _default_device(), False
+
+    def _sharding_for(self, info: TensorInfo) -> Any:
+        spec = self.sharding
+        if spec is None:
+            return None
+        if isinstance(spec, jax.sharding.Sharding):
+            out = spec
+        elif isinstance(spec, Mapping):
+            out = spec.get(info.name)
+        else:
+            out = spec(info.name, info.shape, info.dtype.numpy)
+        if out is not None and not isinstance(out, jax.sharding.Sharding):
+            raise SafecodecError(
+                f"tensor {info.name!r}: the sharding for it must be a jax.sharding.Sharding "
+                f"or None, got {type(out).__name__}"
+            )
+        return out
+
+    def _check_dtype(self, info: TensorInfo) -> np.dtype:
+        """The dtype JAX will hold; raises for F6, warns (or raises) for narrowing."""
+        dt = info.dtype
+        if dt.code in _F6_CODES:
+            raise DtypeError(
+                f"tensor {info.name!r} has dtype {dt.code} ({dt.numpy.name}), which JAX cannot "
+                "hold; load it as a NumPy array instead: safecodec.load_file(path) or "
+                "safecodec.safe_open(path, framework='numpy').get_tensor(name)"
+            )
+        if dt.packed and not self.handle._unpack:
+            return np.dtype(np.uint8)
+        want = dt.numpy
+        got = np.dtype(jax.dtypes.canonicalize_dtype(want))
+        if got != want:
+            self._narrow(info, want, got)
+        return got
+
+    def _narrow(self, info: TensorInfo, want: np.dtype, got: np.dtype) -> None:
+        if self.strict_x64:
+            raise DtypeError(
+                f"tensor {info.name!r} is {info.dtype.code} ({want.name}) but JAX's x64 mode "
+                f"is off, so it would become {got.name}; enable x64 "
+                "(jax.config.update('jax_enable_x64', True)) or load with strict_x64=False"
+            )
+        if self._narrowed is not None:
+            self._narrowed.append(f"{info.name!r} ({want.name} -> {got.name})")
+        elif not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"tensor {info.name!r} is {want.name} but JAX's x64 mode is off: it is "
+                f"converted to {got.name} (JAX's rule: values may be rounded or wrapped); "
+                "other 64-bit tensors from this file are converted the same way without "
+                "another warning. Enable x64 or pass strict_x64=True to refuse.",
+                PrecisionWarning,
+                stacklevel=4,
+            )
+
+    def _flush_warning(self) -> None:
+        names, self._narrowed = self._narrowed, None
+        if names and not self._warned:
+            self._warned = True
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            warnings.warn(
+                f"JAX's x64 mode is off: {len(names)} 64-bit tensor(s) converted to 32 bits "
+                f"(JAX's rule: values may be rounded or wrapped): {shown}. Enable x64 or pass "
+                "strict_x64=True to refuse.",
+                PrecisionWarning,
+                stacklevel=4,
+            )
+
+    # -- host arrays
+    def _host_full(self, info: TensorInfo, target: np.dtype, cpu: bool) -> np.ndarray:
+        """The whole tensor as a host array JAX may alias (CPU) or transfer from."""
+        reader = self.handle._reader_checked()
+        self.bytes_loaded += info.nbytes
+        dt = info.dtype
+        if dt.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+            arr = reader.array(info)  # a fresh array: unpacked or byte-swapped
+            return arr if arr.dtype == target else arr.astype(target)
+        buf = reader._buf
+        if buf is None or (cpu and not buf.readonly):
+            # Not addressable (copy=True, no mmap, remote) or memory the caller can still
+            # write (bytearray): one copy into memory that only the jax.Array will own.
+            out = aligned_empty(info.shape, dt.numpy)
+            if info.nbytes:
+                if buf is None:
+                    reader.source.readinto(reader.header.data_start + info.begin,
+                                           memoryview(out.reshape(-1).view(np.uint8)),
+                                           f"tensor {info.name!r}")
+                else:
+                    start = reader.header.data_start + info.begin
+                    out.reshape(-1).view(np.uint8)[:] = np.frombuffer(buf, np.uint8, info.nbytes, start)
+            return out if out.dtype == target else _cast(out, target)
+        view = reader.array(info)
+        if view.dtype != target:
+            return _cast(view, target)
+        if cpu and info.nbytes and not _aligned(view):
+            return self._copy_unaligned(view, info)
+        if info.nbytes:
+            self.aliased += 1 if cpu else 0
+        return view
+
+    def _copy_unaligned(self, view: np.ndarray, info: TensorInfo) -> np.ndarray:
+        """The one copy of a tensor that is not 64-byte aligned in the file."""
+        out = aligned_empty(view.shape, view.dtype)
+        reader = self.handle._reader_checked()
+        fd = getattr(reader.source, "_fd", None)
+        if fd is not None and info.nbytes >= _PREAD_MIN:
+            # Straight from the page cache: cheaper than faulting the mapping in.
+            reader.source.readinto(reader.header.data_start + info.begin,
+                                   memoryview(out.reshape(-1).view(np.uint8)),
+                                   f"tensor {info.name!r}")
+        else:
+            np.copyto(out, view)
+        return out
+
+    def _host_block(self, info: TensorInfo, key: tuple[tuple[int, int, int], ...],
+                    target: np.dtype) -> np.ndarray:
+        """One shard (a strided block of the tensor) as a host array, reading only its
+        byte ranges: a view when it is one aligned range of a mapping, else one copy."""
+        reader = self.handle._reader_checked()
+        dt = info.dtype
+        per_dim = list(key)
+        if dt.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+            # Sub-byte elements do not map to byte ranges shard by shard; unpack the
+            # tensor once and cut the block out of it.
+            full = self._host_full(info, target, True)
+            return np.ascontiguousarray(full[tuple(slice(*k) for k in key)])
+        runs, block_shape = plan_runs(info.shape, per_dim)
+        itemsize = dt.itemsize
+        base = reader.header.data_start + info.begin
+        nbytes = sum(b - a for a, b in runs) * itemsize
+        self.bytes_loaded += nbytes
+        buf = reader._buf
+        if (buf is not None and buf.readonly and len(runs) == 1 and target == dt.numpy):
+            view = np.frombuffer(buf, dt.numpy, runs[0][1] - runs[0][0],
+                                 base + runs[0][0] * itemsize).reshape(block_shape)
+            if _aligned(view):
+                self.aliased += 1
+                return view
+        out = aligned_empty(block_shape, dt.numpy)
+        flat = out.reshape(-1).view(np.uint8)
+        pos = 0
+        local = buf is None and hasattr(reader.source, "_fd")
+        if buf is None and not local:
+            chunks = reader.ranges([(base + a * itemsize, base + b * itemsize) for a, b in runs],
+                                   info.name)
+            for chunk in chunks:
+                n = len(chunk)
+                flat[pos : pos + n] = np.frombuffer(chunk, np.uint8)
+                pos += n
+        else:
+            for a, b in runs:
+                n = (b - a) * itemsize
+                if local:
+                    reader.source.readinto(base + a * itemsize, memoryview(flat[pos : pos + n]),
+                                           f"tensor {info.name!r}")
+                else:
+                    flat[pos : pos + n] = np.frombuffer(buf, np.uint8, n, base + a * itemsize)
+                pos += n
+        return out if target == dt.numpy else _cast(out, target)
+
+    # -- the hooks SafeOpen calls
+    def convert(self, arr: np.ndarray, info: TensorInfo) -> jax.Array:
+        """A NumPy array cut from tensor ``info`` (a slice) -> jax.Array on the device."""
+        target = self._check_dtype(info)
+        device, committed = self._target()
+        cpu = device.platform == "cpu"
+        if arr.dtype != target:
+            arr = _cast(arr, target)
+        elif cpu and not _aligned(arr):
+            arr = np.ascontiguousarray(arr) if arr.flags.owndata else _copy(arr)
+        elif cpu and arr.flags.writeable and not arr.flags.owndata:
+            buf = self.handle._reader_checked()._buf
+            if buf is not None and not buf.readonly:
+                arr = _copy(arr)  # a view of a caller's writable buffer
+        return PUT.single(arr, device, committed)
+
+    def load_tensor(self, info: TensorInfo) -> jax.Array:
+        """The whole tensor ``info`` as a jax.Array (placed or sharded)."""
+        sharding = self._sharding_for(info)
+        if sharding is not None:
+            return self._load_sharded(info, sharding)
+        target = self._check_dtype(info)
+        device, committed = self._target()
+        host = self._host_full(info, target, device.platform == "cpu")
+        return PUT.single(host, device, committed)
+
+    def load_all(self, infos: Iterable[TensorInfo]) -> dict[str, jax.Array]:
+        """Every tensor in ``infos``; unsharded tensors are placed in one batch per
+        device. One warning at most names every narrowed 64-bit tensor."""
+        infos = list(infos)
+        spec = self.sharding
+        if isinstance(spec, Mapping):
+            known = {i.name for i in infos}
+            unknown = [k for k in spec if k not in known]
+            if unknown:
+                raise TensorNotFoundError(
+                    f"sharding= names {len(unknown)} tensor(s) not in this file: "
+                    f"{', '.join(map(repr, unknown[:5]))}"
+                )
+        self._narrowed = [] if not self._warned else None
+        try:
+            device, committed = self._target()
+            cpu = device.platform == "cpu"
+            out: dict[str, Any] = {}
+            batch: list[np.ndarray] = []
+            batch_names: list[str] = []
+            for info in infos:
+                sharding = self._sharding_for(info)
+                if sharding is not None:
+                    out[info.name] = self._load_sharded(info, sharding)
+                    continue
+                target = self._check_dtype(info)
+                out[info.name] = None
+                batch.append(self._host_full(info, target, cpu))
+                batch_names.append(info.name)
+            for name, arr in zip(batch_names, PUT.many(batch, device, committed), strict=True):
+                out[name] = arr
+        finally:
+            self._flush_warning()
+        return out
+
+    def _load_sharded(self, info: TensorInfo, sharding: Any) -> jax.Array:
+        target = self._check_dtype(info)
+        shape = info.shape
+        try:
+            sharding.shard_shape(shape)
+            indices = sharding.addressable_devices_indices_map(shape)
+        except (ValueError, TypeError, AssertionError, IndexError) as exc:
+            raise SafecodecError(
+                f"tensor {info.name!r} with shape {list(shape)} cannot be laid out with "
+                f"{sharding}: {exc}"
+            ) from None
+        devices = list(getattr(sharding, "_addressable_device_assignment", None) or indices)
+        blocks: dict[tuple[tuple[int, int, int], ...], np.ndarray] = {}
+        shards = []
+        full_key = tuple((0, d, 1) for d in shape)
+        for d in devices:
+            key = _index_key(indices[d], shape)
+            host = blocks.get(key)
+            if host is None:  # identical (replicated) shards are read once
+                if key == full_key:
+                    host = self._host_full(info, target, d.platform == "cpu")
+                else:
+                    host = self._host_block(info, key, target)
+                blocks[key] = host
+            shards.append(host)
+        return PUT.sharded(shape, target, sharding, shards, devices)
+
+
+_PREAD_MIN: Final = 1 << 16
+
+
+def _copy(arr: np.ndarray) -> np.ndarray:
+    out = aligned_empty(arr.shape, arr.dtype)
+    np.copyto(out, arr)
+    return out
+
+
+def _cast(arr: np.ndarray, target: np.dtype) -> np.ndarray:
+    """JAX's narrowing rule (``astype``) into aligned memory: the one copy."""
+    out = aligned_empty(arr.shape, target)
+    np.copyto(out, arr, casting="unsafe")
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def open_jax(source: Any, *, device: Any = None, sharding: Any = None, copy: bool = False,
+             strict_x64: bool = False, fs: Any = None) -> SafeOpen:
+    """A ``safe_open`` handle with framework ``"jax"`` and this module's options."""
+    handle = SafeOpen(source, "jax", fs=fs, copy=copy, device=device, sharding=sharding)
+    handle._jax.strict_x64 = strict_x64
+    return handle
+
+
+def load(data: Any, *, device: Any = None, sharding: Any = None,
+         strict_x64: bool = False) -> dict[str, jax.Array]:
+    """See :func:`safecodec.jax.load`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SafecodecError(
+            f"load() takes bytes-like data, got {type(data).__name__}; use load_file() for "
+            "paths and file objects"
+        )
+    with open_jax(data, device=device, sharding=sharding, strict_x64=strict_x64) as f:
+        return f.get_tensors()
+
+
+def load_file(path: Any, *, device: Any = None, sharding: Any = None, copy: bool = False,
+              strict_x64: bool = False, fs: Any = None) -> dict[str, jax.Array]:
+    """See :func:`safecodec.jax.load_file`."""
+    with open_jax(path, device=device, sharding=sharding, copy=copy, strict_x64=strict_x64,
+                  fs=fs) as f:
+        return f.get_tensors()
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _is_jax_array(value: Any) -> bool:
+    return isinstance(value, jax.Array)
+
+
+class _Sink:
+    """Positioned writes into a file descriptor or a bytearray."""
+
+    def __init__(self, fd: int | None = None, buf: bytearray | None = None) -> None:
+        self.fd = fd
+        self.buf = buf
+
+    def write_at(self, offset: int, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if self.buf is not None:
+            self.buf[offset : offset + len(view)] = view
+            return
+        assert self.fd is not None
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+
+def _write_numpy(sink: _Sink, start: int, t: PlannedTensor, value: Any) -> None:
+    """A host value through the writer's little-endian C-order byte stream."""
+    pos = start + t.begin
+    for chunk in _writer.iter_tensor_bytes([t], {t.name: value}):
+        sink.write_at(pos, chunk)
+        pos += chunk.nbytes
+
+
+def _write_jax(sink: _Sink, start: int, t: PlannedTensor, value: jax.Array) -> None:
+    """A jax.Array written shard by shard at its byte ranges: peak host memory is one
+    shard (a fresh ``shard.data`` each time, so no host copy stays cached on ``value``)."""
+    dt = t.dtype
+    if value.shape != t.shape:
+        raise SafecodecError(
+            f"tensor {t.name!r} changed shape while being written: planned {list(t.shape)}, "
+            f"got {list(value.shape)}"
+        )
+    if t.end == t.begin:
+        return
+    base = start + t.begin
+    for shard in value.addressable_shards:
+        if shard.replica_id != 0:
+            continue  # another device holds the same piece; exactly one writes it
+        key = _index_key(shard.index, t.shape)
+        host = np.asarray(shard.data).reshape(-1)
+        if not _dtypes.HOST_IS_LITTLE_ENDIAN:  # pragma: no cover - no big-endian JAX hosts
+            host = host.view(dt.storage).astype(dt.storage.newbyteorder("<"))
+        runs, _ = plan_runs(t.shape, list(key))
+        pos = 0
+        for a, b in runs:
+            piece = host[pos : pos + (b - a)]
+            pos += b - a
+            if dt.packed:
+                per = 8 // dt.bits if dt.bits == 4 else 4
+                if a % per or b % per:
+                    raise DtypeError(
+                        f"tensor {t.name!r}: a shard of this packed {dt.code} tensor starts or "
+                        f"ends inside a byte (elements {a}..{b}); shard it so every run holds "
+                        f"a multiple of {per} elements, or gather it first"
+                    )
+                sink.write_at(base + a * dt.bits // 8, pack(np.ascontiguousarray(piece), dt, t.name))
+            else:
+                sink.write_at(base + a * dt.itemsize,
+                              np.ascontiguousarray(piece).view(np.uint8))
+
+
+def _write_all(sink: _Sink, header: bytes, planned: list[PlannedTensor],
+               values: Mapping[str, Any], *, process: int, collective: bool) -> None:
+    """Write what this process owns: in a collective save, process 0 writes the header and
+    every value that is whole on it; every process writes its replica-0 shards of arrays
+    that are not fully addressable. Outside one, everything."""
+    start = len(header)
+    if not collective or process == 0:
+        sink.write_at(0, header)
+    for t in planned:
+        value = values[t.name]
+        if _is_jax_array(value):
+            if value.is_fully_addressable:
+                if not collective or process == 0:
+                    _write_jax(sink, start, t, value)
+            else:
+                _write_jax(sink, start, t, value)
+        elif not collective or process == 0:
+            _write_numpy(sink, start, t, value)
+
+
+def save(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *,
+         alignment: int = 64) -> bytes:
+    """See :func:`safecodec.jax.save`."""
+    header, planned, values = _writer.prepare(tensors, metadata, alignment)
+    for value in values.values():
+        if _is_jax_array(value) and not value.is_fully_addressable:
+            raise SafecodecError(
+                "save() returns bytes and cannot hold arrays spread over several processes; "
+                "use save_file() on a shared filesystem (every process calls it)"
+            )
+    total = len(header) + (planned[-1].end if planned else 0)
+    buf = bytearray(total)
+    _write_all(_Sink(buf=buf), header, planned, values, process=0, collective=False)
+    return bytes(buf)
+
+
+_SAVE_COUNTER = itertools.count()
+
+
+def _barrier(name: str, timeout_s: float) -> None:
+    """Wait until every process reaches ``name``."""
+    client = _client()
+    if client is not None:
+        client.wait_at_barrier(name, int(timeout_s * 1000))
+        return
+    from jax.experimental import multihost_utils  # pragma: no cover - no distributed client
+
+    multihost_utils.sync_global_devices(name)  # pragma: no cover
+
+
+def save_file(tensors: Mapping[str, Any], path: Any, metadata: Mapping[str, str] | None = None,
+              *, alignment: int = 64, fs: Any = None, timeout_s: float = 600.0) -> None:
+    """See :func:`safecodec.jax.save_file`."""
+    from ._source import is_remote
+
+    if not isinstance(path, (str, os.PathLike)) or is_remote(os.fspath(path), fs):
+        _writer.save_file(tensors, path, metadata, alignment=alignment, fs=fs)
+        return
+    header, planned, values = _writer.prepare(tensors, metadata, alignment)
+    total = len(header) + (planned[-1].end if planned else 0)
+    collective = jax.process_count() > 1 and any(
+        _is_jax_array(v) and not v.is_fully_addressable for v in values.values()
+    )
+    if not collective:
+        out = _writer.AtomicFile(path)
+        try:
+            out.file.truncate(total)
+            out.file.flush()
+            _write_all(_Sink(fd=out.file.fileno()), header, planned, values, process=0,
+                       collective=False)
+            out.commit()
+        except BaseException:
+            out.discard()
+            raise
+        return
+    _save_collective(header, planned, values, os.fspath(path), total, timeout_s)
+
+
+def _save_collective(header: bytes, planned: list[PlannedTensor], values: Mapping[str, Any],
+                     path: str, total: int, timeout_s: float) -> None:
+    """Every process calls this with the same arguments (the layout is planned from dtypes
+    and shapes only, so it is identical everywhere). Process 0 creates the temporary file
+    at its final size and writes the header; every process writes its own shards at their
+    offsets; after a barrier process 0 renames it over ``path`` and a last barrier makes
+    the file visible to every process when the call returns."""
+    process = jax.process_index()
+    target = os.path.abspath(path)
+    directory, base = os.path.split(target)
+    digest = hashlib.sha256(header).hexdigest()[:12]
+    seq = next(_SAVE_COUNTER)
+    tmp = os.path.join(directory, f".{base}.mh-{digest}-{seq}{_writer.TMP_SUFFIX}")
+    tag = f"safecodec-save-{digest}-{seq}"
+    if process == 0:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            os.ftruncate(fd, total)
+        finally:
+            os.close(fd)
+    _barrier(f"{tag}-created", timeout_s)
+    fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+    failed: BaseException | None = None
+    try:
+        _write_all(_Sink(fd=fd), header, planned, values, process=process, collective=True)
+        os.fsync(fd)
+    except BaseException as exc:  # still reach the barrier so no process hangs
+        failed = exc
+    finally:
+        os.close(fd)
+    _publish(f"{tag}-status-{process}", "ok" if failed is None else f"{type(failed).__name__}: {failed}")
+    _barrier(f"{tag}-written", timeout_s)
+    problems = _collect(tag, jax.process_count(), timeout_s)
+    if failed is not None or problems:
+        if process == 0:
+            _unlink(tmp)
+        if failed is not None:
+            raise failed
+        raise SafecodecError(
+            f"save_file({path!r}): another process failed to write its shards, nothing was "
+            f"written: {'; '.join(problems)}"
+        )
+    if process == 0:
+        os.replace(tmp, target)
+        _writer._fsync_directory(directory)
+    _barrier(f"{tag}-renamed", timeout_s)
+
+
+def _client() -> Any:
+    from jax._src import distributed
+
+    return getattr(distributed.global_state, "client", None)
+
+
+def _publish(key: str, value: str) -> None:
+    """Tell every process how this one's part went (through JAX's coordination service)."""
+    client = _client()
+    if client is not None:
+        client.key_value_set(key, value)
+
+
+def _collect(tag: str, count: int, timeout_s: float) -> list[str]:
+    """The failures that other processes published (empty without a coordination service:
+    then a failing process raises on its own and the others cannot know)."""
+    client = _client()
+    if client is None:  # pragma: no cover - multi-process without jax.distributed
+        return []
+    problems = []
+    for p in range(count):
+        status = client.blocking_key_value_get(f"{tag}-status-{p}", int(timeout_s * 1000))
+        if status != "ok":
+            problems.append(f"process {p}: {status}")
+    return problems
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
