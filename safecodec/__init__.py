@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import (
+    ChecksumError,
     ClosedHandleError,
     DtypeError,
     HeaderError,
@@ -27,6 +28,7 @@ from ._version import __version__
 from ._writer import save, save_file
 
 __all__ = [
+    "ChecksumError",
     "ClosedHandleError",
     "DtypeError",
     "Header",

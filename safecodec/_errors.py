@@ -9,6 +9,7 @@ problem; messages name the check, the tensor and the expected and actual numbers
 from __future__ import annotations
 
 __all__ = [
+    "ChecksumError",
     "ClosedHandleError",
     "DtypeError",
     "HeaderError",
@@ -44,6 +45,11 @@ class TreeStructureError(SafecodecError):
 
 class RemoteIOError(SafecodecError):
     """Reading from or writing to a remote / file-like source failed or came back short."""
+
+
+class ChecksumError(SafecodecError):
+    """A tensor's bytes do not match the checksum stored for it, or the stored checksums
+    are malformed or absent when verification was asked for."""
 
 
 class ClosedHandleError(SafecodecError):

@@ -442,6 +442,7 @@ class SafeOpen:
         sharding: Any = None,
         storage_options: dict[str, Any] | None = None,
         progress: bool = False,
+        verify: bool = False,
     ) -> None:
         fw = str(framework).lower()
         if fw not in _NUMPY_FRAMEWORKS and fw not in _JAX_FRAMEWORKS:
@@ -457,6 +458,21 @@ class SafeOpen:
         except BaseException:
             self._source.close()
             raise
+        self._digests: dict[str, str] | None = None
+        self._verified: set[str] = set()
+        if verify:
+            from ._integrity import CHECKSUM_KEY, ChecksumError, decode
+
+            try:
+                self._digests = decode(self._header.metadata)
+                if self._digests is None:
+                    raise ChecksumError(
+                        f"verify=True, but {self._source.name} stores no checksums "
+                        f"(metadata key {CHECKSUM_KEY!r}; write them with checksums=True)"
+                    )
+            except BaseException:
+                self._source.close()
+                raise
         mode: MapMode = "copy" if fw in _NUMPY_FRAMEWORKS else "read"
         self._reader: _Reader | None = _Reader(
             self._source, self._header, copy=copy, unpack=unpack, mode=mode
@@ -483,6 +499,25 @@ class SafeOpen:
         except (KeyError, TypeError):
             raise _missing(name, self._header) from None
 
+    def _raw_bytes(self, info: TensorInfo) -> Any:
+        """The tensor's bytes exactly as stored (a view when the source is memory)."""
+        reader = self._reader_checked()
+        start = self._header.data_start + info.begin
+        if reader._buf is not None:
+            return reader._buf[start : start + info.nbytes]
+        if reader.copy and self._source.buffer("copy") is not None:
+            return self._source.buffer("copy")[start : start + info.nbytes]
+        return self._source.read(start, info.nbytes, f"tensor {info.name!r}")
+
+    def _verify(self, info: TensorInfo) -> None:
+        """With verify=True: check the tensor's bytes against its stored checksum once."""
+        if self._digests is None or info.name in self._verified:
+            return
+        from ._integrity import check
+
+        check(info.name, self._raw_bytes(info), self._digests)
+        self._verified.add(info.name)
+
     def _convert(self, arr: np.ndarray, info: TensorInfo) -> Any:
         if self._jax is None:
             return arr
@@ -508,13 +543,17 @@ class SafeOpen:
     def get_tensor(self, name: str) -> Any:
         """The whole tensor ``name``: a NumPy array (or a jax.Array for framework='jax')."""
         info = self._info(name)
+        self._verify(info)
         if self._jax is not None:
             return self._jax.load_tensor(info)
         return self._reader_checked().array(info)
 
     def get_slice(self, name: str) -> TensorSlice:
-        """A lazy :class:`TensorSlice` of tensor ``name``."""
-        return TensorSlice(self, self._info(name))
+        """A lazy :class:`TensorSlice` of tensor ``name``. With verify=True the whole
+        tensor is read and checked once, before the first slice."""
+        info = self._info(name)
+        self._verify(info)
+        return TensorSlice(self, info)
 
     def get_tensors(self) -> dict[str, Any]:
         """Every tensor, in file order."""
@@ -524,6 +563,8 @@ class SafeOpen:
         """Load the given tensors (``get_tensors``, and sharded handles for the subset of a
         shard that their index names)."""
         reader = self._reader_checked()
+        for info in infos:
+            self._verify(info)
         if self._jax is not None:
             return self._jax.load_all(infos)  # type: ignore[no-any-return]
         if reader._buf is None and infos and getattr(self._source, "remote", False):
@@ -598,6 +639,7 @@ def safe_open(
     sharding: Any = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
+    verify: bool = False,
 ) -> Any:
     """Open a safetensors file, buffer, file object or URL lazily.
 
@@ -618,6 +660,10 @@ def safe_open(
         storage_options: Options for the fsspec filesystem a URL names (credentials,
             endpoint...).
         progress: Show a progress bar (tqdm, when installed) on long remote reads.
+        verify: Check each tensor against the SHA-256 stored by ``save_file(...,
+            checksums=True)`` before returning it; a mismatch raises
+            :class:`~safecodec.ChecksumError` naming the tensor. A file without
+            checksums raises too.
 
     Returns:
         A :class:`SafeOpen` handle; for a directory or a ``*.safetensors.index.json``
@@ -641,14 +687,20 @@ def safe_open(
     if location is not None:
         if location.single is not None:  # a directory holding one unsharded file
             return SafeOpen(location.single, framework, fs=location.fs, copy=copy,
-                            unpack=unpack, device=device, sharding=sharding, progress=progress)
+                            unpack=unpack, device=device, sharding=sharding, progress=progress,
+                            verify=verify)
+        if verify:
+            raise SafecodecError("verify=True is supported for single files; verify each shard")
         return ShardedSafeOpen(location, framework, copy=copy, unpack=unpack, device=device,
                                sharding=sharding, progress=progress)
     return SafeOpen(source, framework, fs=fs, copy=copy, unpack=unpack, device=device,
-                    sharding=sharding, storage_options=storage_options, progress=progress)
+                    sharding=sharding, storage_options=storage_options, progress=progress,
+                    verify=verify)
 
 
-def load(data: Any, *, copy: bool = False, unpack: bool = True) -> dict[str, np.ndarray]:
+def load(
+    data: Any, *, copy: bool = False, unpack: bool = True, verify: bool = False
+) -> dict[str, np.ndarray]:
     """Load every tensor of an in-memory safetensors file.
 
     Args:
@@ -656,6 +708,7 @@ def load(data: Any, *, copy: bool = False, unpack: bool = True) -> dict[str, np.
         copy: Return independent arrays instead of views into ``data`` (views of
             ``bytes`` are read-only; views of a ``bytearray`` share its memory).
         unpack: See :func:`safe_open`.
+        verify: Check stored checksums (see :func:`safe_open`).
 
     Returns:
         name -> NumPy array, in file order.
@@ -671,7 +724,7 @@ def load(data: Any, *, copy: bool = False, unpack: bool = True) -> dict[str, np.
                 f"load() takes bytes-like data, got {type(data).__name__}; use load_file() "
                 "for paths and file objects"
             ) from None
-    with SafeOpen(data, copy=copy, unpack=unpack) as f:
+    with SafeOpen(data, copy=copy, unpack=unpack, verify=verify) as f:
         return f.get_tensors()
 
 
@@ -683,6 +736,7 @@ def load_file(
     unpack: bool = True,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
+    verify: bool = False,
 ) -> dict[str, np.ndarray]:
     """Load every tensor of a safetensors file.
 
@@ -699,6 +753,7 @@ def load_file(
             streamed into memory once (concurrent range requests) and validated like local
             ones. A directory or ``*.safetensors.index.json`` loads every shard.
         progress: Show a progress bar (tqdm, when installed) on long remote reads.
+        verify: Check stored checksums (see :func:`safe_open`).
 
     Returns:
         name -> NumPy array, in file order.
@@ -709,5 +764,5 @@ def load_file(
         FileNotFoundError: ``path`` does not exist.
     """
     with safe_open(path, fs=fs, copy=copy, unpack=unpack, storage_options=storage_options,
-                   progress=progress) as f:
+                   progress=progress, verify=verify) as f:
         return f.get_tensors()  # type: ignore[no-any-return]

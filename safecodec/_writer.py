@@ -22,7 +22,7 @@ import numpy as np
 from . import _dtypes
 from ._dtypes import DType, code_for_numpy
 from ._errors import SafecodecError
-from ._header import PlannedTensor, check_metadata, check_name, plan_layout
+from ._header import PlannedTensor, check_metadata, check_name, encode_header, plan_layout
 from ._packed import pack
 
 __all__ = ["iter_tensor_bytes", "prepare", "save", "save_file"]
@@ -55,9 +55,16 @@ def _shape_dtype(value: Any, name: str) -> tuple[np.dtype, tuple[int, ...], Any]
 
 
 def prepare(
-    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None, alignment: int
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None,
+    alignment: int,
+    *,
+    checksums: bool = False,
 ) -> tuple[bytes, list[PlannedTensor], dict[str, Any]]:
     """Validate names, dtypes and metadata and plan the file.
+
+    With ``checksums=True`` the header carries placeholder digests of the final length
+    (see :mod:`safecodec._integrity`); :func:`final_header` gives the real one.
 
     Returns:
         ``(header, planned, values)``: the length prefix plus padded header bytes, the
@@ -76,8 +83,31 @@ def prepare(
         code = code_for_numpy(dtype, name)
         entries.append((name, _dtypes.DTYPES[code], shape))
         values[name] = value
+    if checksums:
+        from ._integrity import CHECKSUM_KEY, placeholder
+
+        md = dict(md or {})
+        md[CHECKSUM_KEY] = placeholder(list(values))
     header, planned = plan_layout(entries, md, alignment)
     return header, planned, values
+
+
+def final_header(
+    planned: list[PlannedTensor],
+    metadata: Mapping[str, str] | None,
+    alignment: int,
+    digests: Mapping[str, str],
+    placeholder_header: bytes,
+) -> bytes:
+    """The header with the real digests; same length as the placeholder one."""
+    from ._integrity import CHECKSUM_KEY, encode
+
+    md = dict(check_metadata(metadata) or {})
+    md[CHECKSUM_KEY] = encode({t.name: digests[t.name] for t in planned})
+    header = encode_header(planned, md, alignment)
+    if len(header) != len(placeholder_header):  # pragma: no cover - an internal invariant
+        raise SafecodecError("internal error: checksum header changed length")
+    return header
 
 
 def _le_bytes(value: Any, t: PlannedTensor) -> Iterator[memoryview]:
@@ -114,13 +144,28 @@ def _le_bytes(value: Any, t: PlannedTensor) -> Iterator[memoryview]:
         yield memoryview(piece.reshape(-1).view(np.uint8))
 
 
-def iter_tensor_bytes(planned: list[PlannedTensor], values: Mapping[str, Any]) -> Iterator[memoryview]:
-    """Yield the data section piece by piece, in file order."""
+def iter_tensor_bytes(
+    planned: list[PlannedTensor],
+    values: Mapping[str, Any],
+    digests: dict[str, str] | None = None,
+) -> Iterator[memoryview]:
+    """Yield the data section piece by piece, in file order. When ``digests`` is a dict,
+    each tensor's checksum is computed on the way and stored in it."""
     for t in planned:
         written = 0
+        hasher = None
+        if digests is not None:
+            from ._integrity import new_hasher
+
+            hasher = new_hasher()
         for chunk in _le_bytes(values[t.name], t):
             written += chunk.nbytes
+            if hasher is not None:
+                hasher.update(chunk)
             yield chunk
+        if hasher is not None:
+            assert digests is not None
+            digests[t.name] = hasher.hexdigest()
         if written != t.end - t.begin:
             raise SafecodecError(
                 f"tensor {t.name!r}: wrote {written} bytes, the header promised {t.end - t.begin}"
@@ -128,7 +173,11 @@ def iter_tensor_bytes(planned: list[PlannedTensor], values: Mapping[str, Any]) -
 
 
 def save(
-    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *, alignment: int = 64
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    alignment: int = 64,
+    checksums: bool = False,
 ) -> bytes:
     """Serialize tensors to safetensors bytes.
 
@@ -138,6 +187,8 @@ def save(
         alignment: 64 (default) writes the zero-copy layout: data starts at a multiple of 64
             and every tensor whose size is a multiple of 64 bytes starts 64-byte aligned.
             8 writes exactly the bytes the reference writer writes.
+        checksums: Store a SHA-256 digest of every tensor in the metadata (key
+            ``safecodec.checksums``), checked on load with ``verify=True``.
 
     Returns:
         The file's bytes.
@@ -152,11 +203,14 @@ def save(
         >>> data[8:40]
         b'{"a":{"dtype":"F32","shape":[3],'
     """
-    header, planned, values = prepare(tensors, metadata, alignment)
+    header, planned, values = prepare(tensors, metadata, alignment, checksums=checksums)
+    digests: dict[str, str] | None = {} if checksums else None
     buf = io.BytesIO()
     buf.write(header)
-    for chunk in iter_tensor_bytes(planned, values):
+    for chunk in iter_tensor_bytes(planned, values, digests):
         buf.write(chunk)
+    if digests is not None:
+        buf.getbuffer()[: len(header)] = final_header(planned, metadata, alignment, digests, header)
     return buf.getvalue()
 
 
@@ -259,6 +313,7 @@ def save_file(
     storage_options: dict[str, Any] | None = None,
     max_shard_size: int | str | None = None,
     progress: bool = False,
+    checksums: bool = False,
 ) -> None:
     """Write tensors to a safetensors file, atomically and streaming.
 
@@ -274,6 +329,9 @@ def save_file(
             is then a directory, an index path or a ``name.safetensors`` whose stem prefixes
             the shards; see :func:`safecodec._sharded.save_sharded`.
         progress: Show a progress bar (tqdm, when installed) on remote or sharded writes.
+        checksums: Store a SHA-256 digest of every tensor (local files; see :func:`save`).
+            The header is written with placeholders, the digests computed while streaming,
+            and the header rewritten in place before the file is renamed into place.
 
     Raises:
         SafecodecError: See :func:`save`. Nothing is left at ``path`` on failure.
@@ -291,12 +349,17 @@ def save_file(
         return
 
     if isinstance(path, str | os.PathLike) and not is_remote(os.fspath(path), fs):
-        header, planned, values = prepare(tensors, metadata, alignment)
+        header, planned, values = prepare(tensors, metadata, alignment, checksums=checksums)
+        digests: dict[str, str] | None = {} if checksums else None
         out = AtomicFile(path)
         try:
             out.file.write(header)
-            for chunk in iter_tensor_bytes(planned, values):
+            for chunk in iter_tensor_bytes(planned, values, digests):
                 out.file.write(chunk)
+            if digests is not None:
+                out.file.flush()
+                os.pwrite(out.file.fileno(),
+                          final_header(planned, metadata, alignment, digests, header), 0)
             out.commit()
         except BaseException:
             out.discard()

@@ -1,0 +1,130 @@
+"""Optional per-tensor checksums, stored in the file's metadata.
+
+Written on request (``save_file(..., checksums=True)``), the checksums live in one
+metadata entry under the reserved namespace::
+
+    "safecodec.checksums": "{\\"algorithm\\":\\"sha256\\",\\"tensors\\":{\\"w\\":\\"<64 hex>\\"}}"
+
+The value is a JSON string, so the file stays a plain, valid safetensors file for every
+reader (metadata values are strings). SHA-256 is in every Python's ``hashlib`` and runs at
+1-2 GB/s with the CPU's SHA extensions; it detects accidental corruption (a flipped bit, a
+torn download) and, unlike a CRC, deliberate tampering of tensor data as long as the header
+itself is trusted.
+
+The writer streams: it writes the header with placeholder digests of the final length,
+hashes each tensor while writing it, then rewrites the header in place (same length) before
+the file is renamed into place. Readers verify with ``verify=True`` (``safe_open``,
+``load_file``, ``load``) or ``safecodec verify FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from ._errors import ChecksumError
+
+__all__ = ["ALGORITHM", "CHECKSUM_KEY", "ChecksumError", "decode", "digest_of", "encode"]
+
+#: Metadata key holding the checksums (the ``safecodec.`` prefix is reserved).
+CHECKSUM_KEY: Final = "safecodec.checksums"
+#: The hash used for new files.
+ALGORITHM: Final = "sha256"
+_HEX_LENGTH: Final = {"sha256": 64}
+#: Hashing is done in pieces of this size so a mapped tensor is not faulted in at once.
+HASH_CHUNK: Final = 16 << 20
+
+
+def placeholder(names: list[str]) -> str:
+    """The metadata value with all-zero digests (same length as the final value)."""
+    return encode({name: "0" * _HEX_LENGTH[ALGORITHM] for name in names})
+
+
+def encode(digests: Mapping[str, str]) -> str:
+    """The metadata value for ``digests`` (name -> hex digest)."""
+    return json.dumps({"algorithm": ALGORITHM, "tensors": dict(digests)},
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def decode(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    """The stored digests (name -> hex), or None when the file has no checksums.
+
+    Raises:
+        ChecksumError: The entry exists but is not what safecodec writes.
+    """
+    if not metadata or CHECKSUM_KEY not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[CHECKSUM_KEY])
+    except ValueError as exc:
+        raise ChecksumError(f"metadata entry {CHECKSUM_KEY!r} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict) or value.get("algorithm") not in _HEX_LENGTH:
+        raise ChecksumError(
+            f"metadata entry {CHECKSUM_KEY!r} names an unsupported algorithm "
+            f"{value.get('algorithm') if isinstance(value, dict) else value!r:.40}; "
+            f"supported: {', '.join(_HEX_LENGTH)}"
+        )
+    tensors = value.get("tensors")
+    width = _HEX_LENGTH[value["algorithm"]]
+    if not isinstance(tensors, dict) or not all(
+        isinstance(v, str) and len(v) == width for v in tensors.values()
+    ):
+        raise ChecksumError(f"metadata entry {CHECKSUM_KEY!r} has malformed digests")
+    return tensors
+
+
+def new_hasher() -> Any:
+    """A fresh hash object of :data:`ALGORITHM`."""
+    import hashlib  # imported on first use: it loads OpenSSL
+
+    return hashlib.new(ALGORITHM)
+
+
+def digest_of(data: Any) -> str:
+    """Hex digest of a bytes-like object, hashed in chunks."""
+    view = memoryview(data).cast("B")
+    h = new_hasher()
+    for start in range(0, len(view), HASH_CHUNK):
+        h.update(view[start : start + HASH_CHUNK])
+    return str(h.hexdigest())
+
+
+def check(name: str, data: Any, digests: Mapping[str, str]) -> None:
+    """Raise :class:`ChecksumError` unless ``data`` hashes to the digest stored for ``name``."""
+    expected = digests.get(name)
+    if expected is None:
+        raise ChecksumError(f"tensor {name!r} has no stored checksum ({CHECKSUM_KEY})")
+    actual = digest_of(data)
+    if actual != expected:
+        raise ChecksumError(
+            f"checksum mismatch for tensor {name!r}: stored {ALGORITHM} {expected}, "
+            f"data hashes to {actual} (the tensor's bytes are corrupted)"
+        )
+
+
+def verify_file(source: Any, **open_kwargs: Any) -> list[str]:
+    """Check every tensor of ``source`` against its stored checksum.
+
+    Returns:
+        A list of problems (empty when every tensor matches).
+
+    Raises:
+        ChecksumError: The file has no checksums.
+        SafecodecError: The file is not a valid safetensors file.
+    """
+    from ._reader import SafeOpen
+
+    problems: list[str] = []
+    with SafeOpen(source, **open_kwargs) as f:
+        digests = decode(f.header.metadata)
+        if digests is None:
+            raise ChecksumError(f"{f._source.name} has no checksums ({CHECKSUM_KEY})")
+        extra = set(digests) - set(f.header.tensors)
+        problems.extend(f"checksum stored for missing tensor {n!r}" for n in sorted(extra))
+        for info in f.header.tensors.values():
+            try:
+                check(info.name, f._raw_bytes(info), digests)
+            except ChecksumError as exc:
+                problems.append(str(exc))
+    return problems
