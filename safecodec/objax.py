@@ -1,0 +1,196 @@
+"""Objax: ``VarCollection`` in and out of safetensors files, variable types restored.
+
+An Objax ``VarCollection`` (``model.vars()``) maps names such as
+``"(Sequential)[0](Linear).w"`` to variables (``TrainVar``, ``StateVar``,
+``RandomState``...). :func:`save` stores one tensor per variable, named by its key, and
+records each variable's type; :func:`load` rebuilds a ``VarCollection`` with the same
+keys, in the same order, each variable of its saved type. :func:`load_into` assigns the
+file's values to the variables of an existing model instead (that is the one function
+here that changes its argument, on purpose).
+
+Types are rebuilt from a fixed table (:data:`REBUILDABLE`), never by importing a name
+read from a file. A ``TrainRef`` (an optimizer's reference to a model's ``TrainVar``)
+cannot be rebuilt alone: build the optimizer from the loaded model instead.
+
+Files from safejax (``serialize(..., include_objax_variables=True)``, names ending in
+``::TrainVar``) load too.
+
+Example:
+    >>> import objax, safecodec.objax as sco
+    >>> model = objax.nn.Linear(2, 3)
+    >>> data = sco.save(model.vars())
+    >>> restored = sco.load(data)
+    >>> [type(v).__name__ for v in restored.values()]
+    ['TrainVar', 'TrainVar']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from ._errors import TreeStructureError
+
+__all__ = [
+    "REBUILDABLE",
+    "deserialize",
+    "load",
+    "load_into",
+    "rebuild_variable",
+    "save",
+    "serialize",
+    "to_var_collection",
+]
+
+#: Variable types that can be rebuilt from a value alone.
+REBUILDABLE: Final = ("TrainVar", "StateVar", "RandomState")
+
+
+def _variable_class(type_name: str, where: str) -> Any:
+    """The Objax class for a saved type name, from the fixed table only."""
+    from objax import variable
+
+    if type_name in REBUILDABLE:
+        return getattr(variable, type_name)
+    if type_name == "TrainRef":
+        raise TreeStructureError(
+            f"variable {where!r} is a TrainRef, a reference to a model's TrainVar, which "
+            "cannot be rebuilt on its own; load the model's variables and build the "
+            "optimizer from them"
+        )
+    raise TreeStructureError(
+        f"variable {where!r} has type {type_name!r}, which cannot be rebuilt; "
+        f"rebuildable types: {', '.join(REBUILDABLE)}"
+    )
+
+
+def rebuild_variable(template: Any, value: Any, where: str = "") -> Any:
+    """A new variable of ``template``'s type (and reduce function) holding ``value``.
+
+    Raises:
+        TreeStructureError: ``template`` is a TrainRef or a type that cannot be rebuilt.
+    """
+    type_name = type(template).__name__
+    cls = _variable_class(type_name, where)
+    return _make(cls, value, getattr(template, "_reduce", None), type_name)
+
+
+def _make(cls: Any, value: Any, reduce: Any, type_name: str) -> Any:
+    import jax.numpy as jnp
+
+    value = jnp.asarray(value) if not hasattr(value, "block_until_ready") else value
+    if type_name == "RandomState":
+        var = cls(0)
+        var.value = value
+        return var
+    if reduce is None:
+        return cls(value)
+    return cls(value, reduce)
+
+
+def to_var_collection(items: list[tuple[str, Any, str]]) -> Any:
+    """Build a ``VarCollection`` from ``(key, value, type name)`` triples, in order.
+
+    Raises:
+        TreeStructureError: A type that cannot be rebuilt (names the variable).
+    """
+    from objax import VarCollection
+
+    out = VarCollection()
+    for key, value, type_name in items:
+        out[key] = _make(_variable_class(type_name, key), value, None, type_name)
+    return out
+
+
+def _as_vars(obj: Any) -> Mapping[str, Any]:
+    """A VarCollection from a VarCollection or an Objax Module."""
+    if hasattr(obj, "vars") and callable(obj.vars):
+        return obj.vars()  # type: ignore[no-any-return]
+    return obj  # type: ignore[no-any-return]
+
+
+def save(
+    variables: Any,
+    path: Any = None,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    fs: Any = None,
+) -> Any:
+    """Save an Objax ``VarCollection`` (or a Module's ``.vars()``); types are recorded.
+
+    Returns:
+        The bytes when ``path`` is None, else ``path``.
+    """
+    from ._safejax import serialize as _serialize
+
+    return _serialize(_as_vars(variables), metadata, include_objax_variables=False,
+                      filename=path, fs=fs)
+
+
+def load(source: Any, *, fs: Any = None) -> Any:
+    """Load a ``VarCollection`` with keys in saved order and variable types restored.
+
+    Raises:
+        TreeStructureError: A variable type cannot be rebuilt (TrainRef...).
+    """
+    from ._safejax import _load_var_collection
+
+    return _load_var_collection(source, fs)[0]
+
+
+def load_into(target: Any, source: Any, *, fs: Any = None) -> Any:
+    """Assign the file's values to the variables of an existing model / VarCollection.
+
+    Every key of ``target``'s variables must be in the file with the same shape and
+    dtype, and the file may hold nothing else; all problems are reported at once.
+
+    Returns:
+        ``target``, whose variables now hold the loaded values (jax arrays).
+
+    Raises:
+        TreeStructureError: Missing, unexpected or mismatched variables.
+    """
+    from ._safejax import _flat_items
+
+    variables = _as_vars(target)
+    items, _ = _flat_items(source, fs)
+    loaded = {key: value for key, value, _ in items}
+    problems: list[str] = []
+    missing = [k for k in variables.keys() if k not in loaded]
+    unexpected = [k for k in loaded if k not in variables.keys()]
+    for key, var in variables.items():
+        if key in loaded:
+            new = loaded[key]
+            old = var.value
+            if tuple(new.shape) != tuple(old.shape) or new.dtype != old.dtype:
+                problems.append(f"{key!r}: model {old.dtype}{list(old.shape)}, "
+                                f"file {new.dtype}{list(new.shape)}")
+    if missing or unexpected or problems:
+        lines = [f"the file does not match the model's variables: {len(missing)} missing, "
+                 f"{len(unexpected)} unexpected, {len(problems)} mismatched"]
+        lines += [f"  missing from the file: {k!r}" for k in missing]
+        lines += [f"  in the file but not in the model: {k!r}" for k in unexpected]
+        lines += [f"  mismatched (model vs file): {p}" for p in problems]
+        raise TreeStructureError("\n".join(lines))
+    for key, var in variables.items():
+        if type(var).__name__ == "TrainRef":
+            continue  # assigned through the TrainVar it refers to
+        var.assign(loaded[key])
+    return target
+
+
+def serialize(params: Any, metadata: Mapping[str, str] | None = None, filename: Any = None,
+              fs: Any = None) -> Any:
+    """safejax's ``safejax.objax.serialize``: variable types in names (``::TrainVar``)."""
+    from ._safejax import serialize as _serialize
+
+    return _serialize(_as_vars(params), metadata, include_objax_variables=True,
+                      filename=filename, fs=fs)
+
+
+def deserialize(path_or_buf: Any, fs: Any = None) -> Any:
+    """safejax's ``safejax.objax.deserialize``: a ``VarCollection``, types restored
+    (``(vars, metadata)`` for a path source whose file has user metadata)."""
+    from ._safejax import deserialize as _deserialize
+
+    return _deserialize(path_or_buf, fs=fs, requires_unflattening=False, to_var_collection=True)
