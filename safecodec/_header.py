@@ -43,11 +43,13 @@ first, so each of them starts 64-byte aligned.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ._dtypes import DTYPES, DType
 from ._errors import HeaderError, OffsetError
@@ -68,26 +70,74 @@ __all__ = [
 PREFIX_SIZE: Final = 8
 #: The reference reader refuses headers longer than this (bytes), before reading them.
 MAX_HEADER_SIZE: Final = 100_000_000
-#: serde_json's recursion limit: arrays/objects nested deeper than this are rejected.
-MAX_NESTING: Final = 128
+#: The deepest array/object level the reference accepts, the top-level object being level
+#: 1. serde_json starts with a recursion budget of 128 and fails when it reaches 0, so level
+#: 128 is already rejected (measured on the 0.8.0 wheel: 125 arrays inside an unknown field
+#: of a tensor entry, levels 3..127, pass; 126 fail).
+MAX_NESTING: Final = 127
 #: Shape entries and offsets are u64 in the reference; anything at or above is rejected.
 U64_LIMIT: Final = 1 << 64
+#: NumPy (np.intp) cannot hold a larger dimension, not even in an empty array.
+MAX_NUMPY_DIM: Final = sys.maxsize
 #: Key that holds user metadata instead of a tensor.
 METADATA_KEY: Final = "__metadata__"
 #: The three fields a tensor entry must have, in the order the reference writes them.
 TENSOR_FIELDS: Final = ("dtype", "shape", "data_offsets")
 
 _U64 = struct.Struct("<Q")
-# A negative number right after a structural character: the only way "-0" (which the
-# reference parses as a float) can reach a shape or offset. Rare, so it selects the slow path.
-_NEGATIVE_NUMBER = re.compile(rb"[\[,:][ \t\r\n]*-")
-# A float literal with a huge exponent or mantissa overflows f64 in the reference parser.
-_EXPONENT = re.compile(rb"[0-9][eE]")
+_WS: Final = " \t\n\r"  # JSON whitespace; nothing else may surround the object
+# A digit run this long may be an integer at or beyond 2**64 (the general path checks it).
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+#: Python's own limit on int() digits (sys.get_int_max_str_digits) does not matter here:
+#: an integer literal this long is far beyond f64, where the reference fails anyway.
+_F64_MAX_DIGITS: Final = 309
+
+# --- the canonical form, parsed by regular expressions alone (the fast path) ---------------
+# Every writer we know (the reference and safecodec) emits compact JSON: no whitespace
+# inside the object, fields in the order dtype, shape, data_offsets, plain integers,
+# strings without escapes. For such a header two C-level regex passes replace the JSON
+# parser: one checks the whole text, one extracts the entries. Anything else (escapes,
+# unknown fields, whitespace, floats, numbers with 19+ digits, duplicates, an unknown
+# code...) takes the general path, which alone produces error messages. The fast path
+# therefore never has to be right about a rejection, only about an acceptance: it accepts
+# only texts that the general path would accept with the same result.
+_NUM = r"(?:0|[1-9][0-9]{0,17})"  # at most 18 digits: always below 2**64
+_PLAIN = r'[^"\\\x00-\x1f]*'  # string body without escapes or raw control characters
+
+
+def _entry_pattern(group: str) -> str:
+    """One tensor entry in canonical form; ``group`` is "(" (capturing) or "(?:"."""
+    return (
+        rf'"{group}{_PLAIN})":\{{"dtype":"{group}[A-Z0-9_]{{1,16}})",'
+        rf'"shape":\[{group}{_NUM}(?:,{_NUM})*)?\],'
+        rf'"data_offsets":\[{group}{_NUM}),{group}{_NUM})\]\}}'
+    )
+
+
+_ENTRY_RE = re.compile(_entry_pattern("("))
+_CANONICAL_RE = re.compile(
+    rf"[{_WS}]*\{{"
+    rf'(?:"__metadata__":(\{{(?:"{_PLAIN}":"{_PLAIN}"(?:,"{_PLAIN}":"{_PLAIN}")*)?\}})'
+    rf'(?:,(?=")|(?=\}})))?'
+    rf"((?:{_entry_pattern('(?:')}(?:,{_entry_pattern('(?:')})*)?)"
+    rf"\}}[{_WS}]*"
+)
 
 
 @dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """What the header says about one tensor.
+class _Parsed:
+    """The header's content before the offsets walk, as parallel lists in document order."""
+
+    metadata: dict[str, str] | None
+    names: list[str]
+    dtypes: list[DType]
+    shapes: list[tuple[int, ...]]
+    begins: list[int]
+    ends: list[int]
+
+
+class TensorInfo(NamedTuple):
+    """What the header says about one tensor (an immutable named tuple).
 
     Attributes:
         name: The tensor's name.
@@ -111,10 +161,7 @@ class TensorInfo:
     @property
     def count(self) -> int:
         """Number of logical elements."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +219,7 @@ def decode_length(prefix: bytes | bytearray | memoryview, source_size: int) -> i
     if source_size < PREFIX_SIZE or len(prefix) < PREFIX_SIZE:
         raise HeaderError(
             f"header too small: a safetensors file starts with {PREFIX_SIZE} bytes of header "
-            f"length, got {min(source_size, len(prefix))} bytes"
+            f"length, got {source_size if source_size < PREFIX_SIZE else len(prefix)} bytes"
         )
     (n,) = _U64.unpack_from(prefix, 0)
     if n > MAX_HEADER_SIZE:
@@ -190,13 +237,26 @@ def _invalid_json(reason: str) -> HeaderError:
 
 
 def _parse_int_checked(text: str) -> int | float:
-    # The reference parses "-0" as a float (negative zero), so it is not an integer.
-    return -0.0 if text == "-0" else int(text)
+    """Integer literals as the reference's serde_json sees them: ``-0`` is a float (so not
+    a valid shape entry or offset), and an integer beyond u64/i64 becomes an f64, which
+    fails when it is out of f64 range."""
+    if text == "-0":
+        return -0.0
+    if len(text) - (text[0] == "-") > _F64_MAX_DIGITS:
+        raise _invalid_json(f"number out of range: {text[:40]}... ({len(text)} characters)")
+    value = int(text)
+    if not -(1 << 63) <= value < U64_LIMIT:
+        try:
+            float(value)
+        except OverflowError:
+            raise _invalid_json(f"number out of range: {text[:40]}...") from None
+    return value
 
 
 def _parse_float_checked(text: str) -> float:
+    """Float literals: serde_json fails on those beyond f64 (Python would give inf)."""
     value = float(text)
-    if value in (float("inf"), float("-inf")):
+    if value in (math.inf, -math.inf):
         raise _invalid_json(f"number out of range: {text[:40]}")
     return value
 
@@ -215,7 +275,7 @@ def _has_lone_surrogate(text: str) -> bool:
 
 
 def _check_surrogates(value: Any) -> None:
-    """Slow-path check that no string (keys included) holds a lone surrogate escape."""
+    """Check that no string (keys included) holds a lone surrogate escape."""
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
@@ -232,7 +292,8 @@ def _check_surrogates(value: Any) -> None:
 
 
 def _nesting_depth(value: Any, start: int) -> int:
-    """Deepest array/object level inside ``value``, counting from ``start``."""
+    """Deepest array/object level inside ``value``, counting from ``start`` (the level of
+    the container ``value`` sits in); stops early once past :data:`MAX_NESTING`."""
     deepest = start
     stack: list[tuple[Any, int]] = [(value, start)]
     while stack:
@@ -252,18 +313,21 @@ def _nesting_depth(value: Any, start: int) -> int:
 
 
 class _Pairs(list):  # type: ignore[type-arg]
-    """A JSON object as the list of its (key, value) pairs, in document order."""
+    """A JSON object as the list of its (key, value) pairs, in document order, so that
+    repeated keys are seen (a dict would silently keep the last)."""
 
     __slots__ = ()
 
 
 def _u64_list(value: Any, what: str, name: str) -> list[int]:
     if type(value) is not list:
-        raise _invalid_json(f"{what} of tensor {name!r} must be an array of integers")
+        raise _invalid_json(
+            f"{what} of tensor {name!r} must be an array of integers, got {value!r:.60}"
+        )
     for x in value:
         if type(x) is not int or x < 0 or x >= U64_LIMIT:
             raise _invalid_json(
-                f"{what} of tensor {name!r} must hold integers in [0, 2**64), got {x!r}"
+                f"{what} of tensor {name!r} must hold integers in [0, 2**64), got {x!r:.60}"
             )
     return value
 
@@ -305,7 +369,10 @@ def _parse_entry(name: str, pairs: Any) -> tuple[DType, list[int], list[int]]:
         raise _invalid_json(f"dtype of tensor {name!r} must be a string, got {dtype_code!r:.40}")
     dtype = DTYPES.get(dtype_code)
     if dtype is None:
-        raise _invalid_json(f"unknown dtype {dtype_code!r:.40} for tensor {name!r}")
+        raise _invalid_json(
+            f"unknown dtype {dtype_code!r:.40} for tensor {name!r} (codes are "
+            "case-sensitive: BOOL, U8, I8, F16, BF16, F32, ...)"
+        )
     shape = _u64_list(shape, "shape", name)
     offsets = _u64_list(offsets, "data_offsets", name)
     if len(offsets) != 2:
@@ -330,6 +397,181 @@ def _parse_metadata(value: Any) -> dict[str, str] | None:
     return metadata
 
 
+def _parse_general(text: str) -> _Parsed:
+    """Check 5 for any header: strict JSON through the json module, with hooks that make
+    it judge numbers, constants and repeated keys the way the reference does."""
+    # Escapes are the only way to a lone surrogate or a NUL; a minus sign or a long digit
+    # run the only way to "-0" or an out-of-range integer. Checking them costs a Python
+    # call per value, so only headers that contain them pay for it.
+    escapes = "\\" in text
+    risky_ints = "-" in text or _LONG_DIGITS.search(text) is not None
+    try:
+        top = json.loads(
+            text,
+            object_pairs_hook=_Pairs,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int_checked if risky_ints else None,
+            parse_float=_parse_float_checked,
+        )
+    except HeaderError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise _invalid_json(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise _invalid_json(f"nesting deeper than {MAX_NESTING} levels") from None
+    except (ValueError, OverflowError, MemoryError) as exc:
+        raise _invalid_json(f"{type(exc).__name__}: {str(exc)[:80]}") from None
+
+    if type(top) is not _Pairs:
+        kind = "array" if type(top) is list else type(top).__name__
+        raise _invalid_json(f"the header must be a JSON object, got {kind}")
+    if escapes:
+        _check_surrogates(top)
+
+    metadata: dict[str, str] | None = None
+    metadata_seen = False
+    seen_names: set[str] = set()
+    parsed = _Parsed(None, [], [], [], [], [])
+    for name, value in top:
+        if name == METADATA_KEY:
+            if metadata_seen:
+                raise _invalid_json("duplicate field '__metadata__'")
+            metadata_seen = True
+            metadata = _parse_metadata(value)
+            continue
+        dtype, shape, offsets = _parse_entry(name, value)
+        if name in seen_names:
+            raise HeaderError(
+                f"duplicate tensor name {name!r}: the format forbids duplicates "
+                "(the reference reader would silently keep the last one)"
+            )
+        seen_names.add(name)
+        parsed.names.append(name)
+        parsed.dtypes.append(dtype)
+        parsed.shapes.append(tuple(shape))
+        parsed.begins.append(offsets[0])
+        parsed.ends.append(offsets[1])
+    # Deliberate deviation: NUL can only come from a \u0000 escape.
+    if escapes:
+        for name in parsed.names:
+            if "\x00" in name:
+                raise HeaderError(
+                    f"tensor name {name!r} contains a NUL character (safecodec rejects NUL "
+                    "in names and metadata; the reference accepts it)"
+                )
+        if metadata and any("\x00" in k or "\x00" in v for k, v in metadata.items()):
+            bad = next(k for k, v in metadata.items() if "\x00" in k or "\x00" in v)
+            raise HeaderError(
+                f"__metadata__ entry {bad!r:.60} contains a NUL character (safecodec "
+                "rejects NUL in names and metadata; the reference accepts it)"
+            )
+    return _Parsed(metadata, parsed.names, parsed.dtypes, parsed.shapes, parsed.begins,
+                   parsed.ends)
+
+
+def _parse_canonical(text: str) -> _Parsed | None:
+    """Check 5 for a header in canonical form (see the comment on ``_NUM``), or None when
+    the header is not in that form or anything about it needs a closer look."""
+    match = _CANONICAL_RE.fullmatch(text)
+    if match is None:
+        return None
+    md_text = match.group(1)
+    metadata = None if md_text is None else json.loads(md_text)  # last repeated key wins
+    rows = _ENTRY_RE.findall(text, match.start(2), match.end(2))
+    if not rows:
+        return _Parsed(metadata, [], [], [], [], [])
+    names, codes, shape_texts, begin_texts, end_texts = map(list, zip(*rows, strict=True))
+    dtypes = [DTYPES.get(code) for code in codes]
+    if None in dtypes or len(set(names)) != len(names) or METADATA_KEY in names:
+        return None  # unknown code, duplicate name, misplaced metadata: let the general path say
+    shapes = [tuple(map(int, s.split(","))) if s else () for s in shape_texts]
+    return _Parsed(metadata, names, dtypes, shapes,  # type: ignore[arg-type]
+                   list(map(int, begin_texts)), list(map(int, end_texts)))
+
+
+def _element_count(shape: tuple[int, ...]) -> int | None:
+    """Product of ``shape`` computed as the reference does, left to right in u64 with
+    overflow checks; None when an intermediate product overflows (even if a later 0 would
+    bring it back: [2**63, 2, 0] overflows, [0, 2**63, 2] does not)."""
+    count = 1
+    for d in shape:
+        count *= d
+        if count >= U64_LIMIT:
+            return None
+    return count
+
+
+def _walk(parsed: _Parsed, header_size: int, source_size: int) -> Header:
+    """Checks 6-7: tensors in (BEGIN, END) order must tile the data section exactly."""
+    names, dtypes, shapes = parsed.names, parsed.dtypes, parsed.shapes
+    order = sorted(zip(parsed.begins, parsed.ends, range(len(names))))
+    new = tuple.__new__
+    tensors: dict[str, TensorInfo] = {}
+    cursor = 0
+    prod = math.prod
+    for begin, end, i in order:
+        if begin != cursor or end < begin:
+            raise OffsetError(
+                f"invalid offset for tensor {names[i]!r}: data_offsets [{begin}, {end}], "
+                f"expected to begin at {cursor} (tensors must be contiguous, without gaps "
+                "or overlap)"
+            )
+        shape = shapes[i]
+        dtype = dtypes[i]
+        count = prod(shape)
+        # A count in [1, 2**64) means every prefix product is in range too; 0 (or a huge
+        # count) needs the step-by-step product to see an intermediate overflow.
+        if not 0 < count < U64_LIMIT:
+            checked = _element_count(shape)
+            if checked is None:
+                raise OffsetError(
+                    f"overflow computing buffer size for tensor {names[i]!r}: shape "
+                    f"{list(shape)} has more than 2**64 - 1 elements"
+                )
+        nbits = count * dtype.bits
+        if nbits >= U64_LIMIT:
+            raise OffsetError(
+                f"overflow computing buffer size for tensor {names[i]!r}: shape "
+                f"{list(shape)} x {dtype.bits} bits does not fit in 64 bits"
+            )
+        if nbits & 7:
+            raise OffsetError(
+                f"misaligned slice for tensor {names[i]!r}: {count} elements of "
+                f"{dtype.code} ({dtype.bits} bits) is not a whole number of bytes"
+            )
+        if end - begin != nbits >> 3:
+            raise OffsetError(
+                f"invalid shape, data type, or offset for tensor {names[i]!r}: dtype "
+                f"{dtype.code} shape {list(shape)} needs {nbits >> 3} bytes, "
+                f"data_offsets [{begin}, {end}] span {end - begin}"
+            )
+        cursor = end
+        tensors[names[i]] = new(TensorInfo, (names[i], dtype, shape, begin, end))
+
+    expected = PREFIX_SIZE + header_size + cursor
+    if expected != source_size:
+        raise OffsetError(
+            "incomplete metadata, file not fully covered: header and tensors account for "
+            f"{expected} bytes, the file has {source_size}"
+        )
+    return Header(tensors, parsed.metadata, header_size, source_size)
+
+
+def check_numpy_shape(info: TensorInfo) -> None:
+    """Raise :class:`OffsetError` when NumPy cannot represent the tensor's shape.
+
+    The format allows any u64 dimension as long as the element count fits (``[0, 2**63,
+    2]`` is a valid empty tensor, and the reference accepts it), but NumPy refuses a
+    dimension above ``sys.maxsize`` even in an empty array. The header stays readable
+    (``read_header``, ``keys()``); only materialising such a tensor fails, with this error.
+    """
+    if info.shape and max(info.shape) > MAX_NUMPY_DIM:
+        raise OffsetError(
+            f"tensor {info.name!r} has shape {list(info.shape)}: valid in the format, but "
+            f"NumPy cannot represent a dimension above {MAX_NUMPY_DIM}"
+        )
+
+
 def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int) -> Header:
     """Checks 4-7: parse and validate the JSON header.
 
@@ -338,121 +580,29 @@ def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int)
         source_size: Total size of the source, to check that the data is fully covered.
 
     Returns:
-        The validated :class:`Header`.
+        The validated :class:`Header`, tensors in file order.
 
     Raises:
-        HeaderError: Invalid UTF-8, JSON, or header structure (checks 4-5).
+        HeaderError: Invalid UTF-8, JSON, or header structure (checks 4-5), a repeated
+            tensor name or a NUL character (safecodec's two deviations).
         OffsetError: Offsets, shapes and dtypes do not tile the data section (checks 6-7).
+
+    Example:
+        >>> h = parse_header(b'{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}', 8 + 54 + 2)
+        >>> h.tensors["a"].shape, h.data_start
+        ((2,), 62)
     """
     n = len(header_bytes)
-    raw = bytes(header_bytes)
     try:
-        text = raw.decode("utf-8")
+        text = str(header_bytes, "utf-8")
     except UnicodeDecodeError as exc:
-        raise HeaderError(f"invalid UTF-8 in header at byte {exc.start}: {exc.reason}") from None
-
-    # Rare constructs that the fast C parser cannot judge the way the reference does take
-    # the slow path: escapes (lone surrogates, NUL), negative numbers ("-0"), exponents.
-    slow = "\\u" in text
-    negative = _NEGATIVE_NUMBER.search(raw) is not None
-    exponent = _EXPONENT.search(raw) is not None
-    try:
-        top = json.loads(
-            text,
-            object_pairs_hook=_Pairs,
-            parse_constant=_reject_constant,
-            parse_int=_parse_int_checked if negative else None,
-            parse_float=_parse_float_checked if exponent else None,
-        )
-    except HeaderError:
-        raise
-    except json.JSONDecodeError as exc:
-        raise _invalid_json(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise _invalid_json(f"nesting deeper than {MAX_NESTING} levels") from None
-    except (ValueError, OverflowError, MemoryError) as exc:  # e.g. int with >4300 digits
-        raise _invalid_json(f"{type(exc).__name__}: {str(exc)[:80]}") from None
-
-    if type(top) is not _Pairs:
-        raise _invalid_json(f"the header must be a JSON object, got {type(top).__name__}")
-    if slow:
-        _check_surrogates(top)
-
-    metadata: dict[str, str] | None = None
-    metadata_seen = False
-    entries: dict[str, TensorInfo] = {}
-    order: list[tuple[int, int, str]] = []
-    for name, value in top:
-        if name == METADATA_KEY:
-            if metadata_seen:
-                raise _invalid_json("duplicate field '__metadata__'")
-            metadata_seen = True
-            metadata = _parse_metadata(value)
-            if slow and metadata and any(
-                "\x00" in k or "\x00" in v for k, v in metadata.items()
-            ):
-                raise HeaderError(
-                    "NUL character in __metadata__ (safecodec rejects NUL in names and "
-                    "metadata)"
-                )
-            continue
-        if slow and "\x00" in name:
-            raise HeaderError(f"tensor name {name!r} contains a NUL character")
-        dtype, shape, offsets = _parse_entry(name, value)
-        if name in entries:
-            raise HeaderError(
-                f"duplicate tensor name {name!r}: the format forbids duplicates "
-                "(the reference reader would silently keep the last one)"
-            )
-        begin, end = offsets
-        entries[name] = TensorInfo(name, dtype, tuple(shape), begin, end)
-        order.append((begin, end, name))
-
-    order.sort()
-    cursor = 0
-    tensors: dict[str, TensorInfo] = {}
-    for begin, end, name in order:
-        info = entries[name]
-        if begin != cursor or end < begin:
-            raise OffsetError(
-                f"invalid offset for tensor {name!r}: data_offsets [{begin}, {end}], "
-                f"expected to begin at {cursor} (tensors must be contiguous, without gaps "
-                "or overlap)"
-            )
-        count = 1
-        for d in info.shape:
-            count *= d
-            if count >= U64_LIMIT:
-                raise OffsetError(
-                    f"overflow computing buffer size for tensor {name!r}: shape {list(info.shape)}"
-                )
-        nbits = count * info.dtype.bits
-        if nbits >= U64_LIMIT:
-            raise OffsetError(
-                f"overflow computing buffer size for tensor {name!r}: shape "
-                f"{list(info.shape)} x {info.dtype.bits} bits"
-            )
-        if nbits % 8:
-            raise OffsetError(
-                f"misaligned slice for tensor {name!r}: {count} elements of "
-                f"{info.dtype.code} ({info.dtype.bits} bits) is not a whole number of bytes"
-            )
-        if end - begin != nbits // 8:
-            raise OffsetError(
-                f"invalid shape, data type, or offset for tensor {name!r}: dtype "
-                f"{info.dtype.code} shape {list(info.shape)} needs {nbits // 8} bytes, "
-                f"data_offsets [{begin}, {end}] span {end - begin}"
-            )
-        cursor = end
-        tensors[name] = info
-
-    expected = PREFIX_SIZE + n + cursor
-    if expected != source_size:
-        raise OffsetError(
-            "incomplete metadata, file not fully covered: header and tensors account for "
-            f"{expected} bytes, the file has {source_size}"
-        )
-    return Header(tensors, metadata, n, source_size)
+        raise HeaderError(
+            f"invalid UTF-8 in header at byte {exc.start} of {n}: {exc.reason}"
+        ) from None
+    parsed = _parse_canonical(text)
+    if parsed is None:
+        parsed = _parse_general(text)
+    return _walk(parsed, n, source_size)
 
 
 # ----------------------------------------------------------------------------- writing

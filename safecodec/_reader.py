@@ -18,7 +18,14 @@ import numpy as np
 from . import _dtypes
 from ._dtypes import DType
 from ._errors import ClosedHandleError, SafecodecError, SliceIndexError, TensorNotFoundError
-from ._header import PREFIX_SIZE, Header, TensorInfo, decode_length, parse_header
+from ._header import (
+    PREFIX_SIZE,
+    Header,
+    TensorInfo,
+    check_numpy_shape,
+    decode_length,
+    parse_header,
+)
 from ._packed import unpack
 from ._source import MapMode, open_source
 
@@ -115,6 +122,8 @@ class _Reader:
 
     def array(self, info: TensorInfo) -> np.ndarray:
         """The whole tensor as an array: a view when possible (see module docstring)."""
+        if not info.count:  # an empty tensor may still have a dimension NumPy cannot hold
+            check_numpy_shape(info)
         offset = self.header.data_start + info.begin
         dt = info.dtype
         if dt.packed:
@@ -341,6 +350,8 @@ class TensorSlice:
         handle = self._handle
         reader = handle._reader_checked()
         info = self._info
+        if not info.count:
+            check_numpy_shape(info)
         per_dim, new_axes = _normalize_index(index, info.shape, info.name)
         if reader._buf is not None and not info.dtype.packed:
             full = reader.array(info)
@@ -481,8 +492,13 @@ class SafeOpen:
         if fw in _JAX_FRAMEWORKS:
             from . import _jax
 
-            self._jax = _jax.Converter(device=device, sharding=sharding, handle=self)
+            try:
+                self._jax = _jax.Converter(device=device, sharding=sharding, handle=self)
+            except BaseException:
+                self._source.close()
+                raise
         elif device is not None or sharding is not None:
+            self._source.close()
             raise SafecodecError("device= and sharding= need framework='jax'")
 
     # -- plumbing
