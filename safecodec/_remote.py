@@ -101,10 +101,11 @@ def _exact_cat(fs: Any) -> bool:
 
 
 def merge_ranges(
-    ranges: Sequence[tuple[int, int]], gap: int = MERGE_GAP, max_request: int = MAX_REQUEST
+    ranges: Sequence[tuple[int, int]], gap: int | None = None, max_request: int | None = None
 ) -> list[tuple[int, int]]:
     """Sort ``(start, end)`` ranges, merge those that overlap or lie within ``gap`` bytes of
-    each other, and split spans longer than ``max_request``.
+    each other, and split spans longer than ``max_request`` (defaults: :data:`MERGE_GAP`,
+    :data:`MAX_REQUEST`).
 
     Example:
         >>> merge_ranges([(100, 200), (0, 50), (60, 80), (10_000_000, 10_000_010)], gap=16)
@@ -112,6 +113,8 @@ def merge_ranges(
         >>> merge_ranges([(0, 50), (60, 80)], gap=16)
         [(0, 80)]
     """
+    gap = MERGE_GAP if gap is None else gap
+    max_request = MAX_REQUEST if max_request is None else max_request
     spans: list[list[int]] = []
     for start, end in sorted(r for r in ranges if r[1] > r[0]):
         if spans and start <= spans[-1][1] + gap:
@@ -184,7 +187,7 @@ def _identity(info: Mapping[str, Any]) -> tuple[Any, ...]:
     """What tells two versions of an object apart: size plus whichever of ETag, version
     id, checksum or modification time the filesystem reports."""
     keys = ("ETag", "etag", "VersionId", "version_id", "md5Hash", "crc32c", "generation",
-            "mtime", "LastModified", "last_modified")
+            "mtime", "LastModified", "last_modified", "Last-Modified", "created")
     return (info.get("size"),) + tuple((k, str(info[k])) for k in keys if info.get(k) is not None)
 
 

@@ -1,0 +1,299 @@
+"""Fixtures for the remote tests: real servers on 127.0.0.1 only, counting what they send.
+
+* :func:`http_server`: a threaded HTTP/1.1 server over a temporary directory that honours
+  single ``Range: bytes=a-b`` requests (206 + Content-Range), answers HEAD with size and
+  ETag, and counts requests and body bytes sent. ``ignore_range = True`` makes it answer
+  every GET with the whole file (a server that does not do ranges).
+* :func:`s3_server`: a moto S3 server (``moto.server.ThreadedMotoServer``) behind a small
+  TCP proxy that counts every byte sent to the client (HTTP headers included), so a test
+  can assert how much crossed the wire.
+* :func:`mem_url`: a fresh ``memory://`` prefix, removed afterwards.
+
+Test modules import the fixtures they use: ``from conftest_remote import http_server``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+LOCALHOST = "127.0.0.1"
+
+
+class Counter:
+    """Thread-safe counters of requests and bytes a server sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.bytes_sent = 0
+        self.log: list[str] = []
+
+    def add(self, requests: int = 0, nbytes: int = 0, line: str | None = None) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes_sent += nbytes
+            if line is not None:
+                self.log.append(line)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = 0
+            self.bytes_sent = 0
+            self.log = []
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class _RangeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _RangeServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def _path(self) -> str | None:
+        rel = self.path.split("?", 1)[0].lstrip("/")
+        full = os.path.realpath(os.path.join(self.server.root, rel))
+        if not full.startswith(os.path.realpath(self.server.root) + os.sep):
+            return None
+        return full if os.path.isfile(full) else None
+
+    def _headers_for(self, full: str) -> tuple[int, str]:
+        st = os.stat(full)
+        return st.st_size, f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+
+    def _not_found(self) -> None:
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self.server.counter.add(requests=1, line=f"HEAD {self.path}")
+        full = self._path()
+        if full is None:
+            self._not_found()
+            return
+        size, etag = self._headers_for(full)
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        full = self._path()
+        header = self.headers.get("Range")
+        self.server.counter.add(requests=1, line=f"GET {self.path} {header}")
+        if full is None:
+            self._not_found()
+            return
+        size, etag = self._headers_for(full)
+        start, end = 0, size  # end exclusive
+        status = 200
+        m = _RANGE.match(header or "")
+        if m and not self.server.ignore_range:
+            a, b = m.groups()
+            if a == "":
+                start, end = max(0, size - int(b or 0)), size
+            else:
+                start = int(a)
+                end = min(size, int(b) + 1) if b else size
+            if start >= size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        with open(full, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start)
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", etag)
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{size}")
+        self.end_headers()
+        self.wfile.write(body)
+        self.server.counter.add(nbytes=len(body))
+
+
+class _RangeServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: str) -> None:
+        super().__init__((LOCALHOST, 0), _RangeHandler)
+        self.root = root
+        self.counter = Counter()
+        self.ignore_range = False
+
+    def url(self, rel: str = "") -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/{rel.lstrip('/')}"
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_RangeServer]:
+    """A Range-honouring HTTP server on 127.0.0.1 over a fresh directory (``.root``)."""
+    pytest.importorskip("aiohttp", reason="fsspec's HTTP filesystem needs aiohttp")
+    root = str(tmp_path_factory.mktemp("http-root"))
+    server = _RangeServer(root)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCALHOST, 0))
+        return int(s.getsockname()[1])
+
+
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 that forwards to ``upstream`` and counts the bytes sent
+    back to clients (``counter.bytes_sent``) and connections (``counter.requests``)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.counter = Counter()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOCALHOST, 0))
+        self.sock.listen(64)
+        self.port = int(self.sock.getsockname()[1])
+        self._closing = False
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection((LOCALHOST, self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            self.counter.add(requests=1)
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+                if downstream:
+                    self.counter.add(nbytes=len(data))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closing = True
+        self.sock.close()
+        with self._lock:
+            for s in self._conns:
+                s.close()
+
+
+class S3Server:
+    """What :func:`s3_server` yields."""
+
+    def __init__(self, proxy: CountingProxy) -> None:
+        self.proxy = proxy
+        self.counter = proxy.counter
+        self.endpoint = f"http://{LOCALHOST}:{proxy.port}"
+        self.storage_options: dict[str, Any] = {
+            "key": "testing",
+            "secret": "testing",
+            "use_listings_cache": False,
+            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+        }
+
+    def filesystem(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options)
+
+    def new_bucket(self) -> str:
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1 behind a byte-counting proxy."""
+    pytest.importorskip("s3fs", reason="the S3 tests need s3fs")
+    server_mod = pytest.importorskip("moto.server", reason="the S3 tests need moto[server]")
+    saved = {k: os.environ.get(k) for k in ("AWS_EC2_METADATA_DISABLED", "AWS_CONFIG_FILE",
+                                             "AWS_SHARED_CREDENTIALS_FILE")}
+    # Never look for credentials or configuration anywhere but the arguments we pass.
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    os.environ["AWS_CONFIG_FILE"] = os.devnull
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    port = free_port()
+    moto = server_mod.ThreadedMotoServer(ip_address=LOCALHOST, port=port, verbose=False)
+    moto.start()
+    proxy = CountingProxy(port)
+    try:
+        yield S3Server(proxy)
+    finally:
+        proxy.close()
+        moto.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@pytest.fixture
+def mem_url() -> Iterator[str]:
+    """A fresh ``memory://`` prefix; everything under it is removed afterwards."""
+    import fsspec
+
+    root = f"/t-{uuid.uuid4().hex[:12]}"
+    yield f"memory://{root}"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
