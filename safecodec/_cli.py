@@ -371,14 +371,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- verify
 
 
-def _integrity_check() -> Callable[[str], Any] | None:
-    """The checksum verifier of the hardening layer, when that layer exists."""
+def _integrity() -> Any:
+    """The checksum layer (:mod:`safecodec._integrity`), or None where it does not exist."""
     try:
-        module = importlib.import_module("._integrity", __package__)
+        return importlib.import_module("._integrity", __package__)
     except ImportError:
         return None
-    fn = getattr(module, "verify_file", None)
-    return fn if callable(fn) else None
+
+
+def _stored_checksums(metadata: Mapping[str, str] | None) -> bool:
+    module = _integrity()
+    return module is not None and module.decode(metadata) is not None
+
+
+def _check_checksums(part: Part) -> bool:
+    """Verify stored per-tensor checksums; return whether the file had any.
+
+    Raises:
+        SafecodecError: (a ``ChecksumError``) listing every tensor whose bytes do not match.
+    """
+    module = _integrity()
+    if module is None or module.decode(read_header(part.source).metadata) is None:
+        return False
+    problems = module.verify_file(part.source)
+    if problems:
+        raise module.ChecksumError("; ".join(problems))  # type: ignore[no-any-return]
+    return True
 
 
 def _touch(arr: np.ndarray) -> None:
@@ -388,9 +406,9 @@ def _touch(arr: np.ndarray) -> None:
         np.count_nonzero(flat[start : start + VERIFY_CHUNK])
 
 
-def _verify_part(part: Part, finite: bool, progress: _Progress) -> tuple[int, int, list[str]]:
-    """Strictly read one file; return (tensors, bytes, non-fatal notes). Raises on failure."""
-    notes: list[str] = []
+def _verify_part(part: Part, finite: bool, progress: _Progress) -> tuple[int, int, bool]:
+    """Strictly read one file; return (tensors, bytes, whether checksums were verified).
+    Raises on the first failed check."""
     with safe_open(part.source) as f:
         infos = _part_infos(part, f.header)
         for info in infos:
@@ -405,12 +423,8 @@ def _verify_part(part: Part, finite: bool, progress: _Progress) -> tuple[int, in
                         f"tensor {info.name!r}: {bad} of {arr.size} elements are NaN or infinite"
                     )
             progress.update(info.nbytes)
-    check = _integrity_check()
-    if check is not None:
-        check(part.source)
-    else:
-        notes.append("no checksums checked (safecodec has no integrity module)")
-    return len(infos), sum(i.nbytes for i in infos), notes
+    checked = _check_checksums(part)
+    return len(infos), sum(i.nbytes for i in infos), checked
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -419,17 +433,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         try:
             ckpt = resolve(source)
             total_t = total_b = 0
+            with_sums = 0
             # Header sizes first, so the progress bar knows the total.
             sizes = sum(read_header(p.source).file_size for p in ckpt.parts) if sys.stderr.isatty() else 0
             with _Progress(sizes, f"verify {os.path.basename(source)}", not args.quiet) as bar:
                 for part in ckpt.parts:
                     try:
-                        n, b, _ = _verify_part(part, args.finite, bar)
+                        n, b, checked = _verify_part(part, args.finite, bar)
                     except SafecodecError as exc:
                         where = f" (shard {part.shard})" if part.shard else ""
                         raise type(exc)(f"{exc}{where}") from exc
                     total_t += n
                     total_b += b
+                    with_sums += checked
             if ckpt.index is not None:
                 declared = (ckpt.index.get("metadata") or {}).get("total_size")
                 if declared is not None and declared != total_b:
@@ -441,7 +457,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             continue
         if not args.quiet:
             shards = f" in {len(ckpt.parts)} shards" if ckpt.sharded else ""
-            print(f"OK   {source}: {total_t} tensors, {total_b:,} bytes{shards}")
+            sums = ("checksums verified" if with_sums == len(ckpt.parts) else
+                    f"checksums verified in {with_sums} of {len(ckpt.parts)} files" if with_sums else
+                    "no checksums stored")
+            print(f"OK   {source}: {total_t} tensors, {total_b:,} bytes{shards}, {sums}")
     return 1 if failed else 0
 
 
@@ -524,7 +543,15 @@ def _rewrite_part(part: Part, out_path: str, target: DType | None, only: list[st
                 tgt = target
                 cast += 1
             lazy[info.name] = LazyTensor(f, info, tgt, progress)
-        save_file(lazy, out_path, f.metadata(), alignment=alignment)
+        metadata = f.metadata()
+        extra: dict[str, Any] = {}
+        if _stored_checksums(metadata):
+            # Old digests would be wrong after a cast (and are rewritten anyway): drop them
+            # and have the writer compute new ones while it streams.
+            module = _integrity()
+            metadata = {k: v for k, v in (metadata or {}).items() if k != module.CHECKSUM_KEY}
+            extra["checksums"] = True
+        save_file(lazy, out_path, metadata, alignment=alignment, **extra)
     out_bytes = sum(i.nbytes for i in read_header(out_path).tensors.values())
     return len(lazy), cast, out_bytes
 

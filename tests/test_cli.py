@@ -116,6 +116,30 @@ def test_verify_reports_each_file_and_the_failing_check(tmp_path, ref_file):
     assert (ok.returncode, ok.stdout) == (0, "")
 
 
+def test_verify_checks_stored_checksums_and_convert_renews_them(tmp_path):
+    if "checksums" not in __import__("inspect").signature(sc.save_file).parameters:
+        pytest.skip("this safecodec has no checksums")
+    path = tmp_path / "sums.safetensors"
+    sc.save_file(tensors(), path, checksums=True)
+    ok = run("verify", path.name, cwd=tmp_path)
+    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("checksums verified")
+
+    converted = tmp_path / "sums-f16.safetensors"
+    assert run("convert", "-q", path.name, converted.name, "--dtype", "F16",
+               cwd=tmp_path).returncode == 0
+    again = run("verify", converted.name, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.rstrip().endswith("checksums verified")
+
+    header = sc.read_header(path)
+    data = bytearray(path.read_bytes())
+    data[header.data_start + header.tensors["w"].begin + 5] ^= 0x10  # one flipped bit in 'w'
+    path.write_bytes(bytes(data))
+    bad = run("verify", path.name, cwd=tmp_path)
+    assert bad.returncode == 1
+    assert bad.stdout.startswith("FAIL sums.safetensors: ChecksumError: checksum mismatch for "
+                                 "tensor 'w'")
+
+
 def test_verify_finite_flags_nan(tmp_path):
     path = tmp_path / "nan.safetensors"
     sc.save_file({"x": np.array([1.0, np.nan, 2.0], np.float32)}, path)
@@ -241,7 +265,8 @@ def test_sharded_inspect_align_and_verify(tmp_path, sharded):
     bad.write_text(json.dumps({"weight_map": {"zz": "m-00002-of-00002.safetensors"}}))
     proc = run("verify", "out", bad.name, cwd=tmp_path)
     assert proc.returncode == 1
-    assert proc.stdout.splitlines()[0] == "OK   out: 3 tensors, 102 bytes in 2 shards"
+    assert proc.stdout.splitlines()[0] == ("OK   out: 3 tensors, 102 bytes in 2 shards, "
+                                            "no checksums stored")
     assert "FAIL bad.safetensors.index.json: SafecodecError: the index assigns 1 tensor(s) to " \
            "shard 'm-00002-of-00002.safetensors' that it does not contain, e.g. 'zz'" in proc.stdout
 
