@@ -27,7 +27,7 @@ import json
 import os
 import posixpath
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
@@ -395,7 +395,7 @@ def _check_checksums(part: Part) -> bool:
         return False
     problems = module.verify_file(part.source)
     if problems:
-        raise module.ChecksumError("; ".join(problems))  # type: ignore[no-any-return]
+        raise module.ChecksumError("; ".join(problems))
     return True
 
 
