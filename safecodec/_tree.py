@@ -260,13 +260,12 @@ def _encode(x: Any, path: Path, flat: _Flat, var_type: str | None = None) -> Any
             kind = f"key:{jax.random.key_impl(x)}"
             value = jax.random.key_data(x)
         elif kind in ("int", "float", "bool", "complex"):
-            try:
-                value = np.asarray(x)
-            except OverflowError:
+            value = np.asarray(x) if not isinstance(x, int) or -(2**63) <= x < 2**64 else None
+            if value is None:
                 raise DtypeError(
                     f"leaf {render_path(path)} is the int {x}, too large for int64 or uint64; "
                     "store it as a string in metadata instead"
-                ) from None
+                )
         dtype = np.dtype(value.dtype)
         code_for_numpy(dtype, render_path(path))  # refuses with the path and the cast to use
         index = len(flat.leaves)
@@ -338,18 +337,19 @@ def _assign_names(flat: _Flat) -> None:
     counts: dict[str, int] = {}
     for name in wanted:
         counts[name] = counts.get(name, 0) + 1
-    taken = {n for n in wanted if counts[n] == 1 and _valid_name(n)}
-    # On a collision, a path whose keys hold no "." (true nesting, what flatten_dict
-    # would write) keeps the plain name; the others get a suffix.
+    owner = {n: i for i, n in enumerate(wanted) if counts[n] == 1 and _valid_name(n)}
+    # On a collision, the first path whose keys hold no "." (true nesting, what
+    # flatten_dict would write) keeps the plain name; the others get a suffix.
     for i, name in enumerate(wanted):
-        if counts[name] > 1 and name not in taken and _valid_name(name) and not any(
+        if counts[name] > 1 and name not in owner and _valid_name(name) and not any(
             "." in str(key) for _, key in flat.leaves[i][0]
         ):
-            taken.add(name)
+            owner[name] = i
+    taken = set(owner)
     used: set[str] = set()
     names = []
-    for name in wanted:
-        if name in taken and name not in used:
+    for i, name in enumerate(wanted):
+        if owner.get(name) == i:
             names.append(name)
             used.add(name)
             continue
@@ -1031,13 +1031,14 @@ def load_tree(
     with safe_open(source, fs=fs, copy=copy) as handle:
         header = handle.header
         user_md, own = split_metadata(header.metadata)
-        record = _parse_record(own[TREE_KEY]) if TREE_KEY in own else None
+        has_record = TREE_KEY in own
+        record = _parse_record(own[TREE_KEY]) if has_record else None
         loader = _Loader(handle)
         if like is None:
-            tree = _load_plain(handle, record, loader, bool(want_jax))
+            tree = _load_plain(handle, record, has_record, loader, bool(want_jax))
         else:
             entries: dict[tuple[Any, ...], _Entry] | None = None
-            if record is not None:
+            if has_record:
                 entries = {}
                 _walk_record(record, (), entries)
             filler = _TemplateFill(loader, entries, set(header.tensors), want_jax)
@@ -1049,9 +1050,9 @@ def load_tree(
     return (tree, user_md) if with_metadata else tree
 
 
-def _load_plain(handle: Any, record: Any, loader: _Loader, jax_out: bool) -> Any:
+def _load_plain(handle: Any, record: Any, has_record: bool, loader: _Loader, jax_out: bool) -> Any:
     skipped: list[Path] = []
-    if record is None:
+    if not has_record:
         names = list(handle.header.tensors)
         if jax_out:
             slots: dict[str, _Slot] = {}
