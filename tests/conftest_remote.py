@@ -243,7 +243,7 @@ class S3Server:
             "key": "testing",
             "secret": "testing",
             "use_listings_cache": False,
-            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+            "client_kwargs": {"endpoint_url": self.endpoint},
         }
 
     def filesystem(self) -> Any:
