@@ -1,0 +1,289 @@
+"""Sharded loading checks that need 8 CPU devices; run in a subprocess by
+``test_jax_sharding.py`` (the device count must be set before JAX starts).
+
+Usage: ``python tests/jax_sharding_worker.py OUT.json TMPDIR``. Writes
+``{"check[put]": "ok" | traceback}`` for every check, once with the fast placement path
+and once with the public-API fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+import traceback  # noqa: E402
+import tracemalloc  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import jax  # noqa: E402
+
+try:
+    jax.config.update("jax_num_cpu_devices", 8)
+except (AttributeError, KeyError, RuntimeError):  # older JAX: XLA_FLAGS above does it
+    pass
+
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import safecodec as sc  # noqa: E402
+import safecodec.jax as scj  # noqa: E402
+from safecodec import _jax  # noqa: E402
+
+CHECKS: dict[str, Callable[[str], None]] = {}
+
+
+def check(fn: Callable[[str], None]) -> Callable[[str], None]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _mesh(shape=(4, 2), order=None) -> Mesh:
+    devs = np.array(jax.devices())
+    if order is not None:
+        devs = devs[order]
+    return Mesh(devs.reshape(shape), ("x", "y"))
+
+
+def _model() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {
+        "w": rng.standard_normal((16, 32)).astype(np.float32),
+        "b": rng.standard_normal(32).astype(np.float32),
+        "h": rng.standard_normal((8, 64)).astype(ml_dtypes.bfloat16),
+        "s": np.array(2.5, np.float32),
+        "z": np.zeros((0, 8), np.float32),
+    }
+
+
+def _assert_shards(arr: jax.Array, full: np.ndarray, sharding) -> None:
+    assert arr.shape == full.shape, (arr.shape, full.shape)
+    assert arr.dtype == full.dtype
+    assert arr.sharding == sharding, (arr.sharding, sharding)
+    assert len(arr.addressable_shards) == len(sharding.addressable_devices)
+    for shard in arr.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+    np.testing.assert_array_equal(np.asarray(arr), full)
+
+
+def _file(tmp: str, name: str, tensors=None, **kw) -> str:
+    path = os.path.join(tmp, name)
+    sc.save_file(tensors if tensors is not None else _model(), path, **kw)
+    return path
+
+
+@check
+def named_2d_mesh(tmp: str) -> None:
+    path = _file(tmp, "m.safetensors")
+    model = _model()
+    s = NamedSharding(_mesh(), P("x", "y"))
+    with sc.safe_open(path, "jax", sharding={"w": s, "h": s}, copy=True) as f:
+        before = f.stats["bytes_read"]
+        out = f.get_tensors()
+        # each shard's bytes read once: the whole tensors, no more
+        assert f.stats["bytes_read"] - before == sum(v.nbytes for v in model.values()), f.stats
+    for name in ("w", "h"):
+        _assert_shards(out[name], model[name], s)
+    np.testing.assert_array_equal(np.asarray(out["b"]), model["b"])
+
+
+@check
+def row_shards_alias_the_mapping(tmp: str) -> None:
+    path = _file(tmp, "rows.safetensors")
+    model = _model()
+    s = NamedSharding(_mesh((8, 1)), P("x", None))
+    with sc.safe_open(path, "jax", sharding={"w": s}) as f:
+        buf = f._reader._buf
+        lo = np.frombuffer(buf, np.uint8).ctypes.data
+        arr = f.get_tensor("w")
+        start = lo + f.header.data_start + f.header.tensors["w"].begin
+        # rows 2i..2i+1 of a (16, 32) float32 tensor: 256-byte aligned runs, zero copy
+        ptrs = sorted(sh.data.unsafe_buffer_pointer() for sh in arr.addressable_shards)
+        assert ptrs == [start + 256 * i for i in range(8)], (ptrs, start)
+        assert f._jax.aliased == 8
+    _assert_shards(arr, model["w"], s)
+
+
+@check
+def column_shards_read_strided_ranges(tmp: str) -> None:
+    path = _file(tmp, "cols.safetensors")
+    model = _model()
+    s = NamedSharding(_mesh((8, 1)), P(None, "x"))
+    with sc.safe_open(path, "jax", sharding=s, copy=True) as f:
+        before = f.stats
+        arr = f.get_tensor("w")
+        after = f.stats
+    assert after["bytes_read"] - before["bytes_read"] == model["w"].nbytes
+    # 8 shards x 16 rows: one range per row of each shard
+    assert after["requests"] - before["requests"] == 8 * 16
+    _assert_shards(arr, model["w"], s)
+
+
+@check
+def replicated_is_read_once(tmp: str) -> None:
+    path = _file(tmp, "rep.safetensors")
+    model = _model()
+    s = NamedSharding(_mesh(), P())
+    with sc.safe_open(path, "jax", sharding=s, copy=True) as f:
+        before = f.stats["bytes_read"]
+        out = f.get_tensors()
+        assert f.stats["bytes_read"] - before == sum(v.nbytes for v in model.values())
+    for name, value in model.items():
+        _assert_shards(out[name], value, s)
+    # zero copy when aligned: every device's buffer is the same mapped memory
+    with sc.safe_open(path, "jax", sharding=s) as f:
+        w = f.get_tensor("w")
+        assert len({sh.data.unsafe_buffer_pointer() for sh in w.addressable_shards}) == 1
+
+
+@check
+def partially_replicated_reads_each_piece_once(tmp: str) -> None:
+    path = _file(tmp, "part.safetensors")
+    model = _model()
+    s = NamedSharding(_mesh(), P(None, "x"))  # 4 pieces, each on 2 devices
+    with sc.safe_open(path, "jax", sharding={"w": s}, copy=True) as f:
+        before = f.stats["bytes_read"]
+        arr = f.get_tensor("w")
+        assert f.stats["bytes_read"] - before == model["w"].nbytes
+    _assert_shards(arr, model["w"], s)
+
+
+@check
+def positional_layouts(tmp: str) -> None:
+    """Devices in an arbitrary order on the mesh (what PositionalSharding expressed)."""
+    path = _file(tmp, "pos.safetensors")
+    model = _model()
+    order = [5, 2, 7, 0, 3, 6, 1, 4]
+    for spec in (P("x", "y"), P("y", "x"), P(("x", "y"), None)):
+        s = NamedSharding(_mesh((4, 2), order), spec)
+        arr = scj.load_file(path, sharding=lambda n, shape, dt, s=s: s if n == "w" else None)["w"]
+        _assert_shards(arr, model["w"], s)
+    if hasattr(jax.sharding, "PositionalSharding"):  # removed in newer JAX
+        ps = jax.sharding.PositionalSharding(np.array(jax.devices())[order]).reshape(4, 2)
+        arr = scj.load_file(path, sharding={"w": ps})["w"]
+        _assert_shards(arr, model["w"], ps)
+
+
+@check
+def callable_gets_name_shape_dtype(tmp: str) -> None:
+    path = _file(tmp, "fn.safetensors")
+    model = _model()
+    s = NamedSharding(_mesh(), P("x"))
+    seen = {}
+
+    def fn(name, shape, dtype):
+        seen[name] = (shape, np.dtype(dtype))
+        return s if len(shape) == 2 and shape[0] % 4 == 0 and shape[0] else None
+
+    out = scj.load_file(path, sharding=fn)
+    assert seen == {k: (v.shape, v.dtype) for k, v in model.items()}, seen
+    _assert_shards(out["w"], model["w"], s)
+    _assert_shards(out["h"], model["h"], s)
+    assert out["b"].sharding.num_devices == 1 and not out["b"].committed
+
+
+@check
+def scalars_and_zero_size_sharded(tmp: str) -> None:
+    path = _file(tmp, "small.safetensors")
+    model = _model()
+    rep = NamedSharding(_mesh(), P())
+    out = scj.load_file(path, sharding={"s": rep, "z": NamedSharding(_mesh(), P(None, "x"))})
+    _assert_shards(out["s"], model["s"], rep)
+    assert out["z"].shape == (0, 8)
+
+
+@check
+def uneven_shapes_give_a_clear_error(tmp: str) -> None:
+    path = _file(tmp, "uneven.safetensors", {"u": np.zeros((6, 5), np.float32)})
+    s = NamedSharding(_mesh(), P("x", "y"))
+    try:
+        arr = scj.load_file(path, sharding=s)["u"]
+    except sc.SafecodecError as exc:
+        msg = str(exc)
+        assert "tensor 'u' with shape [6, 5] cannot be laid out with" in msg, msg
+    else:  # a JAX that shards unevenly: then the values must still be right
+        _assert_shards(arr, np.zeros((6, 5), np.float32), s)
+    bad_rank = NamedSharding(_mesh(), P("x", "y", None))
+    try:
+        scj.load_file(path, sharding=bad_rank)
+    except sc.SafecodecError as exc:
+        assert "tensor 'u' with shape [6, 5]" in str(exc), str(exc)
+    else:
+        raise AssertionError("a 3-D spec for a 2-D tensor was accepted")
+
+
+@check
+def unaligned_file_shards(tmp: str) -> None:
+    model = _model()
+    path = _file(tmp, "ref.safetensors", metadata={"k": "v"}, alignment=8)
+    s = NamedSharding(_mesh(), P("x", "y"))
+    out = scj.load_file(path, sharding={"w": s, "h": s})
+    _assert_shards(out["w"], model["w"], s)
+    _assert_shards(out["h"], model["h"], s)
+
+
+@check
+def x64_sharded_narrowing(tmp: str) -> None:
+    import warnings
+
+    path = _file(tmp, "x64.safetensors", {"i": np.arange(16, dtype=np.int64).reshape(8, 2)})
+    s = NamedSharding(_mesh(), P("x"))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        arr = scj.load_file(path, sharding=s)["i"]
+    assert [type(w.message) for w in rec] == [scj.PrecisionWarning], rec
+    _assert_shards(arr, np.arange(16, dtype=np.int32).reshape(8, 2), s)
+
+
+@check
+def save_sharded_streams_and_matches_numpy(tmp: str) -> None:
+    model = _model()
+    model["big"] = np.arange(1 << 18, dtype=np.float32).reshape(512, 512)  # 1 MiB
+    s = NamedSharding(_mesh(), P("x", "y"))
+    arrays = {k: (jax.device_put(v, s) if k in ("w", "h", "big") else jax.device_put(v))
+              for k, v in model.items()}
+    arrays["r"] = jax.device_put(model["b"], NamedSharding(_mesh(), P()))
+    expect = dict(model, r=model["b"])
+    tracemalloc.start()
+    try:
+        scj.save_file(arrays, os.path.join(tmp, "saved.safetensors"), metadata={"m": "1"})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < model["big"].nbytes // 4, peak  # never a whole tensor, let alone the model
+    got = open(os.path.join(tmp, "saved.safetensors"), "rb").read()
+    assert got == sc.save(expect, metadata={"m": "1"})
+    assert scj.save(arrays, metadata={"m": "1"}) == got
+
+
+def main() -> None:
+    out_path, tmp = sys.argv[1], sys.argv[2]
+    assert jax.device_count() == 8, jax.devices()
+    results: dict[str, str] = {}
+    fast = _jax.PUT
+    for mode, put in (("internal", fast), ("public", _jax.PublicPut())):
+        _jax.PUT = put
+        for name, fn in CHECKS.items():
+            key = f"{name}[{mode}]"
+            if mode == "internal" and not isinstance(fast, _jax.InternalPut):
+                results[key] = "skip: the internal placement path failed its self-check"
+                continue
+            d = os.path.join(tmp, key)
+            os.makedirs(d)
+            try:
+                fn(d)
+                results[key] = "ok"
+            except BaseException:  # report, keep going: each check is its own test
+                results[key] = traceback.format_exc()
+    with open(out_path, "w") as fh:
+        json.dump(results, fh)
+
+
+if __name__ == "__main__":
+    main()
