@@ -23,6 +23,7 @@ from ._tree import (
     _children_of,
     _join,
     _Loader,
+    _open,
     _parse_record,
     flatten_tree,
     load_tree,
@@ -170,9 +171,7 @@ def _flat_items(source: Any, fs: Any) -> tuple[list[tuple[str, Any, str | None]]
     Keys are ``.``-joined paths (which are the tensor names unless names had to be
     disambiguated), without safejax's ``::Type`` suffix.
     """
-    from ._reader import safe_open
-
-    with safe_open(source, fs=fs) as handle:
+    with _open(source, fs=fs, copy=False, jax=True) as handle:
         user_md, own = split_metadata(handle.header.metadata)
         triples: list[tuple[str, str, str | None]] = []
         if TREE_KEY in own:

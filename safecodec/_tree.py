@@ -566,12 +566,17 @@ def _children_of(node: dict[str, Any], path: Path) -> list[tuple[PathElem, Any]]
 
 
 class _Loader:
-    """Fetches tensors from one open handle and converts them to the requested outputs."""
+    """Fetches tensors from one open handle and converts them to the requested outputs.
+
+    JAX outputs go through the JAX output layer (:mod:`safecodec._jax`) in one batch at
+    the end, so zero-copy aliasing, batched transfers, shardings and its 64-bit policy
+    (a :class:`~safecodec._jax.PrecisionWarning` when x64 is off) apply unchanged.
+    """
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
         self.used: set[str] = set()
-        self.jax_requests: list[tuple[Callable[[Any], None], str, np.ndarray, Any]] = []
+        self.jax_requests: list[tuple[Callable[[Any], None], str, Any]] = []
 
     def numpy(self, name: str) -> np.ndarray:
         if name not in self.handle:
@@ -579,49 +584,53 @@ class _Loader:
                 f"the recorded tree structure refers to tensor {name!r}, which is not in the file"
             )
         self.used.add(name)
-        return self.handle.get_tensor(name)
+        if self.handle._jax is None:
+            return self.handle.get_tensor(name)  # type: ignore[no-any-return]
+        # A JAX handle maps the file read-only: NumPy leaves next to JAX ones are copies.
+        return np.array(self.handle._reader_checked().array(self.handle.header.tensors[name]))
 
     def to_jax(self, name: str, sharding: Any, setter: Callable[[Any], None]) -> None:
-        """Queue a tensor for conversion to a jax.Array (done in one batch at the end)."""
-        self.jax_requests.append((setter, name, self.numpy(name), sharding))
+        """Queue a tensor for conversion to a jax.Array (done in one batch by finish)."""
+        if name not in self.handle:
+            raise TreeStructureError(
+                f"the recorded tree structure refers to tensor {name!r}, which is not in the file"
+            )
+        if self.handle._jax is None:  # pragma: no cover - load_tree opens JAX handles
+            raise SafecodecError("internal error: JAX output from a NumPy handle")
+        self.used.add(name)
+        self.jax_requests.append((setter, name, sharding))
 
     def finish(self) -> None:
         if not self.jax_requests:
             return
-        arrays = _put_on_devices([(name, arr, sh) for _, name, arr, sh in self.jax_requests])
-        for (setter, _, _, _), value in zip(self.jax_requests, arrays, strict=True):
-            setter(value)
+        converter = self.handle._jax
+        tensors = self.handle.header.tensors
+        shardings = {name: sh for _, name, sh in self.jax_requests if sh is not None}
+        converter.sharding = shardings or None
+        arrays = converter.load_all([tensors[name] for _, name, _ in self.jax_requests])
+        for setter, name, _ in self.jax_requests:
+            setter(arrays[name])
 
 
-def _put_on_devices(items: list[tuple[str, np.ndarray, Any]]) -> list[Any]:
-    """NumPy arrays -> jax.Arrays, each with its sharding / device (None: the default).
+def _open(source: Any, *, fs: Any, copy: bool, jax: bool) -> Any:
+    """A handle on ``source``: framework "jax" when any output leaf is a jax.Array."""
+    from ._reader import safe_open
 
-    Mapped arrays that are 64-byte aligned are aliased, not copied, on the CPU backend.
-    64-bit arrays with ``jax_enable_x64`` off would silently become 32-bit in JAX: that is
-    refused with the names and the fix, never hidden.
-    """
-    import jax
-
-    if not jax.config.jax_enable_x64:
-        wide = [name for name, arr, _ in items if arr.dtype.itemsize == 8 and arr.dtype.kind in "iuf"]
-        if wide:
-            raise DtypeError(
-                f"{len(wide)} tensor(s) are 64-bit ({', '.join(map(repr, wide[:10]))}"
-                f"{'...' if len(wide) > 10 else ''}) but jax_enable_x64 is off, so JAX would "
-                "silently make them 32-bit; enable it (jax.config.update('jax_enable_x64', "
-                "True)), load them as NumPy, or save them as 32-bit"
-            )
-    out = []
-    for name, arr, sharding in items:
-        if sharding is not None and callable(sharding) and not _is_sharding(sharding):
-            sharding = sharding(name, arr.shape, arr.dtype)
-        out.append(jax.device_put(arr, sharding) if sharding is not None else jax.device_put(arr))
-    return out
+    return safe_open(source, "jax" if jax else "numpy", fs=fs, copy=copy)
 
 
-def _is_sharding(x: Any) -> bool:
+def _template_has_jax(like: Any) -> bool:
+    """Whether a template holds jax arrays, ShapeDtypeStructs or PRNG keys."""
     jax = _jax()
-    return jax is not None and isinstance(x, jax.sharding.Sharding | jax.Device)
+    if jax is None:
+        return False
+    leaves = jax.tree_util.tree_leaves(like, is_leaf=lambda x: _is_objax_var(x))
+    for leaf in leaves:
+        if _is_objax_var(leaf):
+            leaf = leaf.value
+        if _is_jax_array(leaf) or _is_shape_dtype_struct(leaf) or _is_prng_key(leaf):
+            return True
+    return False
 
 
 def _want_jax(framework: str | None) -> bool | None:
@@ -690,7 +699,7 @@ def _build_plain(node: Any, path: Path, loader: _Loader, jax_out: bool, skipped:
         kind = str(node.get("kind", "array"))
         if not isinstance(name, str):
             raise _bad_node(node, path)
-        if kind.startswith("key:") or (jax_out and kind == "array"):
+        if jax_out and (kind.startswith("key:") or kind == "array"):
             slot = _Slot()
             impl = kind[4:] if kind.startswith("key:") else None
 
@@ -909,8 +918,10 @@ class _TemplateFill:
             return x
         jax_leaf = _is_jax_array(x) or _is_shape_dtype_struct(x) or _is_prng_key(x)
         to_jax = self.want_jax if self.want_jax is not None else jax_leaf
-        if _is_prng_key(x):
-            impl = _jax().random.key_impl(x)
+        if _is_prng_key(x) and self.loader.handle._jax is not None:
+            # A key array knows its implementation; a ShapeDtypeStruct only through its dtype.
+            impl = (_jax().random.key_impl(x) if _is_jax_array(x)
+                    else getattr(x.dtype, "_impl", None))
             slot = _Slot()
 
             def set_key(v: Any) -> None:
@@ -1004,8 +1015,11 @@ def load_tree(
 
     Output leaves: NumPy arrays (copy-on-write views of the file) unless ``framework="jax"``,
     or the template's leaf is a ``jax.Array`` / ``jax.ShapeDtypeStruct``: then a
-    ``jax.Array`` with the template leaf's sharding when it has one. ``framework="numpy"``
-    forces NumPy.
+    ``jax.Array`` loaded by :mod:`safecodec.jax` (zero-copy on CPU for aligned tensors),
+    placed with the template leaf's sharding when it has one (a ``ShapeDtypeStruct``
+    without sharding: JAX's default device). JAX PRNG key arrays come back as keys of
+    the same implementation. ``framework="numpy"`` forces NumPy (keys as their raw
+    ``uint32`` data). NumPy leaves of a template that also holds JAX leaves are copies.
 
     Args:
         source: A path, fsspec URL, bytes-like object or binary file object.
@@ -1022,13 +1036,14 @@ def load_tree(
     Raises:
         TreeStructureError: The file does not match ``like``, or its recorded structure is
             inconsistent, or its names cannot be nested.
-        DtypeError: 64-bit tensors requested as JAX arrays while ``jax_enable_x64`` is off.
+        DtypeError: A tensor JAX cannot hold (F6) was requested as a JAX array. (64-bit
+            tensors with ``jax_enable_x64`` off are narrowed with one ``PrecisionWarning``,
+            as :mod:`safecodec.jax` does.)
         SafecodecError: The file is not a valid safetensors file.
     """
-    from ._reader import safe_open
-
     want_jax = _want_jax(framework)
-    with safe_open(source, fs=fs, copy=copy) as handle:
+    jax_handle = bool(want_jax) if like is None or want_jax is not None else _template_has_jax(like)
+    with _open(source, fs=fs, copy=copy, jax=jax_handle) as handle:
         header = handle.header
         user_md, own = split_metadata(header.metadata)
         has_record = TREE_KEY in own
