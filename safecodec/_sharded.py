@@ -188,7 +188,8 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     dupes: dict[str, list[Any]] = {}
     for key, value in pairs:
-        if key in out and out[key] != value:
+        # The same name mapped twice to the same shard is harmless; anything else is not.
+        if key in out and (out[key] != value or not isinstance(value, str)):
             dupes.setdefault(key, [out[key]]).append(value)
         out[key] = value
     if dupes:

@@ -1,0 +1,363 @@
+"""Sharded checkpoints (the Hugging Face index convention): writing, reading, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import fsspec
+import numpy as np
+import pytest
+from conftest_remote import mem_url  # noqa: F401  (fixture)
+
+import safecodec as sc
+from safecodec._sharded import INDEX_SUFFIX, ShardedSafeOpen, parse_size, plan_shards, save_sharded
+
+
+def _model() -> dict[str, np.ndarray]:
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    return {
+        "layers.0.w": rng.standard_normal((64, 32)).astype(np.float32),   # 8 KiB
+        "layers.0.b": rng.standard_normal(32).astype(np.float32),
+        "layers.1.w": rng.standard_normal((64, 32)).astype(ml_dtypes.bfloat16),  # 4 KiB
+        "layers.1.b": rng.standard_normal(3).astype(np.float16),           # 6 bytes
+        "embed": rng.standard_normal((100, 64)).astype(np.float32),       # 25 KiB: oversize
+        "step": np.array(12, np.int64),
+    }
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _write(tmp_path, **kw) -> str:
+    d = str(tmp_path / "ckpt")
+    sc.save_file(_model(), d, {"format": "np"}, max_shard_size=kw.pop("size", "10KiB"), **kw)
+    return d
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("10KiB", 10240),
+    ("1.5GB", 1_500_000_000), ("100", 100), ("7 kb", 7000), (4096, 4096),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    ("5 parsecs", "is not a size"), ("", "is not a size"), ("-1GB", "is not a size"),
+    (0, "must be positive"), (True, "must be an int"), (1.5, "must be an int"),
+])
+def test_parse_size_rejects(bad, match):
+    with pytest.raises(sc.SafecodecError, match=match):
+        parse_size(bad)
+
+
+def test_plan_shards_keeps_order_and_isolates_oversize_tensors():
+    sizes = [("a", 40), ("b", 60), ("c", 1), ("big", 500), ("d", 100), ("e", 0)]
+    assert plan_shards(sizes, 100) == [["a", "b"], ["c"], ["big"], ["d", "e"]]
+    assert plan_shards([], 100) == [[]]
+    assert plan_shards([("x", 5)], 5) == [["x"]]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_save_writes_shards_and_index(tmp_path):
+    d = _write(tmp_path)
+    t = _model()
+    files = sorted(os.listdir(d))
+    assert files == [
+        "model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors",
+        "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors",
+        "model" + INDEX_SUFFIX,
+    ]
+    text = _read(os.path.join(d, "model" + INDEX_SUFFIX))
+    index = json.loads(text)
+    total = sum(a.nbytes for a in t.values())
+    assert index["metadata"] == {"total_size": total}
+    # 2-space indent, sorted keys, trailing newline.
+    assert text == json.dumps(index, indent=2, sort_keys=True) + "\n"
+    assert text.startswith('{\n  "metadata": {\n    "total_size": ')
+    assert index["weight_map"] == {
+        "layers.0.w": "model-00001-of-00004.safetensors",
+        "layers.0.b": "model-00001-of-00004.safetensors",
+        "layers.1.w": "model-00002-of-00004.safetensors",
+        "layers.1.b": "model-00002-of-00004.safetensors",
+        "embed": "model-00003-of-00004.safetensors",
+        "step": "model-00004-of-00004.safetensors",
+    }
+    for shard in files[:-1]:
+        header = sc.read_header(os.path.join(d, shard))
+        assert header.metadata == {"format": "np"}
+        # The zero-copy layout in every shard.
+        assert header.data_start % 64 == 0
+        for info in header.tensors.values():
+            if info.nbytes % 64 == 0:
+                assert (header.data_start + info.begin) % 64 == 0, info.name
+
+
+def test_shards_load_in_the_reference_wheel_one_by_one(tmp_path):
+    st = pytest.importorskip("safetensors.numpy", reason="the reference wheel is a test oracle")
+    d = _write(tmp_path)
+    t = _model()
+    index = json.loads(_read(os.path.join(d, "model" + INDEX_SUFFIX)))
+    seen = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        part = st.load_file(os.path.join(d, shard))
+        for name, arr in part.items():
+            assert index["weight_map"][name] == shard
+            seen[name] = arr
+    assert sorted(seen) == sorted(t)
+    for name, arr in t.items():
+        np.testing.assert_array_equal(seen[name], arr)
+
+
+def _hf_style_load(directory: str) -> dict[str, np.ndarray]:
+    """What Hugging Face loaders do with a sharded checkpoint: read the index, load each
+    shard file with the reference wheel, keep the names the index assigns to it."""
+    st = pytest.importorskip("safetensors.numpy", reason="the reference wheel is a test oracle")
+    with open(os.path.join(directory, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    out: dict[str, np.ndarray] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state = st.load_file(os.path.join(directory, shard))
+        out.update((k, v) for k, v in state.items() if index["weight_map"][k] == shard)
+    assert sum(v.nbytes for v in out.values()) == index["metadata"]["total_size"]
+    return out
+
+
+def test_output_loads_in_a_huggingface_style_loader(tmp_path):
+    d = _write(tmp_path, alignment=8)
+    t = _model()
+    out = _hf_style_load(d)
+    for name, arr in t.items():
+        np.testing.assert_array_equal(out[name], arr)
+    # alignment=8: each shard is byte for byte what the reference writer would write.
+    index = json.loads(_read(os.path.join(d, "model" + INDEX_SUFFIX)))
+    shard = index["weight_map"]["layers.0.b"]
+    part = {k: t[k] for k, s in index["weight_map"].items() if s == shard}
+    with open(os.path.join(d, shard), "rb") as f:
+        assert f.read() == sc.save(part, {"format": "np"}, alignment=8)
+
+
+def test_save_targets_name_the_prefix(tmp_path):
+    t = {"a": np.ones(100, np.uint8), "b": np.ones(100, np.uint8)}
+    sc.save_file(t, tmp_path / "x" / "weights.safetensors", max_shard_size=150)
+    assert sorted(os.listdir(tmp_path / "x")) == [
+        "weights-00001-of-00002.safetensors", "weights-00002-of-00002.safetensors",
+        "weights.safetensors.index.json"]
+    idx = save_sharded(t, str(tmp_path / "y" / "enc.safetensors.index.json"), max_shard_size=10**6)
+    assert idx == str(tmp_path / "y" / "enc.safetensors.index.json")
+    assert sorted(os.listdir(tmp_path / "y")) == ["enc-00001-of-00001.safetensors",
+                                                  "enc.safetensors.index.json"]
+    np.testing.assert_array_equal(sc.load_file(idx)["b"], t["b"])
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    with pytest.raises(sc.SafecodecError, match="is not a size"):
+        sc.save_file({"a": np.ones(3)}, tmp_path / "c", max_shard_size="lots")
+    with pytest.raises(sc.DtypeError):
+        sc.save_file({"a": np.ones(3), "z": np.ones(2, np.complex128)}, tmp_path / "c",
+                     max_shard_size=10)
+    with pytest.raises(sc.HeaderError, match="NUL"):
+        sc.save_file({"a\x00": np.ones(3)}, tmp_path / "c", max_shard_size=10)
+    assert not (tmp_path / "c").exists()
+
+
+def test_empty_checkpoint(tmp_path):
+    sc.save_file({}, tmp_path / "e", max_shard_size="1GB")
+    with sc.safe_open(tmp_path / "e") as f:
+        assert f.keys() == []
+        assert f.get_tensors() == {}
+        assert f.metadata() is None
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@pytest.mark.parametrize("via", ["directory", "index"])
+def test_safe_open_over_shards(tmp_path, via):
+    d = _write(tmp_path)
+    t = _model()
+    target = d if via == "directory" else os.path.join(d, "model" + INDEX_SUFFIX)
+    with sc.safe_open(target) as f:
+        assert isinstance(f, ShardedSafeOpen)
+        assert f._handles == {}  # nothing but the index read so far
+        assert f.keys() == sorted(t)
+        assert len(f) == len(t) and "embed" in f and "nope" not in f
+        assert list(f) == sorted(t)
+        np.testing.assert_array_equal(f.get_tensor("layers.1.b"), t["layers.1.b"])
+        assert list(f._handles) == ["model-00002-of-00004.safetensors"]  # lazily, one shard
+        np.testing.assert_array_equal(f.get_slice("embed")[5:9, ::3], t["embed"][5:9, ::3])
+        assert f.get_slice("embed").get_shape() == [100, 64]
+        assert f.metadata() == {"format": "np"}
+        assert f.index_metadata() == {"total_size": sum(a.nbytes for a in t.values())}
+        everything = f.get_tensors()
+        assert sorted(f.offset_keys()) == sorted(t)
+        assert set(f.header.tensors) == set(t)
+        assert f.stats["bytes_read"] > 0
+    assert f.closed
+    for name, arr in t.items():
+        np.testing.assert_array_equal(everything[name], arr)
+        assert everything[name].dtype == arr.dtype
+    with pytest.raises(sc.ClosedHandleError):
+        f.get_tensor("embed")
+
+
+def test_load_file_over_shards(tmp_path):
+    d = _write(tmp_path)
+    out = sc.load_file(d)
+    for name, arr in _model().items():
+        np.testing.assert_array_equal(out[name], arr)
+    assert sc.load_file(os.path.join(d, "model" + INDEX_SUFFIX)).keys() == out.keys()
+
+
+def test_directory_with_one_unsharded_file(tmp_path):
+    sc.save_file({"a": np.arange(3)}, tmp_path / "model.safetensors")
+    with sc.safe_open(tmp_path) as f:
+        assert f.keys() == ["a"]
+    np.testing.assert_array_equal(sc.load_file(tmp_path)["a"], np.arange(3))
+
+
+def test_directory_without_checkpoint(tmp_path):
+    with pytest.raises(sc.SafecodecError, match="no '\\*.safetensors.index.json' index and 0"):
+        sc.safe_open(tmp_path)
+
+
+def test_missing_name_lists_close_matches(tmp_path):
+    with sc.safe_open(_write(tmp_path)) as f, pytest.raises(sc.TensorNotFoundError,
+                                                            match="did you mean 'layers.0.w'"):
+        f.get_tensor("layers.0.W")
+
+
+def test_tensors_a_shard_holds_but_the_index_does_not_name_are_ignored(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    sc.save_file({"a": np.ones(2), "stale": np.zeros(2)}, d / "s1.safetensors")
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 16}, "weight_map": {"a": "s1.safetensors"}}))
+    assert list(sc.load_file(d)) == ["a"]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _index(d, weight_map, raw=None):
+    (d / "model.safetensors.index.json").write_text(
+        raw if raw is not None else json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_missing_shard_is_an_error(tmp_path):
+    d = _write(tmp_path)
+    os.remove(os.path.join(d, "model-00003-of-00004.safetensors"))
+    with sc.safe_open(d) as f:
+        np.testing.assert_array_equal(f.get_tensor("step"), _model()["step"])  # others work
+        with pytest.raises(sc.SafecodecError,
+                           match=r"shard 'model-00003-of-00004.safetensors' listed in index .* "
+                                 r"for 1 tensors \(e.g. 'embed'\) does not exist"):
+            f.get_tensor("embed")
+    with pytest.raises(sc.SafecodecError, match="does not exist"):
+        sc.load_file(d)
+
+
+def test_name_in_two_shards_is_an_error(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    sc.save_file({"a": np.ones(2)}, d / "s1.safetensors")
+    sc.save_file({"a": np.ones(2)}, d / "s2.safetensors")
+    _index(d, None, raw='{"weight_map": {"a": "s1.safetensors", "a": "s2.safetensors"}}')
+    with pytest.raises(sc.SafecodecError,
+                       match="tensor 'a' is mapped to two shards \\('s1.safetensors', 's2.safetensors'\\)"):
+        sc.safe_open(d)
+
+
+def test_index_pointing_at_a_tensor_missing_from_its_shard(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    sc.save_file({"a": np.ones(2)}, d / "s1.safetensors")
+    sc.save_file({"b": np.ones(2)}, d / "s2.safetensors")
+    _index(d, {"a": "s1.safetensors", "b": "s1.safetensors"})
+    with sc.safe_open(d) as f, pytest.raises(
+            sc.SafecodecError,
+            match=r"maps 1 tensors to shard 's1.safetensors' that it does not hold: 'b' "
+                  r"\(the shard holds 1 tensors\)"):
+        f.get_tensor("a")
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    ("{not json", "is not valid JSON"),
+    ("[]", "must be a JSON object with a 'weight_map'"),
+    ('{"weight_map": []}', "must be a JSON object with a 'weight_map'"),
+    ('{"weight_map": {"a": 3}}', "maps to 3, expected a shard file name"),
+    ('{"weight_map": {"a": "../../etc/passwd"}}', "not a file inside the checkpoint"),
+    ('{"weight_map": {"a": "/abs.safetensors"}}', "not a file inside the checkpoint"),
+    ('{"weight_map": {"a": "s3://elsewhere/x.safetensors"}}', "not a file inside"),
+    ('{"weight_map": {}, "metadata": 5}', "'metadata' must be an object"),
+    ('{"weight_map": {}, "weight_map": {}}', "key 'weight_map' appears twice"),
+])
+def test_bad_index_files(tmp_path, raw, match):
+    _index(tmp_path, None, raw=raw)
+    with pytest.raises(sc.SafecodecError, match=match):
+        sc.safe_open(tmp_path)
+
+
+def test_bad_shard_is_a_format_error(tmp_path):
+    d = _write(tmp_path)
+    with open(os.path.join(d, "model-00004-of-00004.safetensors"), "r+b") as f:
+        f.write(b"\xff" * 8)
+    with sc.safe_open(d) as f, pytest.raises(sc.HeaderError, match="header too large"):
+        f.get_tensor("step")
+
+
+# ----------------------------------------------------------------------------- remote, JAX
+
+
+def test_sharded_round_trip_in_memory(mem_url):
+    t = _model()
+    index = save_sharded(t, f"{mem_url}/ck", {"format": "np"}, max_shard_size="10KiB")
+    assert index == f"{mem_url}/ck/model.safetensors.index.json"
+    fs = fsspec.filesystem("memory")
+    assert len(fs.ls(f"{mem_url}/ck")) == 5
+    with sc.safe_open(f"{mem_url}/ck") as f:
+        np.testing.assert_array_equal(f.get_tensor("layers.0.w"), t["layers.0.w"])
+        assert len(f._handles) == 1
+        out = f.get_tensors()
+    for name, arr in t.items():
+        np.testing.assert_array_equal(out[name], arr)
+    np.testing.assert_array_equal(sc.load_file(index)["embed"], t["embed"])
+
+
+def test_sharded_with_fs_argument(mem_url):
+    fs = fsspec.filesystem("memory")
+    root = mem_url.removeprefix("memory://")
+    t = _model()
+    index = save_sharded(t, f"{root}/ck", max_shard_size="10KiB", fs=fs)
+    assert index == f"{root}/ck/model.safetensors.index.json"
+    out = sc.load_file(f"{root}/ck", fs=fs)
+    np.testing.assert_array_equal(out["step"], t["step"])
+
+
+def test_sharded_jax_handle(tmp_path):
+    jax = pytest.importorskip("jax", reason="JAX output needs jax")
+    d = _write(tmp_path)
+    t = _model()
+    with sc.safe_open(d, framework="jax") as f:
+        w = f.get_tensor("layers.0.w")
+        assert isinstance(w, jax.Array)
+        np.testing.assert_array_equal(np.asarray(w), t["layers.0.w"])
+        rows = f.get_slice("embed")[2:4]
+        np.testing.assert_array_equal(np.asarray(rows), t["embed"][2:4])
+        if jax.config.jax_enable_x64:
+            out = f.get_tensors()
+        else:  # the int64 'step' is narrowed, and the JAX loader says so
+            with pytest.warns(Warning, match="x64 mode is off"):
+                out = f.get_tensors()
+    assert sorted(out) == sorted(t)
+    np.testing.assert_array_equal(np.asarray(out["embed"]), t["embed"])
