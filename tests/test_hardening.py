@@ -1,0 +1,179 @@
+"""Integrity checksums, crash safety of the writer, concurrent readers, files changed
+underneath a reader."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import safecodec as sc
+from safecodec import _integrity, _source, _writer
+
+
+@pytest.fixture
+def tensors():
+    rng = np.random.default_rng(0)
+    return {
+        "emb": rng.standard_normal((64, 32)).astype(np.float32),
+        "bias": rng.standard_normal(7).astype(ml_dtypes.bfloat16),
+        "step": np.int64(12),
+        "empty": np.zeros((0, 3), np.int8),
+    }
+
+
+# ----------------------------------------------------------------------------- checksums
+
+def test_checksums_round_trip_and_stay_valid_for_the_reference(tensors, tmp_path):
+    path = tmp_path / "c.safetensors"
+    sc.save_file(tensors, path, {"user": "kept"}, checksums=True)
+    md = sc.read_header(path).metadata
+    assert md["user"] == "kept" and _integrity.CHECKSUM_KEY in md
+    back = sc.load_file(path, verify=True)
+    for name, value in tensors.items():
+        assert np.array_equal(back[name], value)
+    assert _integrity.verify_file(path) == []
+    assert sc.save(tensors, {"user": "kept"}, checksums=True) == path.read_bytes()
+    safetensors = pytest.importorskip("safetensors", reason="reference wheel not installed")
+    assert {n for n, _ in safetensors.deserialize(path.read_bytes())} == set(tensors)
+
+
+def test_a_flipped_bit_is_reported_with_the_tensor_name(tensors, tmp_path):
+    path = tmp_path / "c.safetensors"
+    sc.save_file(tensors, path, checksums=True)
+    header = sc.read_header(path)
+    info = header.tensors["emb"]
+    with open(path, "r+b") as f:
+        f.seek(header.data_start + info.begin + 100)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+    with pytest.raises(sc.ChecksumError, match=r"checksum mismatch for tensor 'emb'"):
+        sc.load_file(path, verify=True)
+    with sc.safe_open(path, verify=True) as f:
+        assert np.array_equal(f.get_tensor("bias"), tensors["bias"])  # others still verify
+        with pytest.raises(sc.ChecksumError, match="'emb'"):
+            f.get_slice("emb")
+    problems = _integrity.verify_file(path)
+    assert len(problems) == 1 and "'emb'" in problems[0]
+    sc.load_file(path)  # without verify=True the file still loads
+
+
+def test_verify_needs_checksums(tensors):
+    data = sc.save(tensors)
+    with pytest.raises(sc.ChecksumError, match="stores no checksums"):
+        sc.load(data, verify=True)
+    bad = sc.save(tensors, {_integrity.CHECKSUM_KEY: "not json"})
+    with pytest.raises(sc.ChecksumError, match="not valid JSON"):
+        sc.load(bad, verify=True)
+
+
+def test_verify_with_plain_reads(tensors, tmp_path, restore_flags):
+    path = tmp_path / "c.safetensors"
+    sc.save_file(tensors, path, checksums=True)
+    _source.MMAP_AVAILABLE = False
+    assert set(sc.load_file(path, verify=True)) == set(tensors)
+
+
+# ----------------------------------------------------------------------------- crash safety
+
+WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np, safecodec as sc
+    big = np.ones((64, 1 << 20), np.float32)  # 256 MiB: slow enough to be killed mid-write
+    print("ready", flush=True)
+    sc.save_file({"big": big}, sys.argv[1])
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
+def test_writer_killed_mid_write_leaves_the_previous_file(tmp_path, delay):
+    path = tmp_path / "m.safetensors"
+    sc.save_file({"old": np.arange(10)}, path)
+    before = path.read_bytes()
+    with subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
+                          cwd=os.path.dirname(os.path.dirname(__file__))) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert path.read_bytes() == before  # never torn
+    sc.save_file({"new": np.arange(3)}, path)  # a later save cleans what the dead one left
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+    assert list(sc.load_file(path)) == ["new"]
+
+
+def test_temporaries_of_live_writers_are_not_removed(tmp_path):
+    path = tmp_path / "m.safetensors"
+    live = tmp_path / f".m.safetensors.{os.getpid()}.abcd{_writer.TMP_SUFFIX}"
+    live.write_bytes(b"in progress")
+    sc.save_file({"x": np.ones(1)}, path)
+    assert live.exists()
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "plain-read"])
+def test_many_threads_reading_one_handle(tmp_path, restore_flags, mapped):
+    rng = np.random.default_rng(1)
+    tensors = {f"t{i}": rng.standard_normal((50, 40)).astype(np.float32) for i in range(16)}
+    path = tmp_path / "c.safetensors"
+    sc.save_file(tensors, path)
+    _source.MMAP_AVAILABLE = mapped
+    errors: list[BaseException] = []
+    with sc.safe_open(path) as f:
+
+        def work(seed: int) -> None:
+            r = np.random.default_rng(seed)
+            try:
+                for _ in range(60):
+                    name = f"t{r.integers(16)}"
+                    a, b = sorted(r.integers(0, 50, 2))
+                    if r.integers(2):
+                        assert np.array_equal(f.get_tensor(name), tensors[name])
+                    else:
+                        assert np.array_equal(f.get_slice(name)[a:b, ::3], tensors[name][a:b, ::3])
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+
+
+# ----------------------------------------------------------------------------- changed files
+
+def test_copy_mode_is_safe_against_later_truncation(tmp_path):
+    """A mapped reader may die of SIGBUS if another program truncates the file in place
+    (documented); ``copy=True`` reads with pread and never maps."""
+    path = tmp_path / "t.safetensors"
+    values = np.arange(4096, dtype=np.float64)
+    sc.save_file({"t": values}, path)
+    arrays = sc.load_file(path, copy=True)
+    os.truncate(path, 16)
+    assert np.array_equal(arrays["t"], values)
+    with pytest.raises(sc.HeaderError, match="invalid header length"):
+        sc.load_file(path, copy=True)
+
+
+def test_copy_mode_reports_truncation_during_reads(tmp_path):
+    path = tmp_path / "t.safetensors"
+    sc.save_file({"a": np.ones(4096), "b": np.ones(4096)}, path)
+    with sc.safe_open(path, copy=True) as f:
+        os.truncate(path, f.header.data_start + 10)
+        with pytest.raises(sc.RemoteIOError, match="truncated"):
+            f.get_tensors()
