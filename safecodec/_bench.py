@@ -318,6 +318,10 @@ def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
     ops = _operations(model, ours_path, ref_path)
     samples: dict[str, dict[str, list[float]]] = {op.name: {"safecodec": [], "safetensors": []}
                                                   for op in ops}
+    # Long-lived objects (jax's, if imported) out of the collector's way: keeps the
+    # collections between samples cheap.
+    gc.collect()
+    gc.freeze()
     bar = _progress(len(ops) * repeat * 2)
     try:
         for r in range(repeat):

@@ -1,0 +1,136 @@
+"""Smoke tests of the main job (``python -m safecodec._bench``) and of the benchmark
+suite (``benchmarks/run.py``) in their tiny modes, run as subprocesses.
+
+They check the shape of what comes out (table, JSON, Markdown, plots), never timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], cwd=str(ROOT), env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _check_stats(stats: dict[str, float], repeat: int) -> None:
+    assert stats["n"] == repeat
+    assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+
+
+def test_main_job_tiny_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    files = tmp_path / "files"
+    proc = _run(["-m", "safecodec._bench", "--size", "tiny", "--repeat", "2",
+                 "--dir", str(files), "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("operation"))
+    assert header.split() == ["operation", "safecodec", "safetensors", "safecodec", "vs",
+                              "safetensors"]
+    for op in ("save", "load", "load + read all", "lazy 1 tensor"):
+        assert any(line.startswith(op + "  ") for line in lines), op
+    assert "every tensor read back equals the original" in proc.stdout
+
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["size"] == "tiny"
+    assert result["verified"] is True and result["problems"] == []
+    assert result["tensors"] == 2 + 2 * 12 + 2
+    ops = [row["operation"] for row in result["rows"]]
+    assert ops[:4] == ["save", "load", "load + read all", "lazy 1 tensor"]
+    for row in result["rows"]:
+        _check_stats(row["safecodec"], 2)
+        if row["safetensors"] is not None:
+            _check_stats(row["safetensors"], 2)
+            assert row["ratio"] == pytest.approx(
+                row["safetensors"]["median"] / row["safecodec"]["median"])
+    assert {"cpu", "cores", "python", "versions", "date"} <= set(result["machine"])
+    # --dir keeps the files: the safecodec checkpoint is there and loads.
+    assert (files / "model-safecodec.safetensors").is_file()
+
+
+def test_main_job_without_the_reference_wheel(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    code = ("import sys; sys.modules['safetensors'] = None; "
+            "from safecodec._bench import main; "
+            f"raise SystemExit(main(['--size', 'tiny', '--repeat', '1', '--json', {str(out)!r}]))")
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert "safetensors is not installed" in proc.stdout
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["reference_available"] is False
+    assert result["verified"] is True
+    for row in result["rows"]:
+        assert row["safetensors"] is None and row["ratio"] is None
+        _check_stats(row["safecodec"], 1)
+
+
+def test_main_job_rejects_bad_arguments() -> None:
+    proc = _run(["-m", "safecodec._bench", "--repeat", "0"])
+    assert proc.returncode == 2
+    assert "--repeat must be at least 1, got 0" in proc.stderr
+    proc = _run(["-m", "safecodec._bench", "--size", "huge"])
+    assert proc.returncode == 2
+    assert "invalid choice: 'huge'" in proc.stderr
+
+
+def test_benchmark_suite_quick(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="plots need matplotlib")
+    out = tmp_path / "results"
+    proc = _run(["benchmarks/run.py", "--quick", "--out", str(out), "--import-samples", "2",
+                 "--dir", str(tmp_path / "files")])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert result["quick"] is True
+    assert result["sizes"] == ["tiny"]
+    assert {"cpu", "cores", "python", "versions", "date"} <= set(result["machine"])
+    assert result["machine"]["versions"]["numpy"]
+
+    sizes = {row["size"] for row in result["rows"]}
+    assert sizes == {"tiny", result["small_label"]}
+    for size in sizes:
+        ops = {(row["operation"], row["contender"]) for row in result["rows"]
+               if row["size"] == size}
+        for op in ("save", "load", "load + read all", "lazy 1 tensor"):
+            assert (op, "safecodec") in ops, (size, op)
+        for op in ("load", "load + read all"):
+            assert (op, "numpy memcpy") in ops, (size, op)
+    for row in result["rows"]:
+        assert len(row["samples"]) == result["repeat"] == 2
+        _check_stats(row, 2)
+
+    contenders = {row["contender"] for row in result["rows"]}
+    assert "safetensors.numpy" in contenders  # the test extras install the wheel
+    memory = {m["contender"]: m for m in result["memory"]}
+    assert memory["safecodec"]["largest_tensor_bytes"] == 512 * 64 * 4
+    for m in memory.values():
+        assert m["tracemalloc_peak_bytes"] >= 0 and m["rss_peak_extra_bytes"] >= 0
+
+    imp = result["import"]["safecodec"]
+    assert imp["n"] == 2 and imp["median"] > 0
+    assert imp["heavy_modules"] == []  # import safecodec pulls in neither jax nor fsspec
+
+    targets = {t["target"]: t for t in result["targets"]}
+    assert any(name.startswith("import safecodec <= 15 ms") for name in targets)
+    assert all(t["met"] in (True, False, None) for t in targets.values())
+
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert md.startswith("# safecodec benchmarks")
+    assert "**Quick mode**" in md
+    assert "| operation | contender | median | min - max | x safecodec |" in md
+    assert "| target | measured | met |" in md
+    for png in result["plots"]:
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in md
+    assert {"save.png", "load.png", "small_tensors.png"} <= set(result["plots"])
