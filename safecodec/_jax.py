@@ -484,6 +484,9 @@ class Converter:
         target = self._check_dtype(info)
         shape = info.shape
         try:
+            check = getattr(sharding, "check_compatible_aval", None)
+            if check is not None:  # rank and divisibility, as jax.device_put checks them
+                check(shape)
             sharding.shard_shape(shape)
             indices = sharding.addressable_devices_indices_map(shape)
         except (ValueError, TypeError, AssertionError, IndexError) as exc:

@@ -209,11 +209,12 @@ def uneven_shapes_give_a_clear_error(tmp: str) -> None:
         assert "tensor 'u' with shape [6, 5] cannot be laid out with" in msg, msg
     else:  # a JAX that shards unevenly: then the values must still be right
         _assert_shards(arr, np.zeros((6, 5), np.float32), s)
+    path = _file(tmp, "rank.safetensors", {"r": np.zeros((8, 4), np.float32)})
     bad_rank = NamedSharding(_mesh(), P("x", "y", None))
     try:
         scj.load_file(path, sharding=bad_rank)
     except sc.SafecodecError as exc:
-        assert "tensor 'u' with shape [6, 5]" in str(exc), str(exc)
+        assert "tensor 'r' with shape [8, 4] cannot be laid out" in str(exc), str(exc)
     else:
         raise AssertionError("a 3-D spec for a 2-D tensor was accepted")
 
