@@ -83,7 +83,8 @@ def resolve_fs(
         return fs, fs._strip_protocol(path)
     from fsspec.core import url_to_fs
 
-    return url_to_fs(path, **dict(storage_options or {}))
+    filesystem, fpath = url_to_fs(path, **dict(storage_options or {}))
+    return filesystem, str(fpath)
 
 
 def _is_async(fs: Any) -> bool:
@@ -188,7 +189,7 @@ def _identity(info: Mapping[str, Any]) -> tuple[Any, ...]:
     id, checksum or modification time the filesystem reports."""
     keys = ("ETag", "etag", "VersionId", "version_id", "md5Hash", "crc32c", "generation",
             "mtime", "LastModified", "last_modified", "Last-Modified", "created")
-    return (info.get("size"),) + tuple((k, str(info[k])) for k in keys if info.get(k) is not None)
+    return (info.get("size"), *((k, str(info[k])) for k in keys if info.get(k) is not None))
 
 
 # ----------------------------------------------------------------------------- source
@@ -402,7 +403,7 @@ class FsspecSource(_SourceBase):
             for data, (start, end) in zip(self._fetch(spans, what, bar), spans, strict=True):
                 out[start:end] = data
 
-    def buffer(self, mode: str = "copy") -> None:  # type: ignore[override]
+    def buffer(self, mode: str = "copy") -> None:
         """Remote objects are not addressable memory."""
         return None
 

@@ -29,6 +29,7 @@ reader never finds an index whose shards are not all complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -636,10 +637,9 @@ def save_sharded(
         from ._remote import resolve_fs
 
         filesystem, fs_dir = resolve_fs(directory, fs, storage_options)
-        try:
+        # Object stores have no directories: refusing to make one is fine.
+        with contextlib.suppress(OSError, NotImplementedError):
             filesystem.makedirs(fs_dir, exist_ok=True)
-        except (OSError, NotImplementedError):  # object stores have no directories
-            pass
     else:
         fs_dir = directory
         if directory:

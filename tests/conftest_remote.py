@@ -14,6 +14,7 @@ Test modules import the fixtures they use: ``from conftest_remote import http_se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -219,10 +220,8 @@ class CountingProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self._closing = True

@@ -11,12 +11,14 @@ import fsspec
 import numpy as np
 import pytest
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
-from conftest_remote import mem_url  # noqa: F401  (fixture)
 
 import safecodec as sc
 from safecodec import _remote
 from safecodec._reader import FIRST_READ
 from safecodec._remote import FsspecSource, merge_ranges
+
+#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
+pytest_plugins = ["conftest_remote"]
 
 
 def _tensors() -> dict[str, np.ndarray]:
@@ -275,7 +277,6 @@ def test_truncated_object_is_an_error_not_wrong_values(mem_url):
 
 
 def test_object_replaced_during_load_is_reported(mem_url):
-    fs = fsspec.filesystem("memory")
     t = _tensors()
     url = f"{mem_url}/m.safetensors"
     sc.save_file(t, url)
@@ -290,7 +291,7 @@ def test_object_replaced_during_load_is_reported(mem_url):
 def test_file_too_short_for_its_header_is_a_format_error(mem_url):
     url = f"{mem_url}/bad.safetensors"
     fsspec.filesystem("memory").pipe(url, sc.save(_tensors())[:-3])
-    with pytest.raises(sc.SafecodecError, match="file not fully covered|incomplete"):
+    with pytest.raises(sc.SafecodecError, match=r"file not fully covered|incomplete"):
         sc.load_file(url)
 
 

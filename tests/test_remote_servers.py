@@ -13,10 +13,12 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest_remote import http_server, s3_server  # noqa: F401  (fixtures)
 
 import safecodec as sc
 from safecodec._reader import FIRST_READ
+
+#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
+pytest_plugins = ["conftest_remote"]
 
 #: Bytes of HTTP response headers (status line, Content-Length, ETag...) allowed per
 #: request on top of the body, when counting at the socket.
@@ -37,7 +39,7 @@ def _model(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def served(http_server, tmp_path_factory):  # noqa: F811
+def served(http_server, tmp_path_factory):
     """A model file in the HTTP server's root; yields (url, tensors, local path)."""
     t = _model()
     name = f"m-{os.urandom(4).hex()}.safetensors"
@@ -49,7 +51,7 @@ def served(http_server, tmp_path_factory):  # noqa: F811
     http_server.ignore_range = False
 
 
-def test_http_lazy_open_one_tensor_and_slice(http_server, served):  # noqa: F811
+def test_http_lazy_open_one_tensor_and_slice(http_server, served):
     url, t, path = served
     size = os.path.getsize(path)
     c = http_server.counter
@@ -69,7 +71,7 @@ def test_http_lazy_open_one_tensor_and_slice(http_server, served):  # noqa: F811
     assert c.bytes_sent < size / 2
 
 
-def test_http_whole_load_streams_once(http_server, served):  # noqa: F811
+def test_http_whole_load_streams_once(http_server, served):
     url, t, path = served
     size = os.path.getsize(path)
     out = sc.load_file(url)
@@ -79,14 +81,14 @@ def test_http_whole_load_streams_once(http_server, served):  # noqa: F811
     assert http_server.counter.bytes_sent == FIRST_READ + size - data_start
 
 
-def test_http_server_ignoring_ranges_is_detected(http_server, served):  # noqa: F811
+def test_http_server_ignoring_ranges_is_detected(http_server, served):
     url, _, _ = served
     http_server.ignore_range = True
     with pytest.raises(sc.RemoteIOError, match="does the server ignore Range requests"):
         sc.safe_open(url)
 
 
-def test_http_changed_object_is_reported(http_server, served):  # noqa: F811
+def test_http_changed_object_is_reported(http_server, served):
     url, t, path = served
     with sc.safe_open(url) as f:
         sc.save_file({k: v + 1 for k, v in t.items()}, path)  # same size, new ETag
@@ -94,7 +96,7 @@ def test_http_changed_object_is_reported(http_server, served):  # noqa: F811
             f.get_tensors()
 
 
-def test_http_truncated_object_is_reported(http_server, served):  # noqa: F811
+def test_http_truncated_object_is_reported(http_server, served):
     url, _, path = served
     with sc.safe_open(url) as f:
         os.truncate(path, FIRST_READ + 1000)
@@ -102,12 +104,12 @@ def test_http_truncated_object_is_reported(http_server, served):  # noqa: F811
             f.get_tensor("embed")
 
 
-def test_http_cannot_be_written(http_server):  # noqa: F811
-    with pytest.raises(sc.RemoteIOError, match="writing .* failed"):
+def test_http_cannot_be_written(http_server):
+    with pytest.raises(sc.RemoteIOError, match=r"writing .* failed"):
         sc.save_file({"a": np.ones(3)}, http_server.url("new.safetensors"))
 
 
-def test_http_sharded_reads_only_the_needed_shard(http_server, tmp_path):  # noqa: F811
+def test_http_sharded_reads_only_the_needed_shard(http_server, tmp_path):
     t = _model(1)
     d = os.path.join(http_server.root, f"sharded-{os.urandom(4).hex()}")
     sc.save_file(t, d, max_shard_size=300 * 1024)
@@ -132,7 +134,7 @@ def _overhead(stats: dict[str, int]) -> int:
     return HTTP_OVERHEAD * (stats["requests"] + stats.get("metadata_requests", 0))
 
 
-def test_s3_save_lazy_open_slice_metadata_and_bytes(s3_server):  # noqa: F811
+def test_s3_save_lazy_open_slice_metadata_and_bytes(s3_server):
     bucket = s3_server.new_bucket()
     so = s3_server.storage_options
     url = f"s3://{bucket}/ckpt/model.safetensors"
@@ -177,7 +179,7 @@ def test_s3_save_lazy_open_slice_metadata_and_bytes(s3_server):  # noqa: F811
     assert size - 1024 <= c.bytes_sent - FIRST_READ <= size + 64 * HTTP_OVERHEAD
 
 
-def test_s3_output_loads_in_reference_wheel(s3_server):  # noqa: F811
+def test_s3_output_loads_in_reference_wheel(s3_server):
     st = pytest.importorskip("safetensors.numpy", reason="the reference wheel is a test oracle")
     bucket = s3_server.new_bucket()
     url = f"s3://{bucket}/m.safetensors"
@@ -188,7 +190,7 @@ def test_s3_output_loads_in_reference_wheel(s3_server):  # noqa: F811
         np.testing.assert_array_equal(ref[name], arr)
 
 
-def test_s3_failed_write_leaves_no_object(s3_server):  # noqa: F811
+def test_s3_failed_write_leaves_no_object(s3_server):
     class Liar:
         shape = (4,)
         dtype = np.dtype(np.float32)
@@ -204,7 +206,7 @@ def test_s3_failed_write_leaves_no_object(s3_server):  # noqa: F811
     assert s3_server.filesystem().ls(bucket, detail=False) == []
 
 
-def test_s3_sharded_save_and_lazy_read(s3_server):  # noqa: F811
+def test_s3_sharded_save_and_lazy_read(s3_server):
     bucket = s3_server.new_bucket()
     so = s3_server.storage_options
     t = _model(4)
@@ -258,7 +260,7 @@ _JAX_CHILD = textwrap.dedent(
 )
 
 
-def test_s3_sharded_jax_load(s3_server, tmp_path):  # noqa: F811
+def test_s3_sharded_jax_load(s3_server, tmp_path):
     pytest.importorskip("jax", reason="the sharded JAX load needs jax")
     bucket = s3_server.new_bucket()
     so = s3_server.storage_options

@@ -8,10 +8,12 @@ import os
 import fsspec
 import numpy as np
 import pytest
-from conftest_remote import mem_url  # noqa: F401  (fixture)
 
 import safecodec as sc
 from safecodec._sharded import INDEX_SUFFIX, ShardedSafeOpen, parse_size, plan_shards, save_sharded
+
+#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
+pytest_plugins = ["conftest_remote"]
 
 
 def _model() -> dict[str, np.ndarray]:
@@ -227,13 +229,13 @@ def test_directory_with_one_unsharded_file(tmp_path):
 
 
 def test_directory_without_checkpoint(tmp_path):
-    with pytest.raises(sc.SafecodecError, match="no '\\*.safetensors.index.json' index and 0"):
+    with pytest.raises(sc.SafecodecError, match=r"no '\*\.safetensors\.index\.json' index and 0"):
         sc.safe_open(tmp_path)
 
 
 def test_missing_name_lists_close_matches(tmp_path):
     with sc.safe_open(_write(tmp_path)) as f, pytest.raises(sc.TensorNotFoundError,
-                                                            match="did you mean 'layers.0.w'"):
+                                                            match=r"did you mean 'layers\.0\.w'"):
         f.get_tensor("layers.0.W")
 
 
@@ -274,7 +276,7 @@ def test_name_in_two_shards_is_an_error(tmp_path):
     sc.save_file({"a": np.ones(2)}, d / "s2.safetensors")
     _index(d, None, raw='{"weight_map": {"a": "s1.safetensors", "a": "s2.safetensors"}}')
     with pytest.raises(sc.SafecodecError,
-                       match="tensor 'a' is mapped to two shards \\('s1.safetensors', 's2.safetensors'\\)"):
+                       match=r"tensor 'a' is mapped to two shards \('s1\.safetensors', 's2\.safetensors'\)"):
         sc.safe_open(d)
 
 
