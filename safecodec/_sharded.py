@@ -286,6 +286,7 @@ class ShardedSafeOpen:
             shards.setdefault(shard, []).append(tensor)
         self._names_by_shard = {s: shards[s] for s in sorted(shards)}
         self._handles: dict[str, Any] = {}
+        self._header: Header | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._framework = str(framework).lower()
@@ -293,6 +294,12 @@ class ShardedSafeOpen:
             raise SafecodecError(
                 f"unsupported framework {framework!r}; use 'numpy' (or 'np'), 'jax' or 'flax'"
             )
+        #: JAX output: a converter that hands each tensor to its shard's converter.
+        self._jax: _ShardedConverter | None = None
+        if self._framework in ("jax", "flax"):
+            self._jax = _ShardedConverter(self, sharding)
+        elif device is not None or sharding is not None:
+            raise SafecodecError("device= and sharding= need framework='jax'")
 
     def _read_index(self) -> bytes:
         loc = self._loc
@@ -429,7 +436,10 @@ class ShardedSafeOpen:
 
     def get_tensor(self, name: str) -> Any:
         """Tensor ``name``, read from its shard only."""
-        return self.shard_handle(name).get_tensor(name)
+        handle = self.shard_handle(name)
+        if self._jax is not None:
+            return self._jax.load_tensor(handle.header.tensors[name])
+        return handle.get_tensor(name)
 
     def get_slice(self, name: str) -> Any:
         """A lazy :class:`~safecodec.TensorSlice` of ``name``."""
@@ -439,25 +449,49 @@ class ShardedSafeOpen:
         """Every tensor of the index: shard headers read concurrently, then each shard's
         tensors (only those the index assigns to it), shard by shard."""
         self._check_open()
+        return self._load_infos(list(self.header.tensors.values()))
+
+    def _load_infos(self, infos: list[TensorInfo]) -> dict[str, Any]:
+        """Load tensors (infos from :attr:`header`), grouped by shard."""
+        if self._jax is not None:
+            return self._jax.load_all(infos)
         out: dict[str, Any] = {}
-        for shard, handle in zip(self._names_by_shard, self._open_all(), strict=True):
-            wanted = set(self._names_by_shard[shard])
-            infos = [info for n, info in handle.header.tensors.items() if n in wanted]
-            out.update(handle._load_infos(infos))
+        for shard, group in self._group(infos):
+            out.update(self._open_shard(shard)._load_infos(group))
         return out
+
+    def _group(self, infos: list[TensorInfo]) -> list[tuple[str, list[TensorInfo]]]:
+        groups: dict[str, list[TensorInfo]] = {}
+        for info in infos:
+            groups.setdefault(self._shard_of(info.name), []).append(info)
+        return list(groups.items())
 
     @property
     def header(self) -> Header:
-        """A combined :class:`~safecodec.Header` (reads every shard header): every tensor of
-        the index, shard by shard. Offsets in it are relative to each tensor's own shard;
-        ``file_size`` is the sum of the shard sizes."""
-        tensors: dict[str, TensorInfo] = {}
-        size = 0
-        for shard, handle in zip(self._names_by_shard, self._open_all(), strict=True):
-            wanted = set(self._names_by_shard[shard])
-            tensors.update((n, i) for n, i in handle.header.tensors.items() if n in wanted)
-            size += handle.header.file_size
-        return Header(tensors, self.metadata(), 0, size)
+        """A combined :class:`~safecodec.Header` (reads every shard header once): every
+        tensor of the index, shard by shard. Offsets in it are relative to each tensor's
+        own shard; ``file_size`` is the sum of the shard sizes; ``metadata`` is
+        :meth:`metadata`."""
+        self._check_open()
+        header = self._header
+        if header is None:
+            tensors: dict[str, TensorInfo] = {}
+            size = 0
+            for shard, handle in zip(self._names_by_shard, self._open_all(), strict=True):
+                wanted = set(self._names_by_shard[shard])
+                tensors.update((n, i) for n, i in handle.header.tensors.items() if n in wanted)
+                size += handle.header.file_size
+            header = self._header = Header(tensors, self.metadata(), 0, size)
+        return header
+
+    # -- what the tree and JAX layers use on a SafeOpen handle
+    @property
+    def _unpack(self) -> bool:
+        return bool(self._options["unpack"])
+
+    def _reader_checked(self) -> _ShardedReader:
+        self._check_open()
+        return _ShardedReader(self)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -498,6 +532,59 @@ class ShardedSafeOpen:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self)} tensors in {len(self._names_by_shard)} shards"
         return f"<safecodec.safe_open sharded {self._loc.name!r} ({state})>"
+
+
+class _ShardedReader:
+    """``handle._reader_checked()`` of a sharded handle: ``array(info)`` from its shard."""
+
+    def __init__(self, owner: ShardedSafeOpen) -> None:
+        self._owner = owner
+
+    def array(self, info: TensorInfo) -> Any:
+        return self._owner.shard_handle(info.name)._reader_checked().array(info)
+
+
+class _ShardedConverter:
+    """``handle._jax`` of a sharded handle: the interface of :class:`safecodec._jax.Converter`
+    (``convert``, ``load_tensor``, ``load_all``, settable ``sharding`` and ``strict_x64``),
+    each call passed to the converter of the tensor's shard."""
+
+    def __init__(self, owner: ShardedSafeOpen, sharding: Any) -> None:
+        self._owner = owner
+        self.sharding = sharding
+        self.strict_x64 = False
+
+    def _converter(self, shard: str, names: set[str] | None = None) -> Any:
+        conv = self._owner._open_shard(shard)._jax
+        spec = self.sharding
+        if isinstance(spec, Mapping) and names is not None:
+            spec = {k: v for k, v in spec.items() if k in names}
+        conv.sharding = spec
+        conv.strict_x64 = self.strict_x64
+        return conv
+
+    def convert(self, arr: Any, info: TensorInfo) -> Any:
+        return self._converter(self._owner._shard_of(info.name)).convert(arr, info)
+
+    def load_tensor(self, info: TensorInfo) -> Any:
+        return self._converter(self._owner._shard_of(info.name)).load_tensor(info)
+
+    def load_all(self, infos: list[TensorInfo]) -> dict[str, Any]:
+        infos = list(infos)
+        spec = self.sharding
+        if isinstance(spec, Mapping):
+            known = {i.name for i in infos}
+            unknown = [k for k in spec if k not in known]
+            if unknown:
+                raise TensorNotFoundError(
+                    f"sharding= names {len(unknown)} tensor(s) not in this checkpoint: "
+                    f"{', '.join(map(repr, unknown[:5]))}"
+                )
+        out: dict[str, Any] = {}
+        for shard, group in self._owner._group(infos):
+            conv = self._converter(shard, {i.name for i in group})
+            out.update(conv.load_all(group))
+        return {i.name: out[i.name] for i in infos}
 
 
 # ----------------------------------------------------------------------------- writing

@@ -363,3 +363,24 @@ def test_sharded_jax_handle(tmp_path):
                 out = f.get_tensors()
     assert sorted(out) == sorted(t)
     np.testing.assert_array_equal(np.asarray(out["embed"]), t["embed"])
+
+
+def test_sharded_jax_sharding_mapping_and_tree_loading(tmp_path):
+    jax = pytest.importorskip("jax", reason="JAX output needs jax")
+    t = {k: v for k, v in _model().items() if k != "step"}
+    d = str(tmp_path / "ck")
+    sc.save_file(t, d, max_shard_size="10KiB")
+    dev = jax.devices()[0]
+    one = jax.sharding.SingleDeviceSharding(dev)
+    # A mapping naming tensors of different shards: each shard gets its part of it.
+    with sc.safe_open(d, framework="jax", sharding={"embed": one, "layers.0.b": one}) as f:
+        out = f.get_tensors()
+        assert out["embed"].sharding == one
+        np.testing.assert_array_equal(np.asarray(out["layers.0.b"]), t["layers.0.b"])
+        assert f.get_tensor("embed").sharding == one
+    with pytest.raises(sc.TensorNotFoundError, match="sharding= names 1 tensor"), \
+            sc.safe_open(d, framework="jax", sharding={"nope": one}) as f:
+        f.get_tensors()
+    # The tree loader works over a sharded checkpoint (names unflatten at the dots).
+    tree = sc.load_tree(d)
+    np.testing.assert_array_equal(np.asarray(tree["layers"]["1"]["w"]), t["layers.1.w"])
