@@ -620,16 +620,27 @@ def _open(source: Any, *, fs: Any, copy: bool, jax: bool) -> Any:
 
 
 def _template_has_jax(like: Any) -> bool:
-    """Whether a template holds jax arrays, ShapeDtypeStructs or PRNG keys."""
-    jax = _jax()
-    if jax is None:
+    """Whether a template holds jax arrays, ShapeDtypeStructs or PRNG keys (walked the
+    way :class:`_TemplateFill` walks it, Objax variables and plain Mappings included)."""
+    if _jax() is None:
         return False
-    leaves = jax.tree_util.tree_leaves(like, is_leaf=lambda x: _is_objax_var(x))
-    for leaf in leaves:
-        if _is_objax_var(leaf):
-            leaf = leaf.value
-        if _is_jax_array(leaf) or _is_shape_dtype_struct(leaf) or _is_prng_key(leaf):
+    stack = [like]
+    while stack:
+        x = stack.pop()
+        if _is_jax_array(x) or _is_shape_dtype_struct(x) or _is_prng_key(x):
             return True
+        if x is None or isinstance(x, np.ndarray | np.generic | str | bytes | int | float | complex):
+            continue
+        if type(x) in (dict, list, tuple):
+            stack.extend(x.values() if type(x) is dict else x)
+        elif _is_objax_var(x):
+            stack.append(x.value)
+        else:
+            custom = _custom_children(x)
+            if custom is not None:
+                stack.extend(child for _, child in custom[0])
+            elif isinstance(x, Mapping):
+                stack.extend(x.values())
     return False
 
 
