@@ -38,7 +38,7 @@ atomically. Pass ``copy=True`` to get arrays that own their memory.
 Per-array overhead
 ------------------
 The public ``jax.device_put`` costs tens of microseconds per array, which dominates a
-zero-copy load. :data:`PUT` is chosen once at import: ``xla_client.batched_device_put``
+zero-copy load. :data:`PUT` is chosen once, on first use: ``xla_client.batched_device_put``
 (the primitive ``jax.device_put`` ends in, measured 5-15x cheaper on jax 0.10 and 0.12)
 when it is present and passes a self-check, else the public API (:class:`PublicPut`).
 """
@@ -189,9 +189,19 @@ def _select_put() -> PublicPut:
         return PublicPut()
 
 
-#: The placement strategy in use. Tests replace it with ``PublicPut()`` to exercise the
-#: fallback; the environment variable ``SAFECODEC_JAX_PUBLIC_API=1`` does it at import.
-PUT: PublicPut = _select_put()
+#: The placement strategy in use, chosen on first use (never at import: importing
+#: safecodec.jax must not start JAX's backend, e.g. before ``jax.distributed.initialize``).
+#: Tests set it to ``PublicPut()`` to exercise the fallback; the environment variable
+#: ``SAFECODEC_JAX_PUBLIC_API=1`` makes that the choice.
+PUT: PublicPut | None = None
+
+
+def placement() -> PublicPut:
+    """The placement strategy, selecting it on first call."""
+    global PUT
+    if PUT is None:
+        PUT = _select_put()
+    return PUT
 
 
 # ----------------------------------------------------------------------------- converter
@@ -433,7 +443,7 @@ class Converter:
             buf = self.handle._reader_checked()._buf
             if buf is not None and not buf.readonly:
                 arr = _copy(arr)  # a view of a caller's writable buffer
-        return PUT.single(arr, device, committed)
+        return placement().single(arr, device, committed)
 
     def load_tensor(self, info: TensorInfo) -> jax.Array:
         """The whole tensor ``info`` as a jax.Array (placed or sharded)."""
@@ -443,7 +453,7 @@ class Converter:
         target = self._check_dtype(info)
         device, committed = self._target()
         host = self._host_full(info, target, device.platform == "cpu")
-        return PUT.single(host, device, committed)
+        return placement().single(host, device, committed)
 
     def load_all(self, infos: Iterable[TensorInfo]) -> dict[str, jax.Array]:
         """Every tensor in ``infos``; unsharded tensors are placed in one batch per
@@ -474,7 +484,7 @@ class Converter:
                 out[info.name] = None
                 batch.append(self._host_full(info, target, cpu))
                 batch_names.append(info.name)
-            for name, arr in zip(batch_names, PUT.many(batch, device, committed), strict=True):
+            for name, arr in zip(batch_names, placement().many(batch, device, committed), strict=True):
                 out[name] = arr
         finally:
             self._flush_warning()
@@ -508,7 +518,7 @@ class Converter:
                     host = self._host_block(info, key, target)
                 blocks[key] = host
             shards.append(host)
-        return PUT.sharded(shape, target, sharding, shards, devices)
+        return placement().sharded(shape, target, sharding, shards, devices)
 
 
 _PREAD_MIN: Final = 1 << 16

@@ -67,13 +67,19 @@ def read_header(source: Any, *, fs: Any = None,
 
     Returns:
         The :class:`~safecodec.Header`: ``tensors`` (name -> dtype, shape, offsets),
-        ``metadata``, ``header_size``, ``file_size``.
+        ``metadata``, ``header_size``, ``file_size``. For a sharded checkpoint (a directory
+        or an index), the combined header of its shards (offsets relative to each shard).
 
     Example:
         >>> import numpy as np, safecodec as sc
         >>> sc.read_header(sc.save({"w": np.zeros((2, 3), np.float32)})).tensors["w"].shape
         (2, 3)
     """
+    from ._sharded import find_sharded
+
+    if find_sharded(source, fs, storage_options) is not None:  # a directory or an index
+        with safe_open(source, fs=fs, storage_options=storage_options) as handle:
+            return handle.header  # type: ignore[no-any-return]
     src = open_source(source, fs=fs, storage_options=storage_options)
     try:
         header, _ = _read_header_from(src)
