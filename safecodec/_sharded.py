@@ -147,7 +147,7 @@ def find_sharded(source: Any, fs: Any = None,
     where its index is; None for anything else (a plain file, bytes, a file object).
 
     Costs no request for names ending in ``.safetensors``; a remote name ending in neither
-    ``.safetensors`` nor ``.json`` costs one (is it a directory?).
+    ``.safetensors`` nor ``.json`` costs one metadata request (is it a directory?).
     """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
@@ -174,7 +174,12 @@ def find_sharded(source: Any, fs: Any = None,
     filesystem, path = resolve_fs(source, fs, storage_options)
     if source.endswith(".json"):
         return _Location(path, filesystem, name=source)
-    if not filesystem.isdir(path):
+    # info, not isdir: HTTP's isdir would GET (download) a file to look for links in it.
+    try:
+        kind = filesystem.info(path).get("type")
+    except FileNotFoundError:
+        return None  # let the plain open report it
+    if kind != "directory":
         return None
     entries = filesystem.ls(path, detail=False)
     files = sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)

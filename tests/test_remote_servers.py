@@ -104,6 +104,18 @@ def test_http_truncated_object_is_reported(http_server, served):
             f.get_tensor("embed")
 
 
+def test_http_name_without_suffix_is_not_downloaded(http_server, served):
+    """Deciding whether a URL is a sharded directory costs one HEAD, never a GET of it."""
+    _, t, path = served
+    other = path[: -len(".safetensors")] + ".bin"
+    os.replace(path, other)
+    c = http_server.counter
+    with sc.safe_open(http_server.url(os.path.basename(other))) as f:
+        np.testing.assert_array_equal(f.get_tensor("b1"), t["b1"])
+    assert c.bytes_sent == FIRST_READ + t["b1"].nbytes
+    assert [line.split()[0] for line in c.log] == ["HEAD", "HEAD", "GET", "GET"]
+
+
 def test_http_cannot_be_written(http_server):
     with pytest.raises(sc.RemoteIOError, match=r"writing .* failed"):
         sc.save_file({"a": np.ones(3)}, http_server.url("new.safetensors"))

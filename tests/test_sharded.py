@@ -384,3 +384,13 @@ def test_sharded_jax_sharding_mapping_and_tree_loading(tmp_path):
     # The tree loader works over a sharded checkpoint (names unflatten at the dots).
     tree = sc.load_tree(d)
     np.testing.assert_array_equal(np.asarray(tree["layers"]["1"]["w"]), t["layers.1.w"])
+
+
+def test_read_header_of_a_sharded_checkpoint(tmp_path, mem_url):
+    d = _write(tmp_path)
+    header = sc.read_header(d)
+    assert set(header.tensors) == set(_model())
+    assert header.metadata == {"format": "np"}
+    assert header.tensors["embed"].shape == (100, 64)
+    save_sharded(_model(), f"{mem_url}/ck", max_shard_size="10KiB")
+    assert set(sc.read_header(f"{mem_url}/ck").tensors) == set(_model())
