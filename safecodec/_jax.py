@@ -299,7 +299,7 @@ class Converter:
         if dt.packed and not self.handle._unpack:
             return np.dtype(np.uint8)
         want = dt.numpy
-        got = np.dtype(jax.dtypes.canonicalize_dtype(want))
+        got = _canonical(want)
         if got != want:
             self._narrow(info, want, got)
         return got
@@ -363,11 +363,69 @@ class Converter:
         view = reader.array(info)
         if view.dtype != target:
             return _cast(view, target)
-        if cpu and info.nbytes and not _aligned(view):
+        if cpu and info.nbytes and (
+            self._base_address(buf) + reader.header.data_start + info.begin) % ALIGNMENT:
             return self._copy_unaligned(view, info)
         if info.nbytes:
             self.aliased += 1 if cpu else 0
         return view
+
+    def _needs_copy(self, info: TensorInfo) -> bool:
+        """True when tensor ``info`` cannot be aliased on CPU (see :meth:`_host_full`)."""
+        reader = self.handle._reader_checked()
+        buf = reader._buf
+        if info.dtype.packed or not info.nbytes or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+            return False
+        if buf is None or not buf.readonly:
+            return True
+        return (self._base_address(buf) + reader.header.data_start + info.begin) % ALIGNMENT != 0
+
+    def _base_address(self, buf: memoryview) -> int:
+        base = getattr(self, "_base", None)
+        if base is None or base[0] is not buf:
+            base = self._base = (buf, np.frombuffer(buf, np.uint8, 0 if not len(buf) else 1).ctypes.data)
+        return base[1]
+
+    def _copy_runs(self, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
+        """The one copy of every tensor that cannot be aliased, done per run of tensors
+        that follow each other in the file: one read per run into one buffer placed so
+        that most of them land 64-byte aligned (in a file from the reference writer,
+        usually all of them: their sizes are multiples of 64, so they share one
+        misalignment). Those alias the buffer; the rest get their own aligned copy."""
+        reader = self.handle._reader_checked()
+        start = reader.header.data_start
+        runs: list[list[TensorInfo]] = []
+        for info in infos:
+            if not self._needs_copy(info):
+                continue
+            if runs and runs[-1][-1].end == info.begin:
+                runs[-1].append(info)
+            else:
+                runs.append([info])
+        out: dict[str, np.ndarray] = {}
+        for run in runs:
+            if len(run) == 1:
+                continue  # the per-tensor path does the same work
+            weight: dict[int, int] = {}
+            for info in run:
+                r = (start + info.begin) % ALIGNMENT
+                weight[r] = weight.get(r, 0) + info.nbytes
+            residue = max(weight, key=weight.__getitem__)
+            lo, hi = start + run[0].begin, start + run[-1].end
+            arena = np.empty(hi - lo + 2 * ALIGNMENT, np.uint8)
+            shift = (residue - arena.ctypes.data) % ALIGNMENT
+            region = arena[shift : shift + hi - lo]
+            if reader._buf is None or getattr(reader.source, "_fd", None) is not None:
+                # positioned reads from the page cache beat faulting the mapping in
+                reader.source.readinto(lo, memoryview(region), f"tensors {run[0].name!r}..")
+            else:
+                region[:] = np.frombuffer(reader._buf, np.uint8, hi - lo, lo)
+            for info in run:
+                piece = region[start + info.begin - lo : start + info.end - lo]
+                arr = piece.view(info.dtype.numpy).reshape(info.shape)
+                out[info.name] = arr if _aligned(arr) else _copy(arr)
+                self.bytes_loaded += info.nbytes
+        return out
 
     def _copy_unaligned(self, view: np.ndarray, info: TensorInfo) -> np.ndarray:
         """The one copy of a tensor that is not 64-byte aligned in the file."""
@@ -475,14 +533,18 @@ class Converter:
             out: dict[str, Any] = {}
             batch: list[np.ndarray] = []
             batch_names: list[str] = []
+            plain: list[tuple[TensorInfo, np.dtype]] = []
             for info in infos:
                 sharding = self._sharding_for(info)
                 if sharding is not None:
                     out[info.name] = self._load_sharded(info, sharding)
                     continue
-                target = self._check_dtype(info)
                 out[info.name] = None
-                batch.append(self._host_full(info, target, cpu))
+                plain.append((info, self._check_dtype(info)))
+            copied = self._copy_runs([i for i, t in plain if t == i.dtype.numpy]) if cpu else {}
+            for info, target in plain:
+                host = copied.get(info.name)
+                batch.append(host if host is not None else self._host_full(info, target, cpu))
                 batch_names.append(info.name)
             for name, arr in zip(batch_names, placement().many(batch, device, committed), strict=True):
                 out[name] = arr
@@ -522,6 +584,20 @@ class Converter:
 
 
 _PREAD_MIN: Final = 1 << 16
+
+
+def _canonical(dtype: np.dtype) -> np.dtype:
+    """The dtype JAX stores ``dtype`` as (64-bit types narrow when x64 is off). Cached
+    per x64 setting: it is asked once per tensor."""
+    x64 = bool(jax.config.jax_enable_x64)
+    key = (dtype, x64)
+    got = _CANONICAL.get(key)
+    if got is None:
+        got = _CANONICAL[key] = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    return got
+
+
+_CANONICAL: dict[tuple[np.dtype, bool], np.dtype] = {}
 
 
 def _copy(arr: np.ndarray) -> np.ndarray:
