@@ -406,6 +406,20 @@ def _touch(arr: np.ndarray) -> None:
         np.count_nonzero(flat[start : start + VERIFY_CHUNK])
 
 
+def _count_nonfinite(arr: np.ndarray) -> int:
+    """NaN and infinite elements, in chunks. ml_dtypes floats (bfloat16, float8...) have no
+    NumPy ufunc loops of their own, so they are widened to float32 first."""
+    flat = arr.reshape(-1)
+    widen = arr.dtype.kind != "f"
+    bad = 0
+    for start in range(0, flat.size, DIFF_CHUNK):
+        chunk = flat[start : start + DIFF_CHUNK]
+        if widen:
+            chunk = chunk.astype(np.float32)
+        bad += chunk.size - int(np.count_nonzero(np.isfinite(chunk)))
+    return bad
+
+
 def _verify_part(part: Part, finite: bool, progress: _Progress) -> tuple[int, int, bool]:
     """Strictly read one file; return (tensors, bytes, whether checksums were verified).
     Raises on the first failed check."""
@@ -415,9 +429,7 @@ def _verify_part(part: Part, finite: bool, progress: _Progress) -> tuple[int, in
             arr = f.get_tensor(info.name)
             _touch(arr)
             if finite and info.dtype.code in FLOAT_CODES and arr.size:
-                bad = int(arr.size - np.count_nonzero(np.isfinite(arr.astype(np.float32)
-                                                                  if arr.dtype.kind == "V" or
-                                                                  arr.dtype.itemsize < 2 else arr)))
+                bad = _count_nonfinite(arr)
                 if bad:
                     raise SafecodecError(
                         f"tensor {info.name!r}: {bad} of {arr.size} elements are NaN or infinite"

@@ -316,6 +316,23 @@ def test_inspect_reads_remote_urls(capsys):
     assert data["metadata"] == {"k": "v"}
 
 
+def test_progress_bar_only_on_a_tty(monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert _cli._Progress(100, "x", enabled=True)._bar is None
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert _cli._Progress(100, "x", enabled=False)._bar is None
+    with _cli._Progress(100, "x", enabled=True) as bar:
+        bar.update(60)
+        assert bar._bar is not None and bar._bar.n == 60
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn])
+def test_count_nonfinite_for_every_float_family(dtype):
+    x = np.array([1.0, np.nan, 2.0, np.inf, -np.inf if dtype != ml_dtypes.float8_e4m3fn else np.nan])
+    assert _cli._count_nonfinite(x.astype(dtype)) == 3
+
+
 def test_compare_arrays_treats_matching_nan_and_inf_as_equal():
     a = np.array([np.nan, np.inf, 1.0, -np.inf, 5.0], np.float32)
     b = np.array([np.nan, np.inf, 1.5, np.inf, 5.0], np.float32)
