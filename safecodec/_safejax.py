@@ -11,6 +11,7 @@ Names stay ``.``-joined, so files interchange with
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -181,9 +182,9 @@ def _flat_items(source: Any, fs: Any) -> tuple[list[tuple[str, Any, str | None]]
                 key, sep, kind = name.rpartition(OBJAX_TYPE_SEPARATOR)
                 triples.append((name, key, kind) if sep else (name, name, None))
         loader = _Loader(handle)
-        values: list[Any] = [None] * len(triples)
+        values: dict[int, Any] = {}
         for i, (name, _, _) in enumerate(triples):
-            loader.to_jax(name, None, lambda v, i=i: values.__setitem__(i, v))
+            loader.to_jax(name, None, functools.partial(values.__setitem__, i))
         extra = [n for n in handle.header.tensors if n not in loader.used]
         if extra:
             raise TreeStructureError(

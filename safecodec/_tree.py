@@ -269,7 +269,7 @@ def _encode(x: Any, path: Path, flat: _Flat, var_type: str | None = None) -> Any
         dtype = np.dtype(value.dtype)
         code_for_numpy(dtype, render_path(path))  # refuses with the path and the cast to use
         index = len(flat.leaves)
-        flat.leaves.append((path, value, kind))
+        flat.leaves.append((path, value, str(kind)))
         if var_type is not None:
             flat.var_types[index] = var_type
         return {"leaf": index, "kind": kind}
@@ -371,7 +371,7 @@ def _name_nodes(node: Any, names: list[str]) -> Any:
             for pair in node["dict"]:
                 _name_nodes(pair[1], names)
         elif "list" in node or "tuple" in node:
-            for child in node.get("list", node.get("tuple")):
+            for child in node["list"] if "list" in node else node["tuple"]:
                 _name_nodes(child, names)
         elif "fields" in node:
             for triple in node["fields"]:
@@ -514,8 +514,8 @@ def _parse_record(text: str) -> Any:
 class _Entry:
     """What a file holds at one path."""
 
-    kind: str  # "leaf", "skip", "none", or a container
-    name: str | None = None
+    kind: str  # "leaf", "skip", "none", "empty"
+    name: str = ""
     leaf_kind: str = "array"
     type_name: str = ""
 
@@ -680,6 +680,9 @@ class _Slot:
 
     def __init__(self) -> None:
         self.value: Any = None
+
+    def set(self, value: Any) -> None:
+        self.value = value
 
 
 def _resolve(x: Any) -> Any:
@@ -990,7 +993,7 @@ def _resolve_deferred(x: Any) -> Any:
 def _rebuild_mapping(template: Mapping[Any, Any], values: dict[Any, Any]) -> Any:
     """A Mapping of the template's type with new values (VarCollection, OrderedDict...)."""
     try:
-        return type(template)(values)
+        return type(template)(values)  # type: ignore[call-arg]
     except Exception:
         return values
 
@@ -1085,7 +1088,7 @@ def _load_plain(handle: Any, record: Any, has_record: bool, loader: _Loader, jax
 
             def get(name: str) -> _Slot:
                 slot = slots[name] = _Slot()
-                loader.to_jax(name, None, lambda v, s=slot: setattr(s, "value", v))
+                loader.to_jax(name, None, slot.set)
                 return slot
 
             tree = unflatten_names(names, get)

@@ -11,6 +11,8 @@ Identical to :mod:`safecodec.jax`; see it for ``device=``, ``sharding=``, ``copy
 
 from __future__ import annotations
 
+from ._flax_tree import deserialize, serialize
 from .jax import load, load_file, save, save_file
 
-__all__ = ["load", "load_file", "save", "save_file"]
+# serialize/deserialize: safejax.flax's verbs for nested variables (FrozenDict by default).
+__all__ = ["deserialize", "load", "load_file", "save", "save_file", "serialize"]

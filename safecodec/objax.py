@@ -156,8 +156,9 @@ def load_into(target: Any, source: Any, *, fs: Any = None) -> Any:
     items, _ = _flat_items(source, fs)
     loaded = {key: value for key, value, _ in items}
     problems: list[str] = []
-    missing = [k for k in variables.keys() if k not in loaded]
-    unexpected = [k for k in loaded if k not in variables.keys()]
+    # A VarCollection iterates over its variables, not its keys: .keys() is needed.
+    missing = [k for k in variables.keys() if k not in loaded]  # noqa: SIM118
+    unexpected = [k for k in loaded if k not in variables.keys()]  # noqa: SIM118
     for key, var in variables.items():
         if key in loaded:
             new = loaded[key]

@@ -86,10 +86,10 @@ def test_flax_linen_file_from_safetensors_flax_loads_into_the_tree(tmp_path):
 def test_flax_frozen_dict_conveniences():
     from flax.core import FrozenDict, freeze
 
-    from safecodec import _flax_tree
+    import safecodec.flax as scf
 
     variables = freeze(linen_model().init(jax.random.key(2), X))
-    out = _flax_tree.deserialize(_flax_tree.serialize(variables))
+    out = scf.deserialize(scf.serialize(variables))
     assert isinstance(out, FrozenDict)
     assert_same_tree(variables.unfreeze(), out.unfreeze())
     like_frozen = sc.load_tree(sc.save_tree(variables), like=variables)
@@ -243,6 +243,6 @@ def test_equinox_mlp_with_activation_functions(tmp_path):
         plain = sc.load_tree(path)
     assert plain["activation"] is None and plain["layers"][0]["weight"].shape == (8, 4)
 
-    wrong = eqx.nn.MLP(4, 2, 16, 2, key=jax.random.key(0))
+    wrong = eqx.filter_eval_shape(eqx.nn.MLP, 4, 2, 16, 2, key=jax.random.key(0))
     with pytest.raises(sc.TreeStructureError, match=r"\.layers\[0\]\.weight: template float32\[16, 4\], file 'layers.0.weight' float32\[8, 4\]"):
         sc.load_tree(path, like=wrong)

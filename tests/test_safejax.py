@@ -124,7 +124,7 @@ def test_var_collection_types_and_order_restored(include):
     assert type(out) is objax.VarCollection
     assert list(out.keys()) == list(vc.keys())
     assert [type(v) for v in out.values()] == [type(v) for v in vc.values()]
-    for k in vc.keys():
+    for k in vc.keys():  # noqa: SIM118 (a VarCollection iterates over its variables)
         np.testing.assert_array_equal(np.asarray(out[k].value), np.asarray(vc[k].value))
 
 

@@ -125,7 +125,7 @@ def test_caller_tree_is_not_mutated():
 
 def test_user_metadata_round_trips_and_internal_keys_are_hidden():
     data = sc.save_tree({"w": np.ones(1)}, metadata={"epoch": "3", "note": "é"})
-    tree, md = sc.load_tree(data, with_metadata=True)
+    _, md = sc.load_tree(data, with_metadata=True)
     assert md == {"epoch": "3", "note": "é"}
     raw = sc.read_header(data).metadata
     assert TREE_KEY in raw and raw["epoch"] == "3"
