@@ -413,7 +413,8 @@ class Converter:
             residue = max(weight, key=weight.__getitem__)
             lo, hi = start + run[0].begin, start + run[-1].end
             arena = np.empty(hi - lo + 2 * ALIGNMENT, np.uint8)
-            shift = (residue - arena.ctypes.data) % ALIGNMENT
+            # file offset X lands at region + (X - lo): aligned when X % 64 == residue
+            shift = (lo - residue - arena.ctypes.data) % ALIGNMENT
             region = arena[shift : shift + hi - lo]
             if reader._buf is None or getattr(reader.source, "_fd", None) is not None:
                 # positioned reads from the page cache beat faulting the mapping in

@@ -102,6 +102,10 @@ def test_unaligned_tensor_is_copied_once_into_aligned_memory(tmp_path, put):
             assert ptr % 64 == 0  # ...into memory JAX aliased (no second copy)
             np.testing.assert_array_equal(np.asarray(out[name]), value)
         assert f._jax.aliased == 0
+        # one read for the run of both tensors, into one buffer placed to align them
+        t = f.header.tensors
+        gap = out["b"].unsafe_buffer_pointer() - out["a"].unsafe_buffer_pointer()
+        assert gap == t["b"].begin - t["a"].begin
 
 
 @cpu_only
