@@ -129,8 +129,9 @@ class _RangeHandler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{size}")
         self.end_headers()
-        self.wfile.write(body)
+        # Counted before sending, so that a client that has the bytes sees them counted.
         self.server.counter.add(nbytes=len(body))
+        self.wfile.write(body)
 
 
 class _RangeServer(ThreadingHTTPServer):
@@ -213,9 +214,9 @@ class CountingProxy:
                 data = src.recv(1 << 16)
                 if not data:
                     break
-                dst.sendall(data)
-                if downstream:
+                if downstream:  # counted before forwarding: no race with the client
                     self.counter.add(nbytes=len(data))
+                dst.sendall(data)
         except OSError:
             pass
         finally:
