@@ -110,9 +110,9 @@ def merge_ranges(
 
     Example:
         >>> merge_ranges([(100, 200), (0, 50), (60, 80), (10_000_000, 10_000_010)], gap=16)
-        [(0, 50), (60, 80), (100, 200), (10000000, 10000010)]
-        >>> merge_ranges([(0, 50), (60, 80)], gap=16)
-        [(0, 80)]
+        [(0, 80), (100, 200), (10000000, 10000010)]
+        >>> merge_ranges([(0, 50), (60, 80)], gap=4)
+        [(0, 50), (60, 80)]
     """
     gap = MERGE_GAP if gap is None else gap
     max_request = MAX_REQUEST if max_request is None else max_request
