@@ -234,9 +234,13 @@ def _operations(model: dict[str, np.ndarray], ours_path: str, ref_path: str) -> 
     import safecodec
 
     st_np = optional("safetensors.numpy")
+
+    def ref_save() -> None:
+        st_np.save_file(model, ref_path)
+        fsync_path(ref_path)  # the wheel does not fsync; safecodec's atomic save does
+
     ops = [
-        _Op("save", lambda: safecodec.save_file(model, ours_path),
-            (lambda: (st_np.save_file(model, ref_path), fsync_path(ref_path))) if st_np else None),
+        _Op("save", lambda: safecodec.save_file(model, ours_path), ref_save if st_np else None),
         _Op("load", lambda: safecodec.load_file(ours_path),
             (lambda: st_np.load_file(ours_path)) if st_np else None),
         _Op("load + read all", lambda: touch_all(safecodec.load_file(ours_path)),
@@ -244,11 +248,11 @@ def _operations(model: dict[str, np.ndarray], ours_path: str, ref_path: str) -> 
     ]
     st = optional("safetensors")
 
-    def ours_lazy() -> np.ndarray:
+    def ours_lazy() -> Any:
         with safecodec.safe_open(ours_path) as f:
             return f.get_tensor(LAZY_TENSOR)
 
-    def ref_lazy() -> np.ndarray:
+    def ref_lazy() -> Any:
         with st.safe_open(ours_path, framework="numpy") as f:
             return f.get_tensor(LAZY_TENSOR)
 
