@@ -18,6 +18,7 @@ from typing import Any
 
 from ._errors import SafecodecError, TreeStructureError
 from ._tree import (
+    MAX_TREE_DEPTH,
     OBJAX_TYPE_SEPARATOR,
     TREE_KEY,
     Path,
@@ -153,17 +154,20 @@ def deserialize(
 
 
 def _record_leaves(node: Any, path: Path, var_type: str | None,
-                   out: list[tuple[str, str, str | None]]) -> None:
+                   out: list[tuple[str, str, str | None]], depth: int = 0) -> None:
     """(tensor name, ``.``-joined path, variable type) for each stored leaf, in order."""
+    if depth > MAX_TREE_DEPTH + 16:
+        raise TreeStructureError(
+            f"the recorded tree structure is nested deeper than {MAX_TREE_DEPTH} levels")
     if node is None or not isinstance(node, dict):
         return
     if "leaf" in node:
         out.append((str(node["leaf"]), _join(path), var_type))
     elif "var" in node:
-        _record_leaves(node.get("value"), path, str(node["var"]), out)
+        _record_leaves(node.get("value"), path, str(node["var"]), out, depth + 1)
     elif "skip" not in node:
         for elem, child in _children_of(node, path):
-            _record_leaves(child, (*path, elem), var_type, out)
+            _record_leaves(child, (*path, elem), var_type, out, depth + 1)
 
 
 def _flat_items(source: Any, fs: Any) -> tuple[list[tuple[str, Any, str | None]], dict[str, str] | None]:

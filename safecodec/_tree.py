@@ -75,6 +75,10 @@ _JAX_FRAMEWORKS: Final = frozenset({"jax", "flax"})
 _NUMPY_FRAMEWORKS: Final = frozenset({"numpy", "np"})
 # How many problems a TreeStructureError lists before summarising the rest.
 _MAX_LISTED: Final = 200
+#: Deepest tree recorded. Each level is about three JSON levels in the record, and the
+#: record is read back recursively, so this keeps reading far from Python's recursion
+#: limit: no file can make load_tree raise RecursionError.
+MAX_TREE_DEPTH: Final = 200
 
 
 class SkippedLeavesWarning(UserWarning):
@@ -252,6 +256,11 @@ def _encode(x: Any, path: Path, flat: _Flat, var_type: str | None = None) -> Any
     """Record ``x`` (recursively) and collect its storable leaves; returns the JSON node."""
     if x is None:
         return None
+    if len(path) > MAX_TREE_DEPTH:
+        raise TreeStructureError(
+            f"the tree is nested deeper than {MAX_TREE_DEPTH} levels at "
+            f"{render_path(path[:8])}...; flatten it first"
+        )
     kind = _scalar_kind(x)
     if kind is not None or _is_prng_key(x):
         value = x
@@ -489,8 +498,8 @@ def split_metadata(metadata: Mapping[str, str] | None) -> tuple[dict[str, str] |
         try:
             if json.loads(own[TREE_KEY]).get("metadata") is False:
                 return None, own
-        except (ValueError, AttributeError):
-            pass
+        except (ValueError, AttributeError, RecursionError):
+            pass  # a broken record is reported by whoever reads the tree
     return user, own
 
 
@@ -499,6 +508,9 @@ def _parse_record(text: str) -> Any:
         record = json.loads(text)
     except ValueError as exc:
         raise TreeStructureError(f"the recorded tree structure ({TREE_KEY!r}) is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise TreeStructureError(
+            f"the recorded tree structure is nested deeper than {MAX_TREE_DEPTH} levels") from None
     if not isinstance(record, dict) or "tree" not in record:
         raise TreeStructureError(f"the recorded tree structure ({TREE_KEY!r}) has no 'tree' entry")
     version = record.get("version")
@@ -528,8 +540,9 @@ def _bad_node(node: Any, path: Path) -> TreeStructureError:
 
 def _walk_record(node: Any, path: Path, out: dict[tuple[Any, ...], _Entry], depth: int = 0) -> None:
     """Collect path -> entry for every leaf, skipped leaf and None of a recorded tree."""
-    if depth > 10_000:
-        raise TreeStructureError("the recorded tree structure is nested too deeply")
+    if depth > MAX_TREE_DEPTH + 16:  # + a few variable wrappers, which add no level
+        raise TreeStructureError(
+            f"the recorded tree structure is nested deeper than {MAX_TREE_DEPTH} levels")
     if node is None:
         out[_match_key(path)] = _Entry("none")
         return
@@ -702,8 +715,9 @@ def _resolve(x: Any) -> Any:
 def _build_plain(node: Any, path: Path, loader: _Loader, jax_out: bool, skipped: list[Path],
                  depth: int = 0) -> Any:
     """Rebuild a recorded tree with builtin containers (custom nodes become dicts)."""
-    if depth > 10_000:
-        raise TreeStructureError("the recorded tree structure is nested too deeply")
+    if depth > MAX_TREE_DEPTH + 16:  # + a few variable wrappers, which add no level
+        raise TreeStructureError(
+            f"the recorded tree structure is nested deeper than {MAX_TREE_DEPTH} levels")
     if node is None:
         return None
     if not isinstance(node, dict):

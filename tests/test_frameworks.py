@@ -40,10 +40,10 @@ def linen_model():
 
 
 def test_flax_linen_variables_with_batch_stats_and_bf16(tmp_path):
+    model = linen_model()
     from flax.core import FrozenDict
     from flax.traverse_util import flatten_dict
 
-    model = linen_model()
     variables = model.init(jax.random.key(0), X)
     # one training step so batch_stats are not the initial values
     _, updates = model.apply(variables, X, train=True, mutable=["batch_stats"])
@@ -70,9 +70,9 @@ def test_flax_linen_variables_with_batch_stats_and_bf16(tmp_path):
 
 def test_flax_linen_file_from_safetensors_flax_loads_into_the_tree(tmp_path):
     stf = pytest.importorskip("safetensors.flax")
+    model = linen_model()
     from flax.traverse_util import flatten_dict
 
-    model = linen_model()
     variables = model.init(jax.random.key(1), X)
     path = tmp_path / "ref.safetensors"
     stf.save_file(flatten_dict(variables, sep="."), str(path))
@@ -84,6 +84,7 @@ def test_flax_linen_file_from_safetensors_flax_loads_into_the_tree(tmp_path):
 
 
 def test_flax_frozen_dict_conveniences():
+    pytest.importorskip("flax")
     from flax.core import FrozenDict, freeze
 
     import safecodec.flax as scf
@@ -114,9 +115,9 @@ def nnx_model(seed):
 
 
 def test_flax_nnx_state_round_trip_and_update(tmp_path):
+    model = nnx_model(0)
     from flax import nnx
 
-    model = nnx_model(0)
     model.train()
     model(X)  # update BatchStat
     model.eval()
@@ -145,9 +146,9 @@ def test_flax_nnx_state_round_trip_and_update(tmp_path):
 
 
 def test_flax_nnx_without_template_gives_a_pure_dict_with_int_keys(tmp_path):
+    model = nnx_model(0)
     from flax import nnx
 
-    model = nnx_model(0)
     model.eval()
     pure = sc.load_tree(sc.save_tree(nnx.state(model)), framework="jax")
     assert set(pure) == {"layers", "bn"} and set(pure["layers"]) == {0, 1}

@@ -337,3 +337,25 @@ def test_hypothesis_round_trips():
         same(tree, sc.load_tree(sc.save_tree(tree)))
 
     check()
+
+
+def test_too_deep_trees_are_refused_on_save_and_load():
+    from safecodec._tree import MAX_TREE_DEPTH
+
+    deep: object = np.ones(1)
+    for _ in range(MAX_TREE_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(sc.TreeStructureError, match=rf"nested deeper than {MAX_TREE_DEPTH} levels"):
+        sc.save_tree(deep)
+    ok: object = np.ones(1)
+    for _ in range(MAX_TREE_DEPTH - 1):
+        ok = {"k": ok}
+    same(ok, sc.load_tree(sc.save_tree(ok)))
+    # Hostile records: JSON nested past the recursion limit, and a deep but valid one.
+    deep_record = '{"version":1,"tree":' + '{"list":[' * 300 + "null" + "]}" * 300 + "}"
+    for text in ("[" * 100_000 + "]" * 100_000, deep_record):
+        md = {TREE_KEY: text}
+        with pytest.raises(sc.TreeStructureError, match=r"nested deeper than|has no 'tree' entry"):
+            sc.load_tree(sc.save({}, md))
+        with pytest.raises(sc.TreeStructureError, match=r"nested deeper than|has no 'tree' entry"):
+            sc.load_tree(sc.save({}, md), like={})
