@@ -107,12 +107,12 @@ def _native(arr: np.ndarray, dtype: DType) -> np.ndarray:
 
 
 def _view(buf: memoryview, offset: int, info: TensorInfo) -> np.ndarray:
-    dt = info.dtype
-    count = info.count
-    if count == 0:
-        return np.empty(info.shape, dt.numpy)
-    arr = np.frombuffer(buf, dtype=dt.numpy, count=count, offset=offset)
-    return arr.reshape(info.shape)
+    if info.end == info.begin:  # zero elements (packed dtypes never reach here)
+        return np.empty(info.shape, info.dtype.numpy)
+    # One constructor call, shape included: ~2.5x cheaper per tensor than frombuffer +
+    # reshape, which is what 10,000 small tensors pay (benchmarks/run.py). Same result: a
+    # view whose base keeps ``buf`` alive, writable exactly when ``buf`` is.
+    return np.ndarray(info.shape, info.dtype.numpy, buf, offset)
 
 
 class _Reader:
