@@ -23,12 +23,19 @@ The checks, in the order the reference reader makes them (each raises its own er
    below 2**64 (``1.0``, ``1e0``, ``-0``, ``true`` rejected); ``data_offsets`` has two;
    all three fields are required, unknown fields are ignored, a repeated field is an
    error; ``__metadata__`` maps str to str, appears at most once, repeated keys inside it
-   keep the last value.
+   keep the last value. Numbers anywhere (ignored fields included) must be within the
+   f64 range *as serde_json computes it* (``1e400``, a 400-digit integer and even
+   ``1.7976931348623158e308`` are "out of range"; see ``_f64_out_of_range``).
 6. tensors walked in (BEGIN, END) order with a cursor from 0: BEGIN must equal the cursor
    and END >= BEGIN ("invalid offset"); the element count times the bit width must fit in
    64 bits ("overflow"); must be whole bytes ("misaligned"); END - BEGIN must equal the
    byte size ("invalid shape, data type, or offset").
 7. 8 + N + final cursor must equal the source size ("file not fully covered").
+
+Speed: headers in the canonical compact form that every known writer emits are checked
+and split by two regular-expression passes and C-level list operations; any other header
+(and any header with a problem to report) goes through :mod:`json` with strict hooks and a
+tensor-by-tensor walk, which alone words the errors.
 
 Two deliberate deviations from the reference: a tensor name that appears twice is
 rejected (the reference silently keeps the last), and NUL characters in tensor names or
@@ -44,11 +51,13 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 import struct
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Final, NamedTuple
 
 from ._dtypes import DTYPES, DType
@@ -86,11 +95,8 @@ TENSOR_FIELDS: Final = ("dtype", "shape", "data_offsets")
 
 _U64 = struct.Struct("<Q")
 _WS: Final = " \t\n\r"  # JSON whitespace; nothing else may surround the object
-# A digit run this long may be an integer at or beyond 2**64 (the general path checks it).
-_LONG_DIGITS = re.compile(r"[0-9]{19}")
-#: Python's own limit on int() digits (sys.get_int_max_str_digits) does not matter here:
-#: an integer literal this long is far beyond f64, where the reference fails anyway.
-_F64_MAX_DIGITS: Final = 309
+# A digit run this long may be an integer beyond u64 (serde_json then makes it an f64).
+_LONG_DIGITS = re.compile(r"[0-9]{20}")
 
 # --- the canonical form, parsed by regular expressions alone (the fast path) ---------------
 # Every writer we know (the reference and safecodec) emits compact JSON: no whitespace
@@ -115,6 +121,7 @@ def _entry_pattern(group: str) -> str:
 
 
 _ENTRY_RE = re.compile(_entry_pattern("("))
+_BITS = operator.attrgetter("bits")
 _CANONICAL_RE = re.compile(
     rf"[{_WS}]*\{{"
     rf'(?:"__metadata__":(\{{(?:"{_PLAIN}":"{_PLAIN}"(?:,"{_PLAIN}":"{_PLAIN}")*)?\}})'
@@ -236,29 +243,91 @@ def _invalid_json(reason: str) -> HeaderError:
     return HeaderError(f"invalid JSON in header: {reason}")
 
 
+_U64_MAX_TEXT: Final = str(U64_LIMIT - 1)
+# Powers of ten as the reference's table holds them (f64 literals 1e0 .. 1e308).
+_POW10: Final = tuple(float(f"1e{i}") for i in range(309))
+
+
+def _f64_out_of_range(text: str) -> bool:
+    """Whether serde_json (as built into the reference, without its ``float_roundtrip``
+    feature) fails with "number out of range" on this JSON number literal.
+
+    serde_json does not round correctly at the edge of the f64 range: it keeps the first
+    digits that fit in a u64 significand, drops the rest (counting them in the exponent),
+    and multiplies by one power of ten. So ``1.7976931348623158e308``, which rounds to the
+    largest f64, is out of range for it, and so is the largest f64 written as an integer.
+    This replays that arithmetic exactly; the literal is known to be valid JSON.
+    """
+    body = text.lstrip("-")
+    cut = len(body)
+    for mark in ("e", "E"):
+        at = body.find(mark)
+        if at >= 0:
+            cut = at
+    mantissa, exp_text = body[:cut], body[cut + 1 :]
+    int_digits, _, frac_digits = mantissa.partition(".")
+    significand = 0
+    exponent = 0
+    full = False  # the significand stopped growing: later digits only scale
+    for c in int_digits:
+        if full:
+            exponent += 1
+            continue
+        nxt = significand * 10 + (ord(c) - 48)
+        if nxt >= U64_LIMIT:
+            full = True
+            exponent += 1
+        else:
+            significand = nxt
+    for c in frac_digits:
+        if full:
+            break  # digits after the point that do not fit are dropped
+        nxt = significand * 10 + (ord(c) - 48)
+        if nxt >= U64_LIMIT:
+            break
+        significand = nxt
+        exponent -= 1
+    if exp_text:
+        positive_exp = not exp_text.startswith("-")
+        digits = exp_text.lstrip("+-")
+        value = int(digits) if len(digits) <= 11 else 1 << 40
+        if value > 0x7FFF_FFFF:  # the exponent itself overflows an i32
+            return significand != 0 and positive_exp
+        exponent = exponent + value if positive_exp else exponent - value
+    f = float(significand)
+    while True:
+        index = abs(exponent)
+        if index < len(_POW10):
+            if exponent >= 0:
+                return f * _POW10[index] == math.inf
+            return False
+        if f == 0.0:
+            return False
+        if exponent >= 0:
+            return True
+        f /= 1e308
+        exponent += 308
+
+
 def _parse_int_checked(text: str) -> int | float:
     """Integer literals as the reference's serde_json sees them: ``-0`` is a float (so not
-    a valid shape entry or offset), and an integer beyond u64/i64 becomes an f64, which
-    fails when it is out of f64 range."""
+    a valid shape entry or offset), and an integer beyond u64 becomes an f64, which fails
+    when it is out of f64 range."""
     if text == "-0":
         return -0.0
-    if len(text) - (text[0] == "-") > _F64_MAX_DIGITS:
-        raise _invalid_json(f"number out of range: {text[:40]}... ({len(text)} characters)")
-    value = int(text)
-    if not -(1 << 63) <= value < U64_LIMIT:
-        try:
-            float(value)
-        except OverflowError:
-            raise _invalid_json(f"number out of range: {text[:40]}...") from None
-    return value
+    digits = text.lstrip("-")
+    if len(digits) > 20 or (len(digits) == 20 and digits > _U64_MAX_TEXT):
+        if _f64_out_of_range(text):
+            raise _invalid_json(f"number out of range: {text[:40]}... ({len(text)} characters)")
+        return float(text)  # beyond u64 the reference has a float, never a valid integer
+    return int(text)
 
 
 def _parse_float_checked(text: str) -> float:
-    """Float literals: serde_json fails on those beyond f64 (Python would give inf)."""
-    value = float(text)
-    if value in (math.inf, -math.inf):
+    """Float literals: serde_json fails on those beyond f64 (see :func:`_f64_out_of_range`)."""
+    if _f64_out_of_range(text):
         raise _invalid_json(f"number out of range: {text[:40]}")
-    return value
+    return float(text)
 
 
 def _reject_constant(text: str) -> Any:
@@ -471,7 +540,8 @@ def _parse_general(text: str) -> _Parsed:
 
 def _parse_canonical(text: str) -> _Parsed | None:
     """Check 5 for a header in canonical form (see the comment on ``_NUM``), or None when
-    the header is not in that form or anything about it needs a closer look."""
+    the header is not in that form. Repeated names are not looked for here (see
+    :func:`_tile_in_order`)."""
     match = _CANONICAL_RE.fullmatch(text)
     if match is None:
         return None
@@ -480,13 +550,50 @@ def _parse_canonical(text: str) -> _Parsed | None:
     rows = _ENTRY_RE.findall(text, match.start(2), match.end(2))
     if not rows:
         return _Parsed(metadata, [], [], [], [], [])
-    names, codes, shape_texts, begin_texts, end_texts = map(list, zip(*rows, strict=True))
-    dtypes = [DTYPES.get(code) for code in codes]
-    if None in dtypes or len(set(names)) != len(names) or METADATA_KEY in names:
-        return None  # unknown code, duplicate name, misplaced metadata: let the general path say
-    shapes = [tuple(map(int, s.split(","))) if s else () for s in shape_texts]
-    return _Parsed(metadata, names, dtypes, shapes,  # type: ignore[arg-type]
+    names, codes, shape_texts, begin_texts, end_texts = zip(*rows, strict=True)
+    dtypes = list(map(DTYPES.get, codes))
+    if None in dtypes:
+        return None  # an unknown code: the general path words the error
+    # The regex admitted only digits and commas: one C-level json call turns every shape
+    # into integers at once.
+    shapes = list(map(tuple, json.loads("[[" + "],[".join(shape_texts) + "]]")))
+    return _Parsed(metadata, list(names), dtypes, shapes,  # type: ignore[arg-type]
                    list(map(int, begin_texts)), list(map(int, end_texts)))
+
+
+def _tile_in_order(parsed: _Parsed, header_size: int, source_size: int) -> Header | None:
+    """Checks 6-7 for the common case, in C-level passes over whole lists: tensors listed
+    in offset order, no repeated name, every check passing. Returns None as soon as any of
+    that is not so; :func:`_walk` then decides (and words the error) tensor by tensor.
+
+    Listed-order tiling is the reference's sorted walk: if each tensor begins where the
+    previous one ended and ends at or after it begins, (BEGIN, END) never decreases, so
+    the list already is in the order the reference sorts into.
+    """
+    names, begins, ends, shapes = parsed.names, parsed.begins, parsed.ends, parsed.shapes
+    if not names:
+        return Header({}, parsed.metadata, header_size, source_size) if (
+            PREFIX_SIZE + header_size == source_size) else None
+    counts = list(map(math.prod, shapes))
+    nbits = list(map(operator.mul, counts, map(_BITS, parsed.dtypes)))
+    if max(nbits) >= U64_LIMIT or any(map(operator.and_, nbits, repeat(7))):
+        return None
+    if 0 in counts and any(_element_count(shapes[i]) is None
+                           for i, c in enumerate(counts) if not c):
+        return None
+    if (
+        begins[0] != 0
+        or begins[1:] != ends[:-1]
+        or list(map(operator.rshift, nbits, repeat(3))) != list(map(operator.sub, ends, begins))
+        or PREFIX_SIZE + header_size + ends[-1] != source_size
+    ):
+        return None
+    new = tuple.__new__
+    tensors = dict(zip(names, map(new, repeat(TensorInfo),
+                                  zip(names, parsed.dtypes, shapes, begins, ends))))
+    if len(tensors) != len(names) or METADATA_KEY in tensors:
+        return None
+    return Header(tensors, parsed.metadata, header_size, source_size)
 
 
 def _element_count(shape: tuple[int, ...]) -> int | None:
@@ -600,9 +707,13 @@ def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int)
             f"invalid UTF-8 in header at byte {exc.start} of {n}: {exc.reason}"
         ) from None
     parsed = _parse_canonical(text)
-    if parsed is None:
-        parsed = _parse_general(text)
-    return _walk(parsed, n, source_size)
+    if parsed is not None:
+        header = _tile_in_order(parsed, n, source_size)
+        if header is not None:
+            return header
+    # Not canonical, or something to report: the general parser and the tensor-by-tensor
+    # walk find the first problem in the reference's order and word it.
+    return _walk(_parse_general(text), n, source_size)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -714,6 +825,16 @@ def encode_header(
 ) -> bytes:
     """Encode the length prefix and the JSON header, padded with spaces so that the data
     section starts at a multiple of ``alignment`` (8: the reference's padding)."""
+    # Every character takes at least one byte: refuse hopeless headers before encoding them.
+    at_least = sum(len(t.name) for t in planned)
+    if metadata:
+        at_least += sum(len(k) + len(v) for k, v in metadata.items())
+    if at_least > MAX_HEADER_SIZE:
+        raise HeaderError(
+            f"header too large: at least {at_least} bytes of names and metadata, the limit "
+            f"is {MAX_HEADER_SIZE}; split the tensors over several files or shorten "
+            "names/metadata"
+        )
     obj: dict[str, Any] = {}
     if metadata is not None:
         obj[METADATA_KEY] = dict(metadata)

@@ -118,3 +118,10 @@ def serialize(
     out = bytes(st.serialize(specs, metadata=None if metadata is None else dict(metadata)))
     del keep_alive
     return out
+
+
+def metadata_of_file(path: str) -> dict[str, str] | None:
+    """The ``__metadata__`` the reference reader reports for a file on disk."""
+    st = _module()
+    with st.safe_open(path, framework="numpy") as f:
+        return f.metadata()
