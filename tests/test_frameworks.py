@@ -131,7 +131,9 @@ def test_flax_nnx_state_round_trip_and_update(tmp_path):
 
     fresh = nnx_model(1)
     fresh.eval()
+    before = np.asarray(fresh.layers[0].kernel[...]).copy()
     restored = sc.load_tree(path, like=nnx.state(fresh))
+    np.testing.assert_array_equal(np.asarray(fresh.layers[0].kernel[...]), before)  # untouched
     assert type(restored) is type(state)
     assert type(restored["bn"]["mean"]) is nnx.BatchStat
     nnx.update(fresh, restored)

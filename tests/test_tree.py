@@ -74,6 +74,15 @@ def test_round_trip_through_a_file(tmp_path):
     same(tree, sc.load_tree(str(path), copy=True))
 
 
+def test_numpy_leaves_are_copy_on_write_views(tmp_path):
+    path = tmp_path / "t.safetensors"
+    sc.save_tree({"w": np.zeros(16, np.float32)}, path)
+    out = sc.load_tree(path)
+    assert not out["w"].flags.owndata and out["w"].flags.writeable
+    out["w"][0] = 7.0
+    assert sc.load_tree(path)["w"][0] == 0.0
+
+
 @pytest.mark.parametrize(
     "tree",
     [{}, [], (), None, [[]], {"a": {}}, {"a": [None, {}]}, np.ones(3, np.float32), 5, [1, 2.0, True]],
