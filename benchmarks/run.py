@@ -296,6 +296,10 @@ def bench_import(module: str, samples: int) -> dict[str, Any] | None:
     if module != "safecodec" and importlib.util.find_spec(module.split(".")[0]) is None:
         return None
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Measure what an installed package costs: bytecode cached. With
+    # PYTHONDONTWRITEBYTECODE set, every sample would recompile each edited module; the
+    # first (uncounted) run writes the .pyc files instead.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     times: list[float] = []
     cpu: list[float] = []
     heavy: set[str] = set()
