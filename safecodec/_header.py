@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, Final, NamedTuple
 
+import numpy as np
+
 from ._dtypes import DTYPES, DType
 from ._errors import HeaderError, OffsetError
 
@@ -88,6 +90,8 @@ MAX_NESTING: Final = 127
 U64_LIMIT: Final = 1 << 64
 #: NumPy (np.intp) cannot hold a larger dimension, not even in an empty array.
 MAX_NUMPY_DIM: Final = sys.maxsize
+#: NumPy cannot make arrays of more dimensions (64 since NumPy 2, 32 before).
+MAX_NUMPY_NDIM: Final = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 #: Key that holds user metadata instead of a tensor.
 METADATA_KEY: Final = "__metadata__"
 #: The three fields a tensor entry must have, in the order the reference writes them.
@@ -669,9 +673,15 @@ def check_numpy_shape(info: TensorInfo) -> None:
 
     The format allows any u64 dimension as long as the element count fits (``[0, 2**63,
     2]`` is a valid empty tensor, and the reference accepts it), but NumPy refuses a
-    dimension above ``sys.maxsize`` even in an empty array. The header stays readable
+    dimension above ``sys.maxsize`` even in an empty array, and more than
+    :data:`MAX_NUMPY_NDIM` dimensions in any array. The header stays readable
     (``read_header``, ``keys()``); only materialising such a tensor fails, with this error.
     """
+    if len(info.shape) > MAX_NUMPY_NDIM:
+        raise OffsetError(
+            f"tensor {info.name!r} has {len(info.shape)} dimensions: valid in the format, "
+            f"but NumPy cannot represent more than {MAX_NUMPY_NDIM}"
+        )
     if info.shape and max(info.shape) > MAX_NUMPY_DIM:
         raise OffsetError(
             f"tensor {info.name!r} has shape {list(info.shape)}: valid in the format, but "

@@ -128,7 +128,7 @@ class _Reader:
 
     def array(self, info: TensorInfo) -> np.ndarray:
         """The whole tensor as an array: a view when possible (see module docstring)."""
-        if 0 in info.shape:  # an empty tensor may still have a dimension NumPy cannot hold
+        if 0 in info.shape or len(info.shape) > 32:  # shapes NumPy may be unable to hold
             check_numpy_shape(info)
         offset = self.header.data_start + info.begin
         dt = info.dtype
@@ -356,7 +356,7 @@ class TensorSlice:
         handle = self._handle
         reader = handle._reader_checked()
         info = self._info
-        if 0 in info.shape:
+        if 0 in info.shape or len(info.shape) > 32:
             check_numpy_shape(info)
         per_dim, new_axes = _normalize_index(index, info.shape, info.name)
         if reader._buf is not None and not info.dtype.packed:
