@@ -35,11 +35,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
+import jax
 
-import safecodec as sc  # noqa: E402
-import safecodec.jax as scj  # noqa: E402
-from safecodec import _jax  # noqa: E402
+import safecodec as sc
+import safecodec.jax as scj
+from safecodec import _jax
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -63,10 +63,10 @@ from ._reader import SafeOpen, plan_runs
 
 __all__ = [
     "ALIGNMENT",
+    "Converter",
     "InternalPut",
     "PrecisionWarning",
     "PublicPut",
-    "Converter",
     "load",
     "load_file",
     "save",

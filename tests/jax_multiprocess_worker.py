@@ -15,22 +15,22 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import json  # noqa: E402
+import json
 
-import jax  # noqa: E402
+import jax
 
 try:
     jax.config.update("jax_num_cpu_devices", 2)
 except (AttributeError, KeyError, RuntimeError):  # older JAX: XLA_FLAGS above does it
     pass
 
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import safecodec as sc  # noqa: E402
-import safecodec.jax as scj  # noqa: E402
+import safecodec as sc
+import safecodec.jax as scj
 
 
 def expected() -> dict[str, np.ndarray]:

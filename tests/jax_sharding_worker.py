@@ -14,27 +14,27 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import json  # noqa: E402
-import traceback  # noqa: E402
-import tracemalloc  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import json
+import traceback
+import tracemalloc
+from collections.abc import Callable
 
-import jax  # noqa: E402
+import jax
 
 try:
     jax.config.update("jax_num_cpu_devices", 8)
 except (AttributeError, KeyError, RuntimeError):  # older JAX: XLA_FLAGS above does it
     pass
 
-import ml_dtypes  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import safecodec as sc  # noqa: E402
-import safecodec.jax as scj  # noqa: E402
-from safecodec import _jax  # noqa: E402
+import safecodec as sc
+import safecodec.jax as scj
+from safecodec import _jax
 
 CHECKS: dict[str, Callable[[str], None]] = {}
 
@@ -258,7 +258,8 @@ def save_sharded_streams_and_matches_numpy(tmp: str) -> None:
     finally:
         tracemalloc.stop()
     assert peak < model["big"].nbytes // 4, peak  # never a whole tensor, let alone the model
-    got = open(os.path.join(tmp, "saved.safetensors"), "rb").read()
+    with open(os.path.join(tmp, "saved.safetensors"), "rb") as fh:
+        got = fh.read()
     assert got == sc.save(expect, metadata={"m": "1"})
     assert scj.save(arrays, metadata={"m": "1"}) == got
 

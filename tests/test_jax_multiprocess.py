@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("jax")
 
-import safecodec as sc  # noqa: E402
+import safecodec as sc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
