@@ -618,9 +618,14 @@ def _cast(arr: np.ndarray, target: np.dtype) -> np.ndarray:
 
 
 def open_jax(source: Any, *, device: Any = None, sharding: Any = None, copy: bool = False,
-             strict_x64: bool = False, fs: Any = None) -> SafeOpen:
-    """A ``safe_open`` handle with framework ``"jax"`` and this module's options."""
-    handle = SafeOpen(source, "jax", fs=fs, copy=copy, device=device, sharding=sharding)
+             strict_x64: bool = False, fs: Any = None,
+             storage_options: dict[str, Any] | None = None) -> Any:
+    """A ``safe_open`` handle with framework ``"jax"`` and this module's options (a
+    sharded handle for a directory or ``*.safetensors.index.json``)."""
+    from ._reader import safe_open
+
+    handle = safe_open(source, "jax", fs=fs, copy=copy, device=device, sharding=sharding,
+                       storage_options=storage_options)
     handle._jax.strict_x64 = strict_x64
     return handle
 
@@ -638,11 +643,12 @@ def load(data: Any, *, device: Any = None, sharding: Any = None,
 
 
 def load_file(path: Any, *, device: Any = None, sharding: Any = None, copy: bool = False,
-              strict_x64: bool = False, fs: Any = None) -> dict[str, jax.Array]:
+              strict_x64: bool = False, fs: Any = None,
+              storage_options: dict[str, Any] | None = None) -> dict[str, jax.Array]:
     """See :func:`safecodec.jax.load_file`."""
     with open_jax(path, device=device, sharding=sharding, copy=copy, strict_x64=strict_x64,
-                  fs=fs) as f:
-        return f.get_tensors()
+                  fs=fs, storage_options=storage_options) as f:
+        return f.get_tensors()  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------------------------------------- saving
@@ -767,12 +773,21 @@ def _barrier(name: str, timeout_s: float) -> None:
 
 
 def save_file(tensors: Mapping[str, Any], path: Any, metadata: Mapping[str, str] | None = None,
-              *, alignment: int = 64, fs: Any = None, timeout_s: float = 600.0) -> None:
+              *, alignment: int = 64, fs: Any = None, timeout_s: float = 600.0,
+              storage_options: dict[str, Any] | None = None,
+              max_shard_size: int | str | None = None) -> None:
     """See :func:`safecodec.jax.save_file`."""
     from ._source import is_remote
 
+    if max_shard_size is not None:
+        from ._sharded import save_sharded
+
+        save_sharded(tensors, path, metadata, max_shard_size=max_shard_size,
+                     alignment=alignment, fs=fs, storage_options=storage_options)
+        return
     if not isinstance(path, (str, os.PathLike)) or is_remote(os.fspath(path), fs):
-        _writer.save_file(tensors, path, metadata, alignment=alignment, fs=fs)
+        _writer.save_file(tensors, path, metadata, alignment=alignment, fs=fs,
+                          storage_options=storage_options)
         return
     header, planned, values = _writer.prepare(tensors, metadata, alignment)
     total = len(header) + (planned[-1].end if planned else 0)

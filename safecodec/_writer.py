@@ -303,6 +303,16 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _holds_jax_arrays(tensors: Any) -> bool:
+    """True when some value is a jax.Array (checked without importing jax)."""
+    import sys
+
+    jax = sys.modules.get("jax")
+    if jax is None or not isinstance(tensors, Mapping):
+        return False
+    return any(isinstance(v, jax.Array) for v in tensors.values())
+
+
 def save_file(
     tensors: Mapping[str, Any],
     path: Any,
@@ -349,6 +359,12 @@ def save_file(
         return
 
     if isinstance(path, str | os.PathLike) and not is_remote(os.fspath(path), fs):
+        if not checksums and _holds_jax_arrays(tensors):
+            # Shard by shard, at their offsets: never a whole gathered copy of an array.
+            from ._jax import save_file as save_jax
+
+            save_jax(tensors, path, metadata, alignment=alignment)
+            return
         header, planned, values = prepare(tensors, metadata, alignment, checksums=checksums)
         digests: dict[str, str] | None = {} if checksums else None
         out = AtomicFile(path)

@@ -51,7 +51,9 @@ def save(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, 
 
 
 def save_file(tensors: Mapping[str, Any], filename: Any, metadata: Mapping[str, str] | None = None,
-              *, alignment: int = 64, fs: Any = None, timeout_s: float = 600.0) -> None:
+              *, alignment: int = 64, fs: Any = None, timeout_s: float = 600.0,
+              storage_options: dict[str, Any] | None = None,
+              max_shard_size: int | str | None = None) -> None:
     """Write ``jax.Array`` values to a safetensors file, atomically and streaming.
 
     Arrays are written shard by shard at their byte offsets: the host memory used at any
@@ -73,12 +75,16 @@ def save_file(tensors: Mapping[str, Any], filename: Any, metadata: Mapping[str, 
         alignment: 64 (default) or 8.
         fs: An fsspec filesystem on which ``filename`` is a path.
         timeout_s: How long a multi-host save waits for the slowest process.
+        storage_options: Options for the fsspec filesystem a URL names.
+        max_shard_size: Write a sharded checkpoint (``"5GB"`` or bytes) with an index
+            instead of one file; see :func:`safecodec.save_file`.
 
     Raises:
         DtypeError, SafecodecError: See :func:`save`. Nothing appears at ``filename`` on
             failure.
     """
-    _jax.save_file(tensors, filename, metadata, alignment=alignment, fs=fs, timeout_s=timeout_s)
+    _jax.save_file(tensors, filename, metadata, alignment=alignment, fs=fs, timeout_s=timeout_s,
+                   storage_options=storage_options, max_shard_size=max_shard_size)
 
 
 def load(data: bytes | bytearray | memoryview, *, device: Any = None, sharding: Any = None,
@@ -111,7 +117,8 @@ def load(data: bytes | bytearray | memoryview, *, device: Any = None, sharding: 
 
 
 def load_file(filename: Any, *, device: Any = None, sharding: Any = None, copy: bool = False,
-              strict_x64: bool = False, fs: Any = None) -> dict[str, jax.Array]:
+              strict_x64: bool = False, fs: Any = None,
+              storage_options: dict[str, Any] | None = None) -> dict[str, jax.Array]:
     """Load every tensor of a safetensors file as ``jax.Array`` values.
 
     On CPU, tensors 64-byte aligned in the file share its read-only mapping (zero copy);
@@ -125,6 +132,10 @@ def load_file(filename: Any, *, device: Any = None, sharding: Any = None, copy: 
         copy: Give every array its own memory (one read from the page cache) instead of
             sharing the mapping; use it when the file may be modified in place.
         fs: An fsspec filesystem on which ``filename`` is a path.
+        storage_options: Options for the fsspec filesystem a URL names.
+
+    A directory or ``*.safetensors.index.json`` (local or remote) loads every shard of a
+    sharded checkpoint; ``sharding`` then applies across shards.
 
     Returns:
         name -> ``jax.Array``, in file order.
@@ -138,4 +149,4 @@ def load_file(filename: Any, *, device: Any = None, sharding: Any = None, copy: 
         >>> # params = scj.load_file("model.safetensors", device=jax.devices("cpu")[0])
     """
     return _jax.load_file(filename, device=device, sharding=sharding, copy=copy,
-                          strict_x64=strict_x64, fs=fs)
+                          strict_x64=strict_x64, fs=fs, storage_options=storage_options)
