@@ -434,6 +434,8 @@ def save_tree(
     *,
     alignment: int = 64,
     fs: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    max_shard_size: int | str | None = None,
 ) -> bytes | None:
     """Save any pytree losslessly to safetensors bytes or a file.
 
@@ -456,6 +458,9 @@ def save_tree(
         metadata: User metadata (str -> str). Keys may not start with ``safecodec.``.
         alignment: 64 (zero-copy layout, default) or 8 (the reference writer's layout).
         fs: An fsspec filesystem on which ``path`` lies.
+        storage_options: Options for the fsspec filesystem a URL names.
+        max_shard_size: Write a sharded checkpoint (shards plus an index) at ``path``;
+            :func:`load_tree` reads it back from the directory or the index.
 
     Returns:
         The file's bytes when ``path`` is None, else None.
@@ -477,7 +482,8 @@ def save_tree(
     tensors, md = flatten_tree(tree, metadata)
     if path is None:
         return save(tensors, md, alignment=alignment)
-    save_file(tensors, path, md, alignment=alignment, fs=fs)
+    save_file(tensors, path, md, alignment=alignment, fs=fs, storage_options=storage_options,
+              max_shard_size=max_shard_size)
     return None
 
 

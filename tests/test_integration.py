@@ -47,3 +47,13 @@ def test_generic_save_file_streams_jax_arrays(tmp_path):
     assert (tmp_path / "m.safetensors").read_bytes() == sc.save(params)
     for name, value in params.items():
         np.testing.assert_array_equal(back[name], np.asarray(value))
+
+
+def test_tree_saved_in_shards_loads_back_whole(tmp_path):
+    tree = {"enc": [np.ones((40, 40), np.float32), None], "dec": {"w": np.zeros((50, 50))},
+            "step": 7}
+    sc.save_tree(tree, tmp_path / "t", max_shard_size=10_000)
+    assert len(list((tmp_path / "t").glob("*.safetensors"))) > 1
+    back = sc.load_tree(tmp_path / "t")
+    assert back["step"] == 7 and back["enc"][1] is None
+    np.testing.assert_array_equal(back["dec"]["w"], tree["dec"]["w"])
