@@ -56,6 +56,7 @@ import safecodec  # noqa: E402
 from safecodec._bench import (  # noqa: E402
     LAZY_TENSOR,
     build_model,
+    fresh_target,
     fsync_path,
     machine_info,
     nbytes,
@@ -198,6 +199,8 @@ class _Memcpy:
 
 
 def _run_one(fn: Callable[[], Any]) -> float:
+    if getattr(fn, "target", None):
+        fresh_target(fn.target)  # type: ignore[attr-defined]
     seconds, result = time_call(fn)
     del result  # freeing copies / unmapping views stays outside the timer
     gc.collect()
@@ -226,7 +229,12 @@ def bench_model(label: str, model: dict[str, np.ndarray], directory: str, repeat
             if c.save is None:
                 return None
             target = base + ".save" + (c.suffix or ".x")
-            return lambda: c.save(model, target)  # type: ignore[misc]
+
+            def save() -> None:
+                c.save(model, target)  # type: ignore[misc]
+
+            save.target = target  # type: ignore[attr-defined]
+            return save
         if op == "load":
             return (lambda: c.load(path_for(c))) if c.load else None  # type: ignore[misc]
         if op == "load + read all":
@@ -482,9 +490,10 @@ def markdown(result: dict[str, Any]) -> str:
         "returns copy-on-write views of a memory mapping (nothing read yet), the others "
         "copy. `load + read all` also sums every tensor, so every byte is read from the "
         "page cache (the fair comparison when all data is used). `save` includes fsync for "
-        "every contender; on this machine's ext4 (mounted with `discard`) replacing a file "
-        "also pays about 1 s/GB for freeing the old file's blocks, for every contender (at "
-        "open(O_TRUNC) or at the atomic rename). `numpy memcpy` copies the same bytes, already in memory, once: "
+        "every contender, into a new file: before each save the previous output is deleted and "
+        "the filesystem synced, outside the timer (on this machine's ext4, mounted with "
+        "`discard`, freeing a replaced file costs about 1 s/GB and lands on whichever fsync "
+        "comes next, i.e. on the next contender). `numpy memcpy` copies the same bytes, already in memory, once: "
         "the floor for copying loads. `x safecodec` = contender median / safecodec median "
         "(above 1: safecodec is faster).",
         "",
@@ -532,8 +541,11 @@ def markdown(result: dict[str, Any]) -> str:
     if jax_files:
         lines += ["", "JAX-specific figures (aliasing, reference-written files, GPU): "
                   "`benchmarks/bench_jax.py`, raw results in "
-                  + ", ".join(f"[{f}]({f})" for f in jax_files) + "."]
-    lines += ["", "Plots: " + ", ".join(f"![{p}]({p})" for p in result.get("plots", [])), ""]
+                  + ", ".join(f"`benchmarks/results/{f}`" for f in jax_files) + "."]
+    if result.get("plots"):
+        lines += ["", "## Plots", ""]
+        for png in result["plots"]:
+            lines += [f"![{png[:-4].replace('_', ' ')}]({png})", ""]
     return "\n".join(lines)
 
 
@@ -603,11 +615,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--import-samples", type=int, default=None,
                         help="fresh interpreters per import figure (default 40, quick 3)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite results.md and the plots from an existing results.json "
+                        "in --out, measuring nothing")
     parser.add_argument("--memory-child", nargs=3, metavar=("CONTENDER", "SIZE", "DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child)))
+        return 0
+    if args.render_only:
+        out = Path(args.out)
+        saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        write_outputs(saved, out, plot=not args.no_plots)
         return 0
     quick = args.quick
     repeat = args.repeat or (2 if quick else 5)
@@ -669,14 +689,19 @@ def main(argv: list[str] | None = None) -> int:
         "memory": memory,
         "import": imports,
     }
+    write_outputs(result, out, plot=not args.no_plots)
+    print(markdown(result))
+    return 0
+
+
+def write_outputs(result: dict[str, Any], out: Path, *, plot: bool) -> None:
+    """Targets, plots, results.json and results.md from the raw figures."""
     result["jax_results"] = sorted(p.name for p in out.glob("bench_jax*.json")
                                    if "quick" not in p.name)
     result["targets"] = targets(result)
-    result["plots"] = [] if args.no_plots else plots(result, out)
+    result["plots"] = plots(result, out) if plot else []
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown(result), encoding="utf-8")
-    print(markdown(result))
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ Run it as ``python -m safecodec bench`` (or ``python -m safecodec._bench``)::
 
 What is measured (page cache warm, the same file for both readers):
 
-* ``save``: ``save_file`` of the whole model, fsync included for both writers (safecodec
-  fsyncs as part of its atomic replace; the reference file is fsynced after its call).
+* ``save``: ``save_file`` of the whole model into a new file, fsync included for both
+  writers (safecodec fsyncs as part of its atomic replace; the reference file is fsynced
+  after its call). The previous output is deleted and the filesystem synced before each
+  save, outside the timer (see :func:`fresh_target`).
 * ``load``: ``load_file``. safecodec returns copy-on-write views of a memory mapping and
   reads nothing yet; the reference copies every tensor into new memory.
 * ``load + read all``: ``load_file`` then a sum over every tensor, so that every byte is
@@ -122,6 +124,19 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def fresh_target(path: str) -> None:
+    """Delete a previous output and sync the filesystem (outside the timer), so that a
+    save is timed writing a new file. Freeing a replaced file's blocks is filesystem work
+    that some filesystems (ext4 mounted with ``discard``) bill to whichever fsync comes
+    next: without this, one writer would pay for the file another one replaced."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    if hasattr(os, "sync"):
+        os.sync()
+
+
 def touch_all(tensors: dict[str, Any]) -> float:
     """Read every byte of every tensor (a float64 sum), forcing mapped pages in."""
     total = 0.0
@@ -201,7 +216,7 @@ class _Op:
     name: str
     ours: Callable[[], Any]
     ref: Callable[[], Any] | None
-    after: Callable[[Any], None] | None = None  # runs outside the timer (e.g. drop views)
+    before: Callable[[str], None] | None = None  # runs outside the timer, per contender
 
 
 def _progress(total: int) -> Any:
@@ -240,7 +255,8 @@ def _operations(model: dict[str, np.ndarray], ours_path: str, ref_path: str) -> 
         fsync_path(ref_path)  # the wheel does not fsync; safecodec's atomic save does
 
     ops = [
-        _Op("save", lambda: safecodec.save_file(model, ours_path), ref_save if st_np else None),
+        _Op("save", lambda: safecodec.save_file(model, ours_path), ref_save if st_np else None,
+            before=fresh_target),
         _Op("load", lambda: safecodec.load_file(ours_path),
             (lambda: st_np.load_file(ours_path)) if st_np else None),
         _Op("load + read all", lambda: touch_all(safecodec.load_file(ours_path)),
@@ -337,6 +353,8 @@ def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
                 for who, fn in contenders:
                     bar.set_description(f"{op.name} ({who})")
                     if fn is not None:
+                        if op.before is not None:
+                            op.before(ours_path if who == "safecodec" else ref_path)
                         seconds, result = time_call(fn)
                         samples[op.name][who].append(seconds)
                         del result  # unmapping/freeing stays outside the timer

@@ -134,3 +134,11 @@ def test_benchmark_suite_quick(tmp_path: Path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in md
     assert {"save.png", "load.png", "small_tensors.png"} <= set(result["plots"])
+
+    # --render-only rebuilds the Markdown from results.json without measuring anything.
+    (out / "results.md").unlink()
+    proc = _run(["benchmarks/run.py", "--render-only", "--no-plots", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    again = (out / "results.md").read_text(encoding="utf-8")
+    assert again.split("## Plots")[0] == md.split("## Plots")[0]
+    assert "## Plots" not in again
