@@ -140,5 +140,5 @@ def test_benchmark_suite_quick(tmp_path: Path) -> None:
     proc = _run(["benchmarks/run.py", "--render-only", "--no-plots", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr
     again = (out / "results.md").read_text(encoding="utf-8")
-    assert again.split("## Plots")[0] == md.split("## Plots")[0]
+    assert again.split("## Plots")[0].rstrip() == md.split("## Plots")[0].rstrip()
     assert "## Plots" not in again
