@@ -117,7 +117,7 @@ _ROWS: Final = {
     "F6_E3M2": (6, "ml_dtypes.float6_e3m2fn"),
 }
 
-_STORAGE: Final = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
+_STORAGE: Final[dict[int, np.dtype[Any]]] = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
 
 #: code -> DType, for every one of the 22 codes.
 DTYPES: Final[dict[str, DType]] = {
@@ -188,3 +188,10 @@ def code_for_numpy(dtype: np.dtype, name: str = "") -> str:
     raise DtypeError(
         f"tensor {name!r} has dtype {label}, which has no safetensors code; {hint}"
     )
+
+
+def as_memoryview(arr: np.ndarray) -> memoryview:
+    """``memoryview(arr)``, typed: NumPy's stubs declare ``ndarray.__buffer__`` only for
+    Python >= 3.12, so type checkers targeting 3.11 reject the plain call. Every
+    ``memoryview`` of an array in the package goes through here."""
+    return memoryview(arr)  # type: ignore[arg-type]  # ndarray is a buffer; stubs say so only on 3.12+

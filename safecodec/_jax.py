@@ -50,7 +50,7 @@ import itertools
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import jax
 import numpy as np
@@ -96,7 +96,8 @@ def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
     nbytes = count * dt.itemsize
     raw = np.empty(nbytes + ALIGNMENT, np.uint8)
     start = (-raw.ctypes.data) % ALIGNMENT
-    return raw[start : start + nbytes].view(dt).reshape(tuple(shape))
+    out: np.ndarray = raw[start : start + nbytes].view(dt).reshape(tuple(shape))
+    return out
 
 
 def _aligned(arr: np.ndarray) -> bool:
@@ -114,7 +115,7 @@ class PublicPut:
 
     def single(self, arr: np.ndarray, device: Any, committed: bool) -> jax.Array:
         """One host array onto one device (committed when a device was asked for)."""
-        return jax.device_put(arr, device if committed else None)
+        return cast(jax.Array, jax.device_put(arr, device if committed else None))
 
     def many(self, arrs: list[np.ndarray], device: Any, committed: bool) -> list[jax.Array]:
         """Many host arrays onto one device, in one batched call."""
@@ -137,7 +138,7 @@ class InternalPut(PublicPut):
 
     def __init__(self) -> None:
         from jax._src import core
-        from jax._src.lib import xla_client
+        from jax._src.lib import xla_client  # type: ignore[attr-defined]  # private, not re-exported
 
         self._put = xla_client.batched_device_put
         self._aval_type = core.ShapedArray
@@ -155,7 +156,9 @@ class InternalPut(PublicPut):
         sharding = self._single.get(device)
         if sharding is None:
             sharding = self._single[device] = jax.sharding.SingleDeviceSharding(device)
-        return self._put(self._aval(arr.shape, arr.dtype), sharding, [arr], [device], committed)
+        out: jax.Array = self._put(self._aval(arr.shape, arr.dtype), sharding, [arr], [device],
+                                   committed)
+        return out
 
     def many(self, arrs: list[np.ndarray], device: Any, committed: bool) -> list[jax.Array]:
         if device.platform != "cpu":
@@ -166,7 +169,8 @@ class InternalPut(PublicPut):
 
     def sharded(self, shape: tuple[int, ...], dtype: np.dtype, sharding: Any,
                 shards: list[np.ndarray], devices: list[Any]) -> jax.Array:
-        return self._put(self._aval(shape, dtype), sharding, shards, devices, True)
+        out: jax.Array = self._put(self._aval(shape, dtype), sharding, shards, devices, True)
+        return out
 
 
 def _select_put() -> PublicPut:
@@ -208,7 +212,7 @@ def placement() -> PublicPut:
 
 
 def _default_device() -> Any:
-    dev = jax.config.jax_default_device
+    dev = jax.config.jax_default_device  # type: ignore[attr-defined]  # set at runtime, not in the stubs
     if dev is not None and not isinstance(dev, str):
         return dev
     if isinstance(dev, str):
@@ -221,7 +225,7 @@ def _index_key(index: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[tuple[in
     key = []
     for dim, item in itertools.zip_longest(shape, index, fillvalue=slice(None)):
         if isinstance(item, slice):
-            key.append(item.indices(dim))
+            key.append(item.indices(cast(int, dim)))  # a sharding indexes at most ndim dims
         else:  # an integer index never comes from a sharding, but be exact anyway
             i = int(item)
             key.append((i, i + 1, 1))
@@ -274,6 +278,7 @@ class Converter:
         spec = self.sharding
         if spec is None:
             return None
+        out: object
         if isinstance(spec, jax.sharding.Sharding):
             out = spec
         elif isinstance(spec, Mapping):
@@ -354,7 +359,7 @@ class Converter:
             if info.nbytes:
                 if buf is None:
                     reader.source.readinto(reader.header.data_start + info.begin,
-                                           memoryview(out.reshape(-1).view(np.uint8)),
+                                           _dtypes.as_memoryview(out.reshape(-1).view(np.uint8)),
                                            f"tensor {info.name!r}")
                 else:
                     start = reader.header.data_start + info.begin
@@ -418,7 +423,7 @@ class Converter:
             region = arena[shift : shift + hi - lo]
             if reader._buf is None or getattr(reader.source, "_fd", None) is not None:
                 # positioned reads from the page cache beat faulting the mapping in
-                reader.source.readinto(lo, memoryview(region), f"tensors {run[0].name!r}..")
+                reader.source.readinto(lo, _dtypes.as_memoryview(region), f"tensors {run[0].name!r}..")
             else:
                 region[:] = np.frombuffer(reader._buf, np.uint8, hi - lo, lo)
             for info in run:
@@ -436,7 +441,7 @@ class Converter:
         if fd is not None and info.nbytes >= _PREAD_MIN:
             # Straight from the page cache: cheaper than faulting the mapping in.
             reader.source.readinto(reader.header.data_start + info.begin,
-                                   memoryview(out.reshape(-1).view(np.uint8)),
+                                   _dtypes.as_memoryview(out.reshape(-1).view(np.uint8)),
                                    f"tensor {info.name!r}")
         else:
             np.copyto(out, view)
@@ -481,9 +486,10 @@ class Converter:
             for a, b in runs:
                 n = (b - a) * itemsize
                 if local:
-                    reader.source.readinto(base + a * itemsize, memoryview(flat[pos : pos + n]),
+                    reader.source.readinto(base + a * itemsize, _dtypes.as_memoryview(flat[pos : pos + n]),
                                            f"tensor {info.name!r}")
                 else:
+                    assert buf is not None  # not local, so the test above saw a buffer
                     flat[pos : pos + n] = np.frombuffer(buf, np.uint8, n, base + a * itemsize)
                 pos += n
         return out if target == dt.numpy else _cast(out, target)
@@ -590,7 +596,7 @@ _PREAD_MIN: Final = 1 << 16
 def _canonical(dtype: np.dtype) -> np.dtype:
     """The dtype JAX stores ``dtype`` as (64-bit types narrow when x64 is off). Cached
     per x64 setting: it is asked once per tensor."""
-    x64 = bool(jax.config.jax_enable_x64)
+    x64 = bool(jax.config.jax_enable_x64)  # type: ignore[attr-defined]  # set at runtime, not in the stubs
     key = (dtype, x64)
     got = _CANONICAL.get(key)
     if got is None:
@@ -639,7 +645,8 @@ def load(data: Any, *, device: Any = None, sharding: Any = None,
             "paths and file objects"
         )
     with open_jax(data, device=device, sharding=sharding, strict_x64=strict_x64) as f:
-        return f.get_tensors()
+        tensors: dict[str, jax.Array] = f.get_tensors()
+        return tensors
 
 
 def load_file(path: Any, *, device: Any = None, sharding: Any = None, copy: bool = False,

@@ -150,14 +150,14 @@ class _Reader:
             return np.frombuffer(self._buf, np.uint8, nbytes, offset)
         out = np.empty(nbytes, np.uint8)
         if nbytes:
-            self.source.readinto(offset, memoryview(out), f"tensor {name!r}")
+            self.source.readinto(offset, _dtypes.as_memoryview(out), f"tensor {name!r}")
         return out
 
     def _materialize(self, offset: int, info: TensorInfo) -> np.ndarray:
         """The one place a tensor is copied out of its source into new memory."""
         out = np.empty(info.shape, info.dtype.numpy)
         if info.nbytes:
-            self.source.readinto(offset, memoryview(out.reshape(-1).view(np.uint8)),
+            self.source.readinto(offset, _dtypes.as_memoryview(out.reshape(-1).view(np.uint8)),
                                  f"tensor {info.name!r}")
         return out
 
@@ -305,7 +305,7 @@ def _finish(block: np.ndarray, per_dim: list[Any], new_axes: list[int]) -> np.nd
             local.append(slice(None, None, -1))
         else:
             local.append(slice(None))
-    out = block[tuple(local)]
+    out: np.ndarray = block[tuple(local)]
     for pos in new_axes:
         out = np.expand_dims(out, pos)
     return out
@@ -361,7 +361,8 @@ class TensorSlice:
         per_dim, new_axes = _normalize_index(index, info.shape, info.name)
         if reader._buf is not None and not info.dtype.packed:
             full = reader.array(info)
-            return full[_numpy_index(per_dim, new_axes)]
+            part: np.ndarray = full[_numpy_index(per_dim, new_axes)]
+            return part
         return self._read_runs(reader, per_dim, new_axes)
 
     def _read_runs(self, reader: _Reader, per_dim: list[Any], new_axes: list[int]) -> np.ndarray:
@@ -618,7 +619,8 @@ class SafeOpen:
     @property
     def stats(self) -> dict[str, int]:
         """Bytes read and read requests made so far (header included)."""
-        return self._source.stats.as_dict()
+        stats: dict[str, int] = self._source.stats.as_dict()
+        return stats
 
     @property
     def closed(self) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from typing import IO, Any, Literal, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from ._errors import RemoteIOError, SafecodecError
 
@@ -89,6 +89,10 @@ class _SourceBase:
     def __init__(self) -> None:
         self.stats = _Stats()
 
+    if TYPE_CHECKING:  # every subclass defines it; declared here for the type checker only
+
+        def read(self, offset: int, length: int, what: str = "data") -> bytes | memoryview: ...
+
     def read_ranges(
         self, ranges: Sequence[tuple[int, int]], what: str = "data"
     ) -> list[bytes | memoryview]:
@@ -150,7 +154,7 @@ class FileSource(_SourceBase):
     def __init__(self, file: IO[bytes] | str | os.PathLike[str], name: str | None = None) -> None:
         super().__init__()
         self._owned = isinstance(file, (str, os.PathLike))
-        self._file: Any = open(file, "rb") if self._owned else file  # noqa: SIM115
+        self._file: Any = open(file, "rb") if isinstance(file, (str, os.PathLike)) else file  # noqa: SIM115
         self.name = name or str(getattr(self._file, "name", "file object"))
         self._lock = threading.Lock()
         self._fd: int | None = None

@@ -121,7 +121,7 @@ def _le_bytes(value: Any, t: PlannedTensor) -> Iterator[memoryview]:
         )
     dt = t.dtype
     if dt.packed:
-        yield memoryview(pack(np.ascontiguousarray(arr), dt, t.name))
+        yield _dtypes.as_memoryview(pack(np.ascontiguousarray(arr), dt, t.name))
         return
     if dt.bits > 8:
         order = arr.dtype.byteorder
@@ -134,14 +134,14 @@ def _le_bytes(value: Any, t: PlannedTensor) -> Iterator[memoryview]:
     if arr.size == 0:
         return
     if arr.flags.c_contiguous:
-        yield memoryview(arr.reshape(-1).view(np.uint8))
+        yield _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8))
         return
     # Non-contiguous: copy a bounded number of rows at a time, in C order.
     row_bytes = arr.itemsize * (arr.size // arr.shape[0])
     rows = max(1, WRITE_CHUNK // max(row_bytes, 1))
     for start in range(0, arr.shape[0], rows):
         piece = np.ascontiguousarray(arr[start : start + rows])
-        yield memoryview(piece.reshape(-1).view(np.uint8))
+        yield _dtypes.as_memoryview(piece.reshape(-1).view(np.uint8))
 
 
 def iter_tensor_bytes(
@@ -239,7 +239,7 @@ def clean_stale_temporaries(target: str) -> list[str]:
     gone). Returns the removed paths."""
     directory, base = os.path.split(os.path.abspath(target))
     prefix = f".{base}."
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
