@@ -49,6 +49,7 @@ first, so each of them starts 64-byte aligned.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import operator
@@ -57,7 +58,7 @@ import struct
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import accumulate, repeat
 from typing import Any, Final, NamedTuple
 
 import numpy as np
@@ -102,37 +103,28 @@ _WS: Final = " \t\n\r"  # JSON whitespace; nothing else may surround the object
 # A digit run this long may be an integer beyond u64 (serde_json then makes it an f64).
 _LONG_DIGITS = re.compile(r"[0-9]{20}")
 
-# --- the canonical form, parsed by regular expressions alone (the fast path) ---------------
+# --- the canonical form, parsed by one regular-expression pass (the fast path) -------------
 # Every writer we know (the reference and safecodec) emits compact JSON: no whitespace
 # inside the object, fields in the order dtype, shape, data_offsets, plain integers,
-# strings without escapes. For such a header two C-level regex passes replace the JSON
-# parser: one checks the whole text, one extracts the entries. Anything else (escapes,
-# unknown fields, whitespace, floats, numbers with 19+ digits, duplicates, an unknown
-# code...) takes the general path, which alone produces error messages. The fast path
-# therefore never has to be right about a rejection, only about an acceptance: it accepts
-# only texts that the general path would accept with the same result.
+# strings without escapes. For such a header one C-level ``findall`` replaces the JSON
+# parser: every match is one entry with the comma before it, and when the matches' lengths
+# add up to the length of the text, the text is nothing but those entries. Anything else
+# (escapes, unknown fields, whitespace, floats, numbers of 19+ digits, a repeated name, an
+# unknown code...) takes the general path, which alone produces error messages. The fast
+# path therefore never has to be right about a rejection, only about an acceptance: it
+# accepts only texts that the general path accepts with the same result (tested).
 _NUM = r"(?:0|[1-9][0-9]{0,17})"  # at most 18 digits: always below 2**64
 _PLAIN = r'[^"\\\x00-\x1f]*'  # string body without escapes or raw control characters
-
-
-def _entry_pattern(group: str) -> str:
-    """One tensor entry in canonical form; ``group`` is "(" (capturing) or "(?:"."""
-    return (
-        rf'"{group}{_PLAIN})":\{{"dtype":"{group}[A-Z0-9_]{{1,16}})",'
-        rf'"shape":\[{group}{_NUM}(?:,{_NUM})*)?\],'
-        rf'"data_offsets":\[{group}{_NUM}),{group}{_NUM})\]\}}'
-    )
-
-
-_ENTRY_RE = re.compile(_entry_pattern("("))
-_BITS = operator.attrgetter("bits")
-_CANONICAL_RE = re.compile(
-    rf"[{_WS}]*\{{"
-    rf'(?:"__metadata__":(\{{(?:"{_PLAIN}":"{_PLAIN}"(?:,"{_PLAIN}":"{_PLAIN}")*)?\}})'
-    rf'(?:,(?=")|(?=\}})))?'
-    rf"((?:{_entry_pattern('(?:')}(?:,{_entry_pattern('(?:')})*)?)"
-    rf"\}}[{_WS}]*"
+_ENTRY_RE = re.compile(
+    rf',"({_PLAIN})":\{{"dtype":"([A-Z0-9_]{{1,16}})","shape":\[((?:{_NUM}(?:,{_NUM})*)?)\],'
+    rf'"data_offsets":\[({_NUM},{_NUM})\]\}}'
 )
+#: Characters of an ``_ENTRY_RE`` match outside its four groups.
+_ENTRY_FRAME: Final = len(',"":{"dtype":"","shape":[],"data_offsets":[]}')
+_METADATA_RE = re.compile(
+    rf'"__metadata__":(\{{(?:"{_PLAIN}":"{_PLAIN}"(?:,"{_PLAIN}":"{_PLAIN}")*)?\}})'
+)
+_BITS = operator.attrgetter("bits")
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,23 +538,47 @@ def _parse_canonical(text: str) -> _Parsed | None:
     """Check 5 for a header in canonical form (see the comment on ``_NUM``), or None when
     the header is not in that form. Repeated names are not looked for here (see
     :func:`_tile_in_order`)."""
-    match = _CANONICAL_RE.fullmatch(text)
-    if match is None:
+    body = text.strip(_WS)
+    if body[:1] != "{" or body[-1:] != "}":
         return None
-    md_text = match.group(1)
-    metadata = None if md_text is None else json.loads(md_text)  # last repeated key wins
-    rows = _ENTRY_RE.findall(text, match.start(2), match.end(2))
+    metadata = None
+    if body.startswith('"__metadata__":', 1):
+        match = _METADATA_RE.match(body, 1)
+        if match is None:
+            return None
+        metadata = json.loads(match.group(1))  # a repeated key keeps its last value
+        entries = body[match.end() : -1]
+        if entries[:1] != ",":
+            return _Parsed(metadata, [], [], [], [], []) if not entries else None
+    elif len(body) == 2:
+        return _Parsed(None, [], [], [], [], [])
+    else:
+        entries = "," + body[1:-1]
+    rows = _ENTRY_RE.findall(entries)
     if not rows:
-        return _Parsed(metadata, [], [], [], [], [])
-    names, codes, shape_texts, begin_texts, end_texts = zip(*rows, strict=True)
+        return None
+    names, codes, shape_texts, offset_texts = zip(*rows, strict=True)
+    covered = (
+        _ENTRY_FRAME * len(rows)
+        + sum(map(len, names))
+        + sum(map(len, codes))
+        + sum(map(len, shape_texts))
+        + sum(map(len, offset_texts))
+    )
+    if covered != len(entries):
+        return None  # something between or around the entries
     dtypes = list(map(DTYPES.get, codes))
     if None in dtypes:
         return None  # an unknown code: the general path words the error
-    # The regex admitted only digits and commas: one C-level json call turns every shape
-    # into integers at once.
-    shapes = list(map(tuple, json.loads("[[" + "],[".join(shape_texts) + "]]")))
+    # The regex admitted only digits and commas: one C-level json call per kind turns
+    # every distinct shape and every offset pair into integers at once. Models repeat a
+    # few shapes many times; equal shapes share one tuple.
+    distinct = list(set(shape_texts))
+    parsed_shapes = map(tuple, json.loads("[[" + "],[".join(distinct) + "]]"))
+    shapes = list(map(dict(zip(distinct, parsed_shapes)).__getitem__, shape_texts))
+    offsets = json.loads("[" + ",".join(offset_texts) + "]")
     return _Parsed(metadata, list(names), dtypes, shapes,  # type: ignore[arg-type]
-                   list(map(int, begin_texts)), list(map(int, end_texts)))
+                   offsets[0::2], offsets[1::2])
 
 
 def _tile_in_order(parsed: _Parsed, header_size: int, source_size: int) -> Header | None:
@@ -580,15 +596,17 @@ def _tile_in_order(parsed: _Parsed, header_size: int, source_size: int) -> Heade
             PREFIX_SIZE + header_size == source_size) else None
     counts = list(map(math.prod, shapes))
     nbits = list(map(operator.mul, counts, map(_BITS, parsed.dtypes)))
-    if max(nbits) >= U64_LIMIT or any(map(operator.and_, nbits, repeat(7))):
+    if max(nbits) >= U64_LIMIT:
         return None
     if 0 in counts and any(_element_count(shapes[i]) is None
                            for i, c in enumerate(counts) if not c):
         return None
+    # Contiguous, and each span 8 times its bit count: with the first checks, the running
+    # bit total must equal 8 x END at every tensor (whole bytes and END >= BEGIN follow).
     if (
         begins[0] != 0
         or begins[1:] != ends[:-1]
-        or list(map(operator.rshift, nbits, repeat(3))) != list(map(operator.sub, ends, begins))
+        or list(accumulate(nbits)) != list(map(operator.mul, ends, repeat(8)))
         or PREFIX_SIZE + header_size + ends[-1] != source_size
     ):
         return None
@@ -716,14 +734,23 @@ def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int)
         raise HeaderError(
             f"invalid UTF-8 in header at byte {exc.start} of {n}: {exc.reason}"
         ) from None
-    parsed = _parse_canonical(text)
-    if parsed is not None:
-        header = _tile_in_order(parsed, n, source_size)
-        if header is not None:
-            return header
-    # Not canonical, or something to report: the general parser and the tensor-by-tensor
-    # walk find the first problem in the reference's order and word it.
-    return _walk(_parse_general(text), n, source_size)
+    # Parsing allocates a few objects per tensor, none of them in a reference cycle: the
+    # cyclic garbage collector would only re-scan the heap over and over (seconds' worth
+    # in a large process for a large header), so it pauses meanwhile.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        parsed = _parse_canonical(text)
+        if parsed is not None:
+            header = _tile_in_order(parsed, n, source_size)
+            if header is not None:
+                return header
+        # Not canonical, or something to report: the general parser and the
+        # tensor-by-tensor walk find the first problem in the reference's order and word it.
+        return _walk(_parse_general(text), n, source_size)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # ----------------------------------------------------------------------------- writing
