@@ -162,7 +162,7 @@ class TensorInfo(NamedTuple):
         return self.end - self.begin
 
     @property
-    def count(self) -> int:
+    def count(self) -> int:  # type: ignore[override]  # shadows tuple.count on purpose
         """Number of logical elements."""
         return math.prod(self.shape)
 
@@ -420,13 +420,12 @@ def _parse_entry(name: str, pairs: Any) -> tuple[DType, list[int], list[int]]:
                 raise _invalid_json(f"duplicate field 'data_offsets' in tensor {name!r}")
             seen |= 4
             offsets = value
-        elif type(value) is list or type(value) is _Pairs:
+        elif (type(value) is list or type(value) is _Pairs) and (
+            _nesting_depth(value, 2) > MAX_NESTING
+        ):
             # Unknown fields are ignored, but still bound by the nesting limit
             # (top object = 1, entry = 2, this value = 3...).
-            if _nesting_depth(value, 2) > MAX_NESTING:
-                raise _invalid_json(
-                    f"nesting deeper than {MAX_NESTING} levels in tensor {name!r}"
-                )
+            raise _invalid_json(f"nesting deeper than {MAX_NESTING} levels in tensor {name!r}")
     if seen != 7:
         missing = [f for bit, f in zip((1, 2, 4), TENSOR_FIELDS, strict=True) if not seen & bit]
         raise _invalid_json(f"tensor {name!r} is missing field(s) {', '.join(missing)}")
@@ -575,7 +574,7 @@ def _parse_canonical(text: str) -> _Parsed | None:
     # few shapes many times; equal shapes share one tuple.
     distinct = list(set(shape_texts))
     parsed_shapes = map(tuple, json.loads("[[" + "],[".join(distinct) + "]]"))
-    shapes = list(map(dict(zip(distinct, parsed_shapes)).__getitem__, shape_texts))
+    shapes = list(map(dict(zip(distinct, parsed_shapes, strict=True)).__getitem__, shape_texts))
     offsets = json.loads("[" + ",".join(offset_texts) + "]")
     return _Parsed(metadata, list(names), dtypes, shapes,  # type: ignore[arg-type]
                    offsets[0::2], offsets[1::2])
@@ -611,8 +610,9 @@ def _tile_in_order(parsed: _Parsed, header_size: int, source_size: int) -> Heade
     ):
         return None
     new = tuple.__new__
-    tensors = dict(zip(names, map(new, repeat(TensorInfo),
-                                  zip(names, parsed.dtypes, shapes, begins, ends))))
+    infos = map(new, repeat(TensorInfo), zip(names, parsed.dtypes, shapes, begins, ends,
+                                             strict=True))
+    tensors = dict(zip(names, infos, strict=True))
     if len(tensors) != len(names) or METADATA_KEY in tensors:
         return None
     return Header(tensors, parsed.metadata, header_size, source_size)
@@ -633,7 +633,7 @@ def _element_count(shape: tuple[int, ...]) -> int | None:
 def _walk(parsed: _Parsed, header_size: int, source_size: int) -> Header:
     """Checks 6-7: tensors in (BEGIN, END) order must tile the data section exactly."""
     names, dtypes, shapes = parsed.names, parsed.dtypes, parsed.shapes
-    order = sorted(zip(parsed.begins, parsed.ends, range(len(names))))
+    order = sorted(zip(parsed.begins, parsed.ends, range(len(names)), strict=True))
     new = tuple.__new__
     tensors: dict[str, TensorInfo] = {}
     cursor = 0

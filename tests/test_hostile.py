@@ -135,7 +135,8 @@ def _write(tmp_path: Any, data: bytes) -> str:
 
 def _open_all(source: Any) -> None:
     with sc.safe_open(source) as f:
-        for name in f.keys():
+        names = f.keys()
+        for name in names:
             f.get_tensor(name)
             f.get_slice(name)[...]
 

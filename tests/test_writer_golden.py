@@ -237,8 +237,8 @@ def test_header_size_limit_on_write(monkeypatch) -> None:
     100 MB of names, never gigabytes), before encoding them."""
     empty = np.zeros(0, np.uint8)
     many = {f"{i:03d}" + "m" * 999_990: empty for i in range(101)}
-    with pytest.raises(HeaderError, match="header too large: at least 100999293 bytes.*the "
-                       "limit is 100000000"):
+    with pytest.raises(HeaderError, match=r"header too large: at least 100999293 bytes.*the "
+                       r"limit is 100000000"):
         sc.save(many)
 
 
