@@ -20,8 +20,8 @@ import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import safecodec as sc  # noqa: E402
-from safecodec._header import parse_header  # noqa: E402
+import safecodec as sc
+from safecodec._header import parse_header
 
 
 def _tensors_header(count: int) -> bytes:
