@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("load: safecodec returns copy-on-write views of a memory mapping (nothing is read "
           "yet), safetensors copies every tensor; 'load + read all' sums every tensor so "
-          "both really read all the bytes. save includes fsync for both.")
+          "both really read all the bytes. save writes a new file, fsync included for both.")
     if not result["reference_available"]:
         print("safetensors is not installed: only safecodec figures (pip install "
               "safetensors to compare).")
