@@ -6,6 +6,7 @@ They check the shape of what comes out (table, JSON, Markdown, plots), never tim
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -85,7 +86,6 @@ def test_main_job_rejects_bad_arguments() -> None:
 
 
 def test_benchmark_suite_quick(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="plots need matplotlib")
     out = tmp_path / "results"
     proc = _run(["benchmarks/run.py", "--quick", "--out", str(out), "--import-samples", "2",
                  "--dir", str(tmp_path / "files")])
@@ -133,7 +133,10 @@ def test_benchmark_suite_quick(tmp_path: Path) -> None:
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in md
-    assert {"save.png", "load.png", "small_tensors.png"} <= set(result["plots"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert {"save.png", "load.png", "small_tensors.png"} <= set(result["plots"])
+    else:  # plots are optional: the tables and JSON are written without matplotlib
+        assert result["plots"] == []
 
     # --render-only rebuilds the Markdown from results.json without measuring anything.
     (out / "results.md").unlink()
