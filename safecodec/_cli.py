@@ -288,11 +288,11 @@ def _inspect_data(ckpt: Checkpoint) -> dict[str, Any]:
     for k, part in enumerate(ckpt.parts):
         header = read_header(part.source)
         if k == 0:
-            first_metadata = header.metadata
+            first_metadata = header.raw_metadata
         files.append({"path": part.source, "header_size": header.header_size,
                       "data_start": header.data_start, "file_size": header.file_size})
         if part.shard is not None:
-            shard_metadata[part.shard] = header.metadata
+            shard_metadata[part.shard] = header.raw_metadata
         for info in _part_infos(part, header):
             offset = header.data_start + info.begin
             row: dict[str, Any] = {
@@ -391,7 +391,7 @@ def _check_checksums(part: Part) -> bool:
         SafecodecError: (a ``ChecksumError``) listing every tensor whose bytes do not match.
     """
     module = _integrity()
-    if module is None or module.decode(read_header(part.source).metadata) is None:
+    if module is None or module.decode(read_header(part.source).raw_metadata) is None:
         return False
     problems = module.verify_file(part.source)
     if problems:
@@ -555,7 +555,7 @@ def _rewrite_part(part: Part, out_path: str, target: DType | None, only: list[st
                 tgt = target
                 cast += 1
             lazy[info.name] = LazyTensor(f, info, tgt, progress)
-        metadata = f.metadata()
+        metadata = f.header.raw_metadata  # keep safecodec's own keys (e.g. tree structure)
         extra: dict[str, Any] = {}
         if _stored_checksums(metadata):
             # Old digests would be wrong after a cast (and are rewritten anyway): drop them

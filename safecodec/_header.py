@@ -173,16 +173,23 @@ class Header:
 
     Attributes:
         tensors: name -> :class:`TensorInfo`, in file order (ascending offsets).
-        metadata: The ``__metadata__`` mapping, or None when the file has none.
+        raw_metadata: The ``__metadata__`` mapping exactly as stored (safecodec's own keys
+            under :data:`RESERVED_PREFIX` included), or None when the file has none.
         header_size: N, the length of the JSON text in bytes (padding included).
         file_size: Total size of the file in bytes.
     """
 
     tensors: dict[str, TensorInfo]
-    metadata: dict[str, str] | None
+    raw_metadata: dict[str, str] | None
     header_size: int
     file_size: int
     _sorted_names: list[str] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        """The user's metadata: ``raw_metadata`` without safecodec's own keys (checksums,
+        tree structure), exactly as the user wrote it; None when there is none."""
+        return visible_metadata(self.raw_metadata)
 
     @property
     def data_start(self) -> int:
@@ -200,6 +207,32 @@ class Header:
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+
+#: Metadata keys starting with this belong to safecodec (checksums, tree structure) and
+#: are hidden from :attr:`Header.metadata` and ``safe_open(...).metadata()``.
+RESERVED_PREFIX: Final = "safecodec."
+_TREE_KEY: Final = "safecodec.tree"
+
+
+def visible_metadata(raw: dict[str, str] | None) -> dict[str, str] | None:
+    """``raw`` without the keys under :data:`RESERVED_PREFIX`.
+
+    None when the file has no metadata, or when only safecodec's keys are present and the
+    recorded tree says the user gave none (the tree writer always needs ``__metadata__``).
+    """
+    if raw is None:
+        return None
+    if not any(k.startswith(RESERVED_PREFIX) for k in raw):
+        return dict(raw)
+    user = {k: v for k, v in raw.items() if not k.startswith(RESERVED_PREFIX)}
+    if not user and _TREE_KEY in raw:
+        try:
+            if json.loads(raw[_TREE_KEY]).get("metadata") is False:
+                return None
+        except (ValueError, AttributeError, RecursionError):
+            pass  # a broken record is reported by whoever reads the tree
+    return user
 
 
 # ----------------------------------------------------------------------------- parsing

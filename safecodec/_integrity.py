@@ -117,7 +117,7 @@ def verify_file(source: Any, **open_kwargs: Any) -> list[str]:
 
     problems: list[str] = []
     with SafeOpen(source, **open_kwargs) as f:
-        digests = decode(f.header.metadata)
+        digests = decode(f.header.raw_metadata)
         if digests is None:
             raise ChecksumError(f"{f._source.name} has no checksums ({CHECKSUM_KEY})")
         extra = set(digests) - set(f.header.tensors)

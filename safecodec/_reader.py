@@ -482,7 +482,7 @@ class SafeOpen:
             from ._integrity import CHECKSUM_KEY, ChecksumError, decode
 
             try:
-                self._digests = decode(self._header.metadata)
+                self._digests = decode(self._header.raw_metadata)
                 if self._digests is None:
                     raise ChecksumError(
                         f"verify=True, but {self._source.name} stores no checksums "
@@ -558,10 +558,11 @@ class SafeOpen:
         return list(self._header.tensors)
 
     def metadata(self) -> dict[str, str] | None:
-        """The file's ``__metadata__`` (a new dict), or None when it has none."""
+        """The file's ``__metadata__`` (a new dict) as the user wrote it, or None when it
+        has none. safecodec's own keys (prefix ``safecodec.``: checksums, tree structure)
+        are hidden; ``header.raw_metadata`` has everything."""
         self._reader_checked()
-        md = self._header.metadata
-        return None if md is None else dict(md)
+        return self._header.metadata
 
     def get_tensor(self, name: str) -> Any:
         """The whole tensor ``name``: a NumPy array (or a jax.Array for framework='jax')."""

@@ -177,7 +177,7 @@ def _flat_items(source: Any, fs: Any) -> tuple[list[tuple[str, Any, str | None]]
     disambiguated), without safejax's ``::Type`` suffix.
     """
     with _open(source, fs=fs, copy=False, jax=True) as handle:
-        user_md, own = split_metadata(handle.header.metadata)
+        user_md, own = split_metadata(handle.header.raw_metadata)
         triples: list[tuple[str, str, str | None]] = []
         if TREE_KEY in own:
             _record_leaves(_parse_record(own[TREE_KEY]), (), None, triples)

@@ -486,7 +486,9 @@ class ShardedSafeOpen:
                 wanted = set(self._names_by_shard[shard])
                 tensors.update((n, i) for n, i in handle.header.tensors.items() if n in wanted)
                 size += handle.header.file_size
-            header = self._header = Header(tensors, self.metadata(), 0, size)
+            first = next(iter(self._names_by_shard), None)
+            raw = None if first is None else self._open_shard(first).header.raw_metadata
+            header = self._header = Header(tensors, raw, 0, size)
         return header
 
     # -- what the tree and JAX layers use on a SafeOpen handle

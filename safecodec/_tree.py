@@ -496,17 +496,12 @@ def split_metadata(metadata: Mapping[str, str] | None) -> tuple[dict[str, str] |
     User metadata is None when the file has none, or when the recorded structure says the
     user gave none (safecodec always writes ``__metadata__`` to hold the structure).
     """
+    from ._header import visible_metadata
+
     if metadata is None:
         return None, {}
-    user = {k: v for k, v in metadata.items() if not k.startswith(RESERVED_PREFIX)}
     own = {k: v for k, v in metadata.items() if k.startswith(RESERVED_PREFIX)}
-    if TREE_KEY in own and not user:
-        try:
-            if json.loads(own[TREE_KEY]).get("metadata") is False:
-                return None, own
-        except (ValueError, AttributeError, RecursionError):
-            pass  # a broken record is reported by whoever reads the tree
-    return user, own
+    return visible_metadata(dict(metadata)), own
 
 
 def _parse_record(text: str) -> Any:
@@ -1079,7 +1074,7 @@ def load_tree(
     jax_handle = bool(want_jax) if like is None or want_jax is not None else _template_has_jax(like)
     with _open(source, fs=fs, copy=copy, jax=jax_handle) as handle:
         header = handle.header
-        user_md, own = split_metadata(header.metadata)
+        user_md, own = split_metadata(header.raw_metadata)
         has_record = TREE_KEY in own
         record = _parse_record(own[TREE_KEY]) if has_record else None
         loader = _Loader(handle)

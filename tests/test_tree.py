@@ -136,9 +136,13 @@ def test_user_metadata_round_trips_and_internal_keys_are_hidden():
     data = sc.save_tree({"w": np.ones(1)}, metadata={"epoch": "3", "note": "é"})
     _, md = sc.load_tree(data, with_metadata=True)
     assert md == {"epoch": "3", "note": "é"}
-    raw = sc.read_header(data).metadata
+    assert sc.read_header(data).metadata == md  # internal keys hidden everywhere
+    with sc.safe_open(data) as f:
+        assert f.metadata() == md
+    raw = sc.read_header(data).raw_metadata
     assert TREE_KEY in raw and raw["epoch"] == "3"
     assert all(k.startswith(RESERVED_PREFIX) for k in raw if k not in md)
+    assert sc.read_header(sc.save_tree({"w": np.ones(1)})).metadata is None
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, None), ({}, {})])
@@ -154,7 +158,7 @@ def test_reserved_metadata_prefix_is_refused():
 
 def test_recorded_structure_is_plain_json_without_code():
     data = sc.save_tree({"p": Point(np.ones(1), "label")})
-    record = json.loads(sc.read_header(data).metadata[TREE_KEY])
+    record = json.loads(sc.read_header(data).raw_metadata[TREE_KEY])
     assert record["version"] == 1
     node = record["tree"]["dict"][0][1]
     assert node["node"].endswith("Point")  # informational only
@@ -292,7 +296,7 @@ def test_reference_wheel_reads_the_tensors_and_writes_loadable_files(tmp_path):
 
 def test_tampered_structure_is_reported():
     data = sc.save_tree({"w": np.ones(1)})
-    md = dict(sc.read_header(data).metadata)
+    md = dict(sc.read_header(data).raw_metadata)
     # structure names a tensor the file lacks
     bad = sc.save({"v": np.ones(1)}, md)
     with pytest.raises(sc.TreeStructureError, match=r"refers to tensor 'w', which is not in the file"):
