@@ -50,14 +50,12 @@ first, so each of them starts 64-byte aligned.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import operator
 import re
 import struct
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from itertools import accumulate, repeat
 from typing import Any, Final, NamedTuple
 
@@ -127,8 +125,7 @@ _METADATA_RE = re.compile(
 _BITS = operator.attrgetter("bits")
 
 
-@dataclass(frozen=True, slots=True)
-class _Parsed:
+class _Parsed(NamedTuple):
     """The header's content before the offsets walk, as parallel lists in document order."""
 
     metadata: dict[str, str] | None
@@ -167,7 +164,6 @@ class TensorInfo(NamedTuple):
         return math.prod(self.shape)
 
 
-@dataclass(frozen=True, slots=True)
 class Header:
     """A parsed, validated header.
 
@@ -179,11 +175,29 @@ class Header:
         file_size: Total size of the file in bytes.
     """
 
-    tensors: dict[str, TensorInfo]
-    raw_metadata: dict[str, str] | None
-    header_size: int
-    file_size: int
-    _sorted_names: list[str] = field(default_factory=list, repr=False, compare=False)
+    # A plain slotted class: a dataclass costs ~1 ms of import time (`import safecodec`
+    # has a 15 ms budget).
+    __slots__ = ("_sorted_names", "file_size", "header_size", "raw_metadata", "tensors")
+
+    def __init__(self, tensors: dict[str, TensorInfo], raw_metadata: dict[str, str] | None,
+                 header_size: int, file_size: int) -> None:
+        self.tensors = tensors
+        self.raw_metadata = raw_metadata
+        self.header_size = header_size
+        self.file_size = file_size
+        self._sorted_names: list[str] = []
+
+    def __repr__(self) -> str:
+        return (f"Header({len(self.tensors)} tensors, metadata={self.metadata!r}, "
+                f"header_size={self.header_size}, file_size={self.file_size})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Header):
+            return NotImplemented
+        return (self.tensors, self.raw_metadata, self.header_size, self.file_size) == (
+            other.tensors, other.raw_metadata, other.header_size, other.file_size)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def metadata(self) -> dict[str, str] | None:
@@ -228,6 +242,8 @@ def visible_metadata(raw: dict[str, str] | None) -> dict[str, str] | None:
     user = {k: v for k, v in raw.items() if not k.startswith(RESERVED_PREFIX)}
     if not user and _TREE_KEY in raw:
         try:
+            import json
+
             if json.loads(raw[_TREE_KEY]).get("metadata") is False:
                 return None
         except (ValueError, AttributeError, RecursionError):
@@ -497,6 +513,8 @@ def _parse_metadata(value: Any) -> dict[str, str] | None:
 def _parse_general(text: str) -> _Parsed:
     """Check 5 for any header: strict JSON through the json module, with hooks that make
     it judge numbers, constants and repeated keys the way the reference does."""
+    import json  # imported on first use: keeps `import safecodec` light
+
     # Escapes are the only way to a lone surrogate or a NUL; a minus sign or a long digit
     # run the only way to "-0" or an out-of-range integer. Checking them costs a Python
     # call per value, so only headers that contain them pay for it.
@@ -570,6 +588,8 @@ def _parse_canonical(text: str) -> _Parsed | None:
     """Check 5 for a header in canonical form (see the comment on ``_NUM``), or None when
     the header is not in that form. Repeated names are not looked for here (see
     :func:`_tile_in_order`)."""
+    import json  # imported on first use: keeps `import safecodec` light
+
     body = text.strip(_WS)
     if body[:1] != "{" or body[-1:] != "}":
         return None
@@ -789,8 +809,7 @@ def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int)
 # ----------------------------------------------------------------------------- writing
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedTensor:
+class PlannedTensor(NamedTuple):
     """A tensor's place in a file being written."""
 
     name: str
@@ -895,6 +914,8 @@ def encode_header(
 ) -> bytes:
     """Encode the length prefix and the JSON header, padded with spaces so that the data
     section starts at a multiple of ``alignment`` (8: the reference's padding)."""
+    import json  # imported on first use: keeps `import safecodec` light
+
     # Every character takes at least one byte: refuse hopeless headers before encoding them.
     at_least = sum(len(t.name) for t in planned)
     if metadata:

@@ -18,7 +18,7 @@ out views instead of copies.
 from __future__ import annotations
 
 import os
-import threading
+import _thread
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -156,7 +156,7 @@ class FileSource(_SourceBase):
         self._owned = isinstance(file, (str, os.PathLike))
         self._file: Any = open(file, "rb") if isinstance(file, (str, os.PathLike)) else file  # noqa: SIM115
         self.name = name or str(getattr(self._file, "name", "file object"))
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._fd: int | None = None
         try:
             fd = self._file.fileno()
@@ -232,7 +232,7 @@ class MappedSource(_SourceBase):
         self._fd = self._file.fileno()
         self.size = os.fstat(self._fd).st_size
         self._maps: dict[str, memoryview] = {}
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def buffer(self, mode: MapMode = "copy") -> memoryview:
         view = self._maps.get(mode)
