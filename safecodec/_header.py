@@ -821,6 +821,8 @@ class PlannedTensor(NamedTuple):
 
 def check_name(name: object) -> str:
     """Validate a tensor name for writing."""
+    if type(name) is str and name.isascii() and "\x00" not in name and name != METADATA_KEY:
+        return name  # the common case; ASCII cannot hold a lone surrogate
     if not isinstance(name, str):
         raise HeaderError(f"tensor names must be str, got {type(name).__name__} {name!r:.60}")
     if name == METADATA_KEY:
@@ -880,9 +882,7 @@ def plan_layout(
         raise HeaderError(f"alignment must be a power of two >= 8, got {alignment}")
     sized: list[tuple[int, int, str, DType, tuple[int, ...], int]] = []
     for name, dtype, shape in tensors:
-        count = 1
-        for d in shape:
-            count *= d
+        count = math.prod(shape)
         nbits = count * dtype.bits
         if nbits % 8:
             raise OffsetError(
@@ -893,7 +893,7 @@ def plan_layout(
         nbytes = nbits // 8
         group = 0 if alignment == 8 or nbytes % alignment == 0 else 1
         sized.append((group, dtype.rank, name, dtype, shape, nbytes))
-    sized.sort(key=lambda t: (t[0], t[1], t[2]))
+    sized.sort(key=operator.itemgetter(0, 1, 2))  # names are unique: never a tie
 
     planned: list[PlannedTensor] = []
     cursor = 0
@@ -926,12 +926,21 @@ def encode_header(
             f"is {MAX_HEADER_SIZE}; split the tensors over several files or shorten "
             "names/metadata"
         )
-    obj: dict[str, Any] = {}
+    from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False) uses
+
+    # Built by hand: the same bytes as json.dumps(obj, ensure_ascii=False,
+    # separators=(",", ":")) of {"__metadata__": ..., name: {"dtype", "shape",
+    # "data_offsets"}, ...}, about 3x faster for many small tensors (golden tests compare
+    # with the reference writer byte for byte).
+    parts: list[str] = []
     if metadata is not None:
-        obj[METADATA_KEY] = dict(metadata)
+        parts.append('"__metadata__":' + json.dumps(dict(metadata), ensure_ascii=False,
+                                                     separators=(",", ":")))
     for t in planned:
-        obj[t.name] = {"dtype": t.dtype.code, "shape": list(t.shape), "data_offsets": [t.begin, t.end]}
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        shape = ",".join(map(str, map(int, t.shape)))
+        parts.append(f'{encode_basestring(t.name)}:{{"dtype":"{t.dtype.code}","shape":[{shape}],'
+                     f'"data_offsets":[{t.begin},{t.end}]}}')
+    text = ("{" + ",".join(parts) + "}").encode("utf-8")
     if alignment == 8:
         n = len(text) + (-len(text)) % 8
     else:
