@@ -114,7 +114,7 @@ _LONG_DIGITS = re.compile(r"[0-9]{20}")
 _NUM = r"(?:0|[1-9][0-9]{0,17})"  # at most 18 digits: always below 2**64
 _PLAIN = r'[^"\\\x00-\x1f]*'  # string body without escapes or raw control characters
 _ENTRY_RE = re.compile(
-    rf',"({_PLAIN})":\{{"dtype":"([A-Z0-9_]{{1,16}})","shape":\[((?:{_NUM}(?:,{_NUM})*)?)\],'
+    rf',"({_PLAIN})":\{{"dtype":"([A-Z0-9_]{{1,16}})","shape":\[((?:{_NUM}(?:,{_NUM}){{0,31}})?)\],'
     rf'"data_offsets":\[({_NUM},{_NUM})\]\}}'
 )
 #: Characters of an ``_ENTRY_RE`` match outside its four groups.
@@ -284,6 +284,13 @@ def decode_length(prefix: bytes | bytearray | memoryview, source_size: int) -> i
     return int(n)
 
 
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """A shape for an error message, shortened when a hostile header makes it huge."""
+    if len(shape) <= 8:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:8]))}, ...] ({len(shape)} dimensions)"
+
+
 def _invalid_json(reason: str) -> HeaderError:
     return HeaderError(f"invalid JSON in header: {reason}")
 
@@ -370,6 +377,9 @@ def _parse_int_checked(text: str) -> int | float:
 
 def _parse_float_checked(text: str) -> float:
     """Float literals: serde_json fails on those beyond f64 (see :func:`_f64_out_of_range`)."""
+    value = float(text)
+    if -1e308 <= value <= 1e308:
+        return value  # far from the edge of the f64 range: no exact check needed
     if _f64_out_of_range(text):
         raise _invalid_json(f"number out of range: {text[:40]}")
     return float(text)
@@ -633,6 +643,11 @@ def _parse_canonical(text: str) -> _Parsed | None:
                    offsets[0::2], offsets[1::2])
 
 
+#: Shapes with more dimensions than this skip the whole-list fast path (bounded cost of
+#: products on hostile shapes).
+_FAST_MAX_NDIM: Final = 16
+
+
 def _tile_in_order(parsed: _Parsed, header_size: int, source_size: int) -> Header | None:
     """Checks 6-7 for the common case, in C-level passes over whole lists: tensors listed
     in offset order, no repeated name, every check passing. Returns None as soon as any of
@@ -646,6 +661,8 @@ def _tile_in_order(parsed: _Parsed, header_size: int, source_size: int) -> Heade
     if not names:
         return Header({}, parsed.metadata, header_size, source_size) if (
             PREFIX_SIZE + header_size == source_size) else None
+    if max(map(len, shapes)) > _FAST_MAX_NDIM:
+        return None  # hostile many-dimension shapes: the step-by-step walk stops early
     counts = list(map(math.prod, shapes))
     nbits = list(map(operator.mul, counts, map(_BITS, parsed.dtypes)))
     if max(nbits) >= U64_LIMIT:
@@ -700,7 +717,9 @@ def _walk(parsed: _Parsed, header_size: int, source_size: int) -> Header:
             )
         shape = shapes[i]
         dtype = dtypes[i]
-        count = prod(shape)
+        # Many dimensions: multiply step by step and stop at the first overflow, as the
+        # reference does, instead of building a huge integer.
+        count = prod(shape) if len(shape) <= _FAST_MAX_NDIM else (_element_count(shape) or 0)
         # A count in [1, 2**64) means every prefix product is in range too; 0 (or a huge
         # count) needs the step-by-step product to see an intermediate overflow.
         if not 0 < count < U64_LIMIT:
@@ -708,13 +727,13 @@ def _walk(parsed: _Parsed, header_size: int, source_size: int) -> Header:
             if checked is None:
                 raise OffsetError(
                     f"overflow computing buffer size for tensor {names[i]!r}: shape "
-                    f"{list(shape)} has more than 2**64 - 1 elements"
+                    f"{_shape_text(shape)} has more than 2**64 - 1 elements"
                 )
         nbits = count * dtype.bits
         if nbits >= U64_LIMIT:
             raise OffsetError(
                 f"overflow computing buffer size for tensor {names[i]!r}: shape "
-                f"{list(shape)} x {dtype.bits} bits does not fit in 64 bits"
+                f"{_shape_text(shape)} x {dtype.bits} bits does not fit in 64 bits"
             )
         if nbits & 7:
             raise OffsetError(
