@@ -56,7 +56,7 @@ import re
 import struct
 import sys
 from collections.abc import Iterable, Mapping
-from itertools import accumulate, repeat
+from itertools import accumulate, compress, repeat
 from typing import Any, Final, NamedTuple
 
 import numpy as np
@@ -100,6 +100,10 @@ _U64 = struct.Struct("<Q")
 _WS: Final = " \t\n\r"  # JSON whitespace; nothing else may surround the object
 # A digit run this long may be an integer beyond u64 (serde_json then makes it an f64).
 _LONG_DIGITS = re.compile(r"[0-9]{20}")
+# Only a float literal with a 3-digit exponent or a 300-digit run can reach the edge of
+# the f64 range, where the reference's parser fails: only then are floats checked one by
+# one (a Python call per float).
+_RISKY_FLOAT = re.compile(r"[eE][+-]?[0-9]{3}|[0-9]{300}")
 
 # --- the canonical form, parsed by one regular-expression pass (the fast path) -------------
 # Every writer we know (the reference and safecodec) emits compact JSON: no whitespace
@@ -429,10 +433,12 @@ def _nesting_depth(value: Any, start: int) -> int:
                 deepest = level
                 if deepest > MAX_NESTING:
                     return deepest
-            if kind is _Pairs:
-                stack.extend((v, level) for _, v in item)
-            else:
-                stack.extend((v, level) for v in item)
+            values = map(operator.itemgetter(1), item) if kind is _Pairs else item
+            # Only containers go on the stack, selected at C level (a million numbers in
+            # an unknown field cost no Python call each).
+            values = list(values)
+            kids = compress(values, map(isinstance, values, repeat(_CONTAINERS)))
+            stack.extend(zip(kids, repeat(level)))
     return deepest
 
 
@@ -441,6 +447,9 @@ class _Pairs(list):  # type: ignore[type-arg]
     repeated keys are seen (a dict would silently keep the last)."""
 
     __slots__ = ()
+
+
+_CONTAINERS: Final = (list,)  # _Pairs is a list subclass
 
 
 def _u64_list(value: Any, what: str, name: str) -> list[int]:
@@ -536,7 +545,7 @@ def _parse_general(text: str) -> _Parsed:
             object_pairs_hook=_Pairs,
             parse_constant=_reject_constant,
             parse_int=_parse_int_checked if risky_ints else None,
-            parse_float=_parse_float_checked,
+            parse_float=_parse_float_checked if _RISKY_FLOAT.search(text) else None,
         )
     except HeaderError:
         raise
