@@ -17,8 +17,8 @@ out views instead of copies.
 
 from __future__ import annotations
 
-import os
 import _thread
+import os
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
