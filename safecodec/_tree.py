@@ -626,11 +626,13 @@ class _Loader:
             setter(arrays[name])
 
 
-def _open(source: Any, *, fs: Any, copy: bool, jax: bool) -> Any:
+def _open(source: Any, *, fs: Any, copy: bool, jax: bool,
+          storage_options: dict[str, Any] | None = None) -> Any:
     """A handle on ``source``: framework "jax" when any output leaf is a jax.Array."""
     from ._reader import safe_open
 
-    return safe_open(source, "jax" if jax else "numpy", fs=fs, copy=copy)
+    return safe_open(source, "jax" if jax else "numpy", fs=fs, copy=copy,
+                     storage_options=storage_options)
 
 
 def _template_has_jax(like: Any) -> bool:
@@ -1024,6 +1026,7 @@ def load_tree(
     fs: Any = None,
     copy: bool = False,
     with_metadata: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """Load a tree saved by :func:`save_tree` (or any safetensors file).
 
@@ -1057,6 +1060,7 @@ def load_tree(
         fs: An fsspec filesystem on which ``source`` is a path.
         copy: Independent NumPy arrays instead of views of the file.
         with_metadata: Return ``(tree, user_metadata)`` instead of the tree alone.
+        storage_options: Options for the fsspec filesystem a URL names.
 
     Returns:
         The tree, or ``(tree, metadata)`` with ``with_metadata=True``. Metadata is what the
@@ -1072,7 +1076,8 @@ def load_tree(
     """
     want_jax = _want_jax(framework)
     jax_handle = bool(want_jax) if like is None or want_jax is not None else _template_has_jax(like)
-    with _open(source, fs=fs, copy=copy, jax=jax_handle) as handle:
+    with _open(source, fs=fs, copy=copy, jax=jax_handle,
+               storage_options=storage_options) as handle:
         header = handle.header
         user_md, own = split_metadata(header.raw_metadata)
         has_record = TREE_KEY in own

@@ -57,3 +57,13 @@ def test_tree_saved_in_shards_loads_back_whole(tmp_path):
     back = sc.load_tree(tmp_path / "t")
     assert back["step"] == 7 and back["enc"][1] is None
     np.testing.assert_array_equal(back["dec"]["w"], tree["dec"]["w"])
+
+
+def test_tree_round_trip_through_a_url_with_storage_options():
+    fsspec = pytest.importorskip("fsspec", reason="fsspec is needed for URLs")
+    tree = {"w": np.arange(6.0).reshape(2, 3), "meta": [1, None]}
+    sc.save_tree(tree, "memory://integration/tree.safetensors", storage_options={})
+    back = sc.load_tree("memory://integration/tree.safetensors", storage_options={})
+    np.testing.assert_array_equal(back["w"], tree["w"])
+    assert back["meta"] == [1, None]
+    fsspec.filesystem("memory").rm("/integration", recursive=True)
