@@ -45,20 +45,11 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def gpt2_shapes(n_layer: int = 12, vocab: int = 50257, ctx: int = 1024, d: int = 768) -> dict[str, tuple[int, ...]]:
-    """The parameter shapes of GPT-2 small (124M parameters with the defaults)."""
-    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (vocab, d), "wpe.weight": (ctx, d)}
-    for i in range(n_layer):
-        p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
-            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
-            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
-            p + "mlp.c_fc.weight": (d, 4 * d), p + "mlp.c_fc.bias": (4 * d,),
-            p + "mlp.c_proj.weight": (4 * d, d), p + "mlp.c_proj.bias": (d,),
-        })
-    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
-    return shapes
+    """The parameter shapes of GPT-2 small (124M parameters with the defaults), from the
+    main job's model table."""
+    from safecodec._bench import ModelShape, model_shapes
+
+    return model_shapes(ModelShape(vocab=vocab, context=ctx, width=d, layers=n_layer))
 
 
 def make_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:

@@ -211,6 +211,20 @@ def placement() -> PublicPut:
 # ----------------------------------------------------------------------------- converter
 
 
+def check_sharding_names(spec: Any, infos: Iterable[TensorInfo], where: str) -> None:
+    """A ``sharding=`` mapping may only name tensors that exist: a typo would otherwise
+    silently load that tensor unsharded."""
+    if not isinstance(spec, Mapping):
+        return
+    known = {i.name for i in infos}
+    unknown = [k for k in spec if k not in known]
+    if unknown:
+        raise TensorNotFoundError(
+            f"sharding= names {len(unknown)} tensor(s) not in this {where}: "
+            f"{', '.join(map(repr, unknown[:5]))}"
+        )
+
+
 def _default_device() -> Any:
     dev = jax.config.jax_default_device  # type: ignore[attr-defined]  # set at runtime, not in the stubs
     if dev is not None and not isinstance(dev, str):
@@ -524,15 +538,7 @@ class Converter:
         """Every tensor in ``infos``; unsharded tensors are placed in one batch per
         device. One warning at most names every narrowed 64-bit tensor."""
         infos = list(infos)
-        spec = self.sharding
-        if isinstance(spec, Mapping):
-            known = {i.name for i in infos}
-            unknown = [k for k in spec if k not in known]
-            if unknown:
-                raise TensorNotFoundError(
-                    f"sharding= names {len(unknown)} tensor(s) not in this file: "
-                    f"{', '.join(map(repr, unknown[:5]))}"
-                )
+        check_sharding_names(self.sharding, infos, "file")
         self._narrowed = [] if not self._warned else None
         try:
             device, committed = self._target()

@@ -578,15 +578,9 @@ class _ShardedConverter:
 
     def load_all(self, infos: list[TensorInfo]) -> dict[str, Any]:
         infos = list(infos)
-        spec = self.sharding
-        if isinstance(spec, Mapping):
-            known = {i.name for i in infos}
-            unknown = [k for k in spec if k not in known]
-            if unknown:
-                raise TensorNotFoundError(
-                    f"sharding= names {len(unknown)} tensor(s) not in this checkpoint: "
-                    f"{', '.join(map(repr, unknown[:5]))}"
-                )
+        from ._jax import check_sharding_names
+
+        check_sharding_names(self.sharding, infos, "checkpoint")
         out: dict[str, Any] = {}
         for shard, group in self._owner._group(infos):
             conv = self._converter(shard, {i.name for i in group})
