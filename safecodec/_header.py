@@ -906,8 +906,9 @@ def plan_layout(
         HeaderError: Bad alignment, a packed tensor that is not whole bytes, or a header
             larger than :data:`MAX_HEADER_SIZE`.
     """
-    if alignment < 8 or alignment & (alignment - 1):
-        raise HeaderError(f"alignment must be a power of two >= 8, got {alignment}")
+    if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 8
+            or alignment & (alignment - 1)):
+        raise HeaderError(f"alignment must be a power of two >= 8, got {alignment!r}")
     sized: list[tuple[int, int, str, DType, tuple[int, ...], int]] = []
     for name, dtype, shape in tensors:
         count = math.prod(shape)

@@ -265,6 +265,11 @@ class Converter:
                  strict_x64: bool = False) -> None:
         if device is not None and isinstance(device, jax.sharding.Sharding):
             sharding, device = (device if sharding is None else sharding), None
+        if device is not None and not isinstance(device, jax.Device):
+            raise SafecodecError(
+                "device= takes a jax.Device (such as jax.devices('cpu')[0]) or a "
+                f"jax.sharding.Sharding; got {type(device).__name__} {device!r}"
+            )
         if sharding is not None and not (isinstance(sharding, (jax.sharding.Sharding, Mapping))
                                          or callable(sharding)):
             raise SafecodecError(

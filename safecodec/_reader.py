@@ -780,7 +780,7 @@ def load(
 
 
 def load_file(
-    path: Any,
+    path_or_url: Any,
     *,
     fs: Any = None,
     copy: bool = False,
@@ -796,8 +796,8 @@ def load_file(
     file. They stay valid after the file is closed, deleted or replaced.
 
     Args:
-        path: A str/PathLike path, an fsspec URL, or a binary file object.
-        fs: An fsspec filesystem on which ``path`` is a path.
+        path_or_url: A str/PathLike path, an fsspec URL, or a binary file object.
+        fs: An fsspec filesystem on which ``path_or_url`` is a path.
         copy: Read into independent arrays (one copy from the page cache) instead.
         unpack: See :func:`safe_open`.
         storage_options: Options for the fsspec filesystem a URL names. Remote files are
@@ -812,8 +812,8 @@ def load_file(
     Raises:
         SafecodecError: The file is not a valid safetensors file.
         RemoteIOError: A remote object came back short or changed while being read.
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path_or_url`` does not exist.
     """
-    with safe_open(path, fs=fs, copy=copy, unpack=unpack, storage_options=storage_options,
+    with safe_open(path_or_url, fs=fs, copy=copy, unpack=unpack, storage_options=storage_options,
                    progress=progress, verify=verify) as f:
         return f.get_tensors()  # type: ignore[no-any-return]

@@ -322,7 +322,7 @@ def _holds_jax_arrays(tensors: Any) -> bool:
 
 def save_file(
     tensors: Mapping[str, Any],
-    path: Any,
+    path_or_url: Any,
     metadata: Mapping[str, str] | None = None,
     *,
     alignment: int = 64,
@@ -336,7 +336,8 @@ def save_file(
 
     Args:
         tensors: name -> anything ``numpy.asarray`` accepts.
-        path: A str/PathLike local path, or an fsspec URL / a path on ``fs``.
+        path_or_url: A str/PathLike local path, or an fsspec URL / a path on ``fs``
+            (called ``path`` below).
         metadata: Optional str -> str mapping.
         alignment: 64 (zero-copy layout, default) or 8 (the reference writer's bytes).
         fs: An fsspec filesystem on which ``path`` is a path.
@@ -354,6 +355,8 @@ def save_file(
         SafecodecError: See :func:`save`. Nothing is left at ``path`` on failure.
     """
     from ._source import is_remote
+
+    path = path_or_url  # the public name is DESIGN.md's; the body keeps the short one
 
     if max_shard_size is not None:
         from ._sharded import save_sharded

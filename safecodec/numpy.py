@@ -8,7 +8,54 @@
 
 from __future__ import annotations
 
-from ._reader import load, load_file
-from ._writer import save, save_file
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import _reader, _writer
 
 __all__ = ["load", "load_file", "save", "save_file"]
+
+# Thin wrappers, so that calls written for safetensors.numpy with its keyword names
+# (tensor_dict=, filename=) work unchanged; every other option is safecodec's.
+
+
+def save(tensor_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
+         **options: Any) -> bytes:
+    """:func:`safecodec.save` with ``safetensors.numpy.save``'s argument names.
+
+    Args:
+        tensor_dict: name -> array.
+        metadata: Optional str -> str mapping.
+        **options: Keyword options of :func:`safecodec.save` (``alignment=``, ...).
+    """
+    return _writer.save(tensor_dict, metadata, **options)
+
+
+def save_file(tensor_dict: Mapping[str, Any], filename: Any,
+              metadata: Mapping[str, str] | None = None, **options: Any) -> None:
+    """:func:`safecodec.save_file` with ``safetensors.numpy.save_file``'s argument names.
+
+    Args:
+        tensor_dict: name -> array.
+        filename: Path, PathLike or fsspec URL.
+        metadata: Optional str -> str mapping.
+        **options: Keyword options of :func:`safecodec.save_file`.
+    """
+    _writer.save_file(tensor_dict, filename, metadata, **options)
+
+
+def load(data: Any, **options: Any) -> dict[str, np.ndarray]:
+    """:func:`safecodec.load` (bytes-like ``data``); ``**options`` are its keywords."""
+    return _reader.load(data, **options)
+
+
+def load_file(filename: Any, **options: Any) -> dict[str, np.ndarray]:
+    """:func:`safecodec.load_file` with ``safetensors.numpy.load_file``'s argument name.
+
+    Args:
+        filename: Path, PathLike, fsspec URL or binary file object.
+        **options: Keyword options of :func:`safecodec.load_file` (``copy=``, ``fs=``...).
+    """
+    return _reader.load_file(filename, **options)

@@ -1,0 +1,57 @@
+"""Regressions found in review: public argument names and clear errors on bad arguments."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+import safecodec as sc
+import safecodec.numpy as scn
+
+
+def test_top_level_parameter_names_match_the_design():
+    # DESIGN.md: save_file(tensors, path_or_url, metadata=None, ...), load_file(path_or_url, ...)
+    assert list(inspect.signature(sc.save_file).parameters)[:3] == [
+        "tensors", "path_or_url", "metadata"]
+    assert next(iter(inspect.signature(sc.load_file).parameters)) == "path_or_url"
+
+
+def test_top_level_keywords_round_trip(tmp_path):
+    path = tmp_path / "a.safetensors"
+    sc.save_file(tensors={"a": np.arange(3.0)}, path_or_url=path, metadata={"k": "v"})
+    out = sc.load_file(path_or_url=path, copy=True)
+    np.testing.assert_array_equal(out["a"], np.arange(3.0))
+
+
+def test_numpy_front_end_takes_safetensors_keyword_names(tmp_path):
+    # Calls written for safetensors.numpy use tensor_dict= and filename=.
+    path = tmp_path / "a.safetensors"
+    scn.save_file(tensor_dict={"a": np.arange(4, dtype=np.int16)}, filename=str(path),
+                  metadata={"k": "v"})
+    np.testing.assert_array_equal(scn.load_file(filename=path)["a"], np.arange(4))
+    data = scn.save(tensor_dict={"b": np.ones(2, np.float32)}, metadata=None)
+    np.testing.assert_array_equal(scn.load(data=data)["b"], np.ones(2))
+    # Positional use as in safetensors.numpy, and safecodec's own options still pass through.
+    scn.save_file({"c": np.zeros(2)}, path, {"m": "n"}, alignment=8)
+    assert sc.read_header(path).metadata == {"m": "n"}
+    assert scn.load_file(path, copy=True)["c"].flags.owndata
+
+
+@pytest.mark.parametrize("alignment", ["64", 64.0, None, True])
+def test_alignment_of_wrong_type_is_a_clear_error(alignment):
+    with pytest.raises(sc.HeaderError, match="alignment must be a power of two >= 8, got"):
+        sc.save({"a": np.ones(1)}, alignment=alignment)
+
+
+@pytest.mark.parametrize("device", ["cpu", 0])
+def test_jax_device_of_wrong_type_is_a_clear_error(device):
+    pytest.importorskip("jax", reason="jax is an optional dependency")
+    import safecodec.jax as scj
+
+    data = sc.save({"a": np.ones(2, np.float32)})
+    with pytest.raises(sc.SafecodecError, match=r"device= takes a jax\.Device .* got "):
+        scj.load(data, device=device)
+    with pytest.raises(sc.SafecodecError, match=r"device= takes a jax\.Device"):
+        sc.safe_open(data, framework="jax", device=device)
