@@ -534,8 +534,9 @@ def parse_dtype(text: str) -> DType:
             dt = np.dtype(attr)
         try:
             row = DTYPES[code_for_numpy(dt, "--dtype")]
-        except DtypeError as exc:
-            raise UsageError(str(exc)) from None
+        except DtypeError:
+            raise UsageError(f"--dtype {text!r} has no safetensors code; use a floating type "
+                             "such as bfloat16, float16 or float32") from None
     if row.code not in FLOAT_CODES:
         raise UsageError(f"--dtype must be a floating type, got {text!r} ({row.code}); "
                          f"choose one of {', '.join(sorted(FLOAT_CODES))}")

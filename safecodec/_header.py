@@ -862,8 +862,14 @@ def check_name(name: object) -> str:
     return name
 
 
+#: The reserved keys safecodec itself writes (and copies when rewriting a file).
+INTERNAL_KEYS: Final = frozenset({"safecodec.tree", "safecodec.checksums"})
+
+
 def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
-    """Validate user metadata for writing: a mapping of str to str, no NUL characters."""
+    """Validate user metadata for writing: a mapping of str to str, no NUL characters,
+    no key under :data:`RESERVED_PREFIX` other than the :data:`INTERNAL_KEYS` safecodec
+    writes itself (readers hide that prefix, so a user key there would seem lost)."""
     if metadata is None:
         return None
     if not isinstance(metadata, Mapping):
@@ -880,6 +886,11 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
         if "\x00" in key or "\x00" in value or _has_lone_surrogate(key + value):
             raise HeaderError(
                 f"metadata entry {key!r:.60} contains a NUL character or a lone surrogate"
+            )
+        if key.startswith(RESERVED_PREFIX) and key not in INTERNAL_KEYS:
+            raise HeaderError(
+                f"metadata key {key!r:.60} uses the prefix {RESERVED_PREFIX!r}, reserved for "
+                "safecodec's own entries (hidden on read); choose another key"
             )
         out[key] = value
     return out

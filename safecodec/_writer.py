@@ -38,6 +38,12 @@ def _shape_dtype(value: Any, name: str) -> tuple[np.dtype, tuple[int, ...], Any]
     jax arrays, ShapeDtypeStruct-likes); anything else goes through ``np.asarray``."""
     if isinstance(value, np.ndarray):
         return value.dtype, value.shape, value
+    if isinstance(value, Mapping):
+        raise SafecodecError(
+            f"tensor {name!r} is a nested mapping: save() and save_file() take a flat "
+            "name -> array dict; use safecodec.save_tree() or safecodec.serialize() for "
+            "nested trees"
+        )
     dtype = getattr(value, "dtype", None)
     shape = getattr(value, "shape", None)
     if dtype is not None and shape is not None and hasattr(value, "__array__"):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _reader, _writer
+from ._errors import SafecodecError
 
 __all__ = ["load", "load_file", "save", "save_file"]
 
@@ -51,11 +52,21 @@ def load(data: Any, **options: Any) -> dict[str, np.ndarray]:
     return _reader.load(data, **options)
 
 
-def load_file(filename: Any, **options: Any) -> dict[str, np.ndarray]:
-    """:func:`safecodec.load_file` with ``safetensors.numpy.load_file``'s argument name.
+def load_file(filename: Any, *, backend: str = "mmap", **options: Any) -> dict[str, np.ndarray]:
+    """:func:`safecodec.load_file` with ``safetensors.numpy.load_file``'s arguments.
 
     Args:
         filename: Path, PathLike, fsspec URL or binary file object.
+        backend: As in the wheel: ``"mmap"`` (default: copy-on-write views of a mapping)
+            or ``"pread"`` (positioned reads into private arrays, the same as
+            ``copy=True``; safe against files truncated in place).
         **options: Keyword options of :func:`safecodec.load_file` (``copy=``, ``fs=``...).
+
+    Raises:
+        SafecodecError: An unknown ``backend``.
     """
+    if backend == "pread":
+        options["copy"] = True
+    elif backend != "mmap":
+        raise SafecodecError(f"backend must be 'mmap' or 'pread', got {backend!r}")
     return _reader.load_file(filename, **options)

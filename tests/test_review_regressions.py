@@ -55,3 +55,31 @@ def test_jax_device_of_wrong_type_is_a_clear_error(device):
         scj.load(data, device=device)
     with pytest.raises(sc.SafecodecError, match=r"device= takes a jax\.Device"):
         sc.safe_open(data, framework="jax", device=device)
+
+
+def test_user_metadata_cannot_use_the_reserved_prefix():
+    with pytest.raises(sc.HeaderError, match="reserved"):
+        sc.save({"a": np.ones(1)}, {"safecodec.note": "mine"})
+    # safecodec's own keys still pass through (rewriting a file keeps its tree record)
+    data = sc.save_tree({"w": np.ones(2)})
+    raw = sc.read_header(data).raw_metadata
+    again = sc.save({"w": np.ones(2)}, raw)
+    assert sc.read_header(again).raw_metadata == raw
+
+
+def test_numpy_load_file_backend_like_the_wheel(tmp_path):
+    import safecodec.numpy as scn
+
+    path = tmp_path / "b.safetensors"
+    scn.save_file({"x": np.arange(4.0)}, path)
+    assert scn.load_file(path, backend="mmap")["x"].tolist() == [0, 1, 2, 3]
+    private = scn.load_file(path, backend="pread")["x"]
+    assert private.flags.owndata or not isinstance(private.base, memoryview)
+    assert private.tolist() == [0, 1, 2, 3]
+    with pytest.raises(sc.SafecodecError, match="backend"):
+        scn.load_file(path, backend="tape")
+
+
+def test_nested_dicts_point_to_save_tree():
+    with pytest.raises(sc.SafecodecError, match="save_tree"):
+        sc.save({"a": {"b": np.ones(1)}})
