@@ -195,3 +195,17 @@ def as_memoryview(arr: np.ndarray) -> memoryview:
     Python >= 3.12, so type checkers targeting 3.11 reject the plain call. Every
     ``memoryview`` of an array in the package goes through here."""
     return memoryview(arr)  # type: ignore[arg-type]  # ndarray is a buffer; stubs say so only on 3.12+
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside the
+    safecodec package (the user's call), however deep inside safecodec it is raised."""
+    import sys
+
+    package = __name__.rpartition(".")[0] + "."
+    frame = sys._getframe(1)  # the function that will call warnings.warn
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(package):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level

@@ -345,7 +345,7 @@ class Converter:
                 "other 64-bit tensors from this file are converted the same way without "
                 "another warning. Enable x64 or pass strict_x64=True to refuse.",
                 PrecisionWarning,
-                stacklevel=4,
+                stacklevel=_dtypes.caller_stacklevel(),
             )
 
     def _flush_warning(self) -> None:
@@ -358,7 +358,7 @@ class Converter:
                 f"(JAX's rule: values may be rounded or wrapped): {shown}. Enable x64 or pass "
                 "strict_x64=True to refuse.",
                 PrecisionWarning,
-                stacklevel=4,
+                stacklevel=_dtypes.caller_stacklevel(),
             )
 
     # -- host arrays

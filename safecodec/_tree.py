@@ -50,7 +50,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from ._dtypes import code_for_numpy
+from ._dtypes import caller_stacklevel, code_for_numpy
 from ._errors import DtypeError, SafecodecError, TreeStructureError
 
 __all__ = [
@@ -1132,7 +1132,7 @@ def _load_plain(handle: Any, record: Any, has_record: bool, loader: _Loader, jax
             f"{len(skipped)} leaf/leaves of the saved tree were not arrays and were not stored; "
             f"they come back as None: {shown}{more}. Pass like= to supply them.",
             SkippedLeavesWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
     return tree
 

@@ -83,3 +83,22 @@ def test_numpy_load_file_backend_like_the_wheel(tmp_path):
 def test_nested_dicts_point_to_save_tree():
     with pytest.raises(sc.SafecodecError, match="save_tree"):
         sc.save({"a": {"b": np.ones(1)}})
+
+
+def test_warnings_point_at_the_callers_line(tmp_path):
+    import warnings
+
+    data = sc.save_tree({"f": print, "w": np.ones(1)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sc.load_tree(data)
+    assert caught and caught[0].filename == __file__
+    jax = pytest.importorskip("jax", reason="jax is optional")
+    import safecodec.jax as scj
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 mode is on: nothing is narrowed")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scj.load(sc.save({"i": np.arange(3, dtype=np.int64)}))
+    assert caught and caught[0].filename == __file__
