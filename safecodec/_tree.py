@@ -702,7 +702,10 @@ class _Slot:
 
 
 def _resolve(x: Any) -> Any:
-    """Replace :class:`_Slot` cells by their values in a freshly built plain tree."""
+    """Replace :class:`_Slot` cells by their values and build :class:`_Deferred` containers,
+    in a freshly built tree (plain, or filled from a template)."""
+    if isinstance(x, _Deferred):
+        return x.build()
     if isinstance(x, _Slot):
         return x.value
     t = type(x)
@@ -890,10 +893,10 @@ class _TemplateFill:
             from .objax import rebuild_variable
 
             value = self.fill(x.value, path)
-            return _Deferred(lambda: rebuild_variable(x, _resolve_deferred(value), render_path(path)))
+            return _Deferred(lambda: rebuild_variable(x, _resolve(value), render_path(path)))
         if isinstance(x, tuple) and hasattr(x, "_fields"):
             fields = [self.fill(getattr(x, f), (*path, ("a", f))) for f in x._fields]
-            return _Deferred(lambda: t(*[_resolve_deferred(v) for v in fields]))
+            return _Deferred(lambda: t(*[_resolve(v) for v in fields]))
         custom = _custom_children(x)
         if custom is not None:
             children, treedef = custom
@@ -901,10 +904,10 @@ class _TemplateFill:
                 vals = [self.fill(children[0][1], path)]
             else:
                 vals = [self.fill(child, (*path, elem)) for elem, child in children]
-            return _Deferred(lambda: treedef.unflatten([_resolve_deferred(v) for v in vals]))
+            return _Deferred(lambda: treedef.unflatten([_resolve(v) for v in vals]))
         if isinstance(x, Mapping):
             vals2 = {k: self.fill(v, (*path, ("k", k))) for k, v in x.items()}
-            return _Deferred(lambda: _rebuild_mapping(x, {k: _resolve_deferred(v) for k, v in vals2.items()}))
+            return _Deferred(lambda: _rebuild_mapping(x, {k: _resolve(v) for k, v in vals2.items()}))
         # A non-array leaf: the template supplies it.
         e = self.entry(path)
         if e is not None and e.kind == "leaf":
@@ -990,21 +993,6 @@ class _Deferred:
 
     def __init__(self, build: Callable[[], Any]) -> None:
         self.build = build
-
-
-def _resolve_deferred(x: Any) -> Any:
-    if isinstance(x, _Deferred):
-        return x.build()
-    if isinstance(x, _Slot):
-        return x.value
-    t = type(x)
-    if t is dict:
-        return {k: _resolve_deferred(v) for k, v in x.items()}
-    if t is list:
-        return [_resolve_deferred(v) for v in x]
-    if t is tuple:
-        return tuple(_resolve_deferred(v) for v in x)
-    return x
 
 
 def _rebuild_mapping(template: Mapping[Any, Any], values: dict[Any, Any]) -> Any:
@@ -1095,7 +1083,7 @@ def load_tree(
             filler.report_unused()
             filler.problems.raise_if_any()
             loader.finish()
-            tree = _resolve_deferred(built)
+            tree = _resolve(built)
     return (tree, user_md) if with_metadata else tree
 
 

@@ -9,21 +9,19 @@ read, then saves a global array collectively to ``DIR/out.safetensors``. Writes
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the device count must be set before anything imports jax)
+
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cpu_devices import force_cpu_devices
+
+force_cpu_devices(2)
 
 import json
 
 import jax
-
-try:
-    jax.config.update("jax_num_cpu_devices", 2)
-except (AttributeError, KeyError, RuntimeError):  # older JAX: XLA_FLAGS above does it
-    pass
-
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P

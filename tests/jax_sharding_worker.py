@@ -8,11 +8,15 @@ and once with the public-API fallback.
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the device count must be set before anything imports jax)
+
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cpu_devices import force_cpu_devices
+
+force_cpu_devices(8)
 
 import json
 import traceback
@@ -20,12 +24,6 @@ import tracemalloc
 from collections.abc import Callable
 
 import jax
-
-try:
-    jax.config.update("jax_num_cpu_devices", 8)
-except (AttributeError, KeyError, RuntimeError):  # older JAX: XLA_FLAGS above does it
-    pass
-
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import pytest
 
+from _cpu_devices import cpu_device_env
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 NO_RUN = "<!-- docs: no-run -->"
@@ -118,8 +120,7 @@ def example_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             spec["pages"].append({"name": page.relative_to(DOCS).as_posix(), "blocks": blocks})
     (tmp / "spec.json").write_text(json.dumps(spec))
     (tmp / "runner.py").write_text(_RUNNER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_device_env(8, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(tmp / "runner.py"), str(tmp / "spec.json")],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

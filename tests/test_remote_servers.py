@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import safecodec as sc
+from _cpu_devices import cpu_device_env
 from safecodec._reader import FIRST_READ
 
 #: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
@@ -284,8 +285,7 @@ def test_s3_sharded_jax_load(s3_server, tmp_path):
     sc.save_file(t, f"s3://{bucket}/run", max_shard_size="600KiB", storage_options=so)
     script = tmp_path / "child.py"
     script.write_text(_JAX_CHILD)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    env = cpu_device_env(8, PYTHONPATH=os.getcwd())
     s3_server.counter.reset()
     proc = subprocess.run(
         [sys.executable, str(script), f"s3://{bucket}/run/model.safetensors.index.json",

@@ -11,6 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from _cpu_devices import cpu_device_env
+
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
@@ -123,7 +125,7 @@ def test_shardings_reach_the_loader_on_several_devices(tmp_path):
         rows = sorted(int(s.data[0, 0]) for s in out["w"].addressable_shards)
         print(len(jax.devices()), len(out["w"].addressable_shards), rows)
     """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = cpu_device_env(4)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
