@@ -10,7 +10,6 @@ read, then saves a global array collectively to ``DIR/out.safetensors``. Writes
 from __future__ import annotations
 
 # ruff: noqa: E402  (the device count must be set before anything imports jax)
-
 import os
 import sys
 

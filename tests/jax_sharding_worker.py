@@ -9,7 +9,6 @@ and once with the public-API fallback.
 from __future__ import annotations
 
 # ruff: noqa: E402  (the device count must be set before anything imports jax)
-
 import os
 import sys
 
