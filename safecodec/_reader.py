@@ -39,21 +39,22 @@ _NUMPY_FRAMEWORKS: Final = frozenset({"numpy", "np"})
 _JAX_FRAMEWORKS: Final = frozenset({"jax", "flax"})
 
 
-def _read_header_from(source: Any) -> tuple[Header, bytes | memoryview]:
-    """Read and validate the header of an opened source (at most two reads)."""
+def _read_header_from(source: Any) -> Header:
+    """Read and validate the header of an opened source (at most two reads; a long header's
+    remainder is read straight into the one buffer that holds it)."""
     size = source.size
     if size < PREFIX_SIZE:
         decode_length(b"", size)  # raises "header too small"
-    first = source.read(0, min(size, FIRST_READ), "header")
+    first = memoryview(source.read(0, min(size, FIRST_READ), "header"))
     n = decode_length(first, size)
     end = PREFIX_SIZE + n
     if end <= len(first):
-        header_bytes = first[PREFIX_SIZE:end]
-    else:
-        header_bytes = bytes(first[PREFIX_SIZE:]) + bytes(
-            source.read(len(first), end - len(first), "header")
-        )
-    return parse_header(header_bytes, size), first
+        return parse_header(first[PREFIX_SIZE:end], size)
+    header_bytes = bytearray(n)
+    head = len(first) - PREFIX_SIZE
+    header_bytes[:head] = first[PREFIX_SIZE:]
+    source.readinto(len(first), memoryview(header_bytes)[head:], "header")
+    return parse_header(header_bytes, size)
 
 
 def read_header(source: Any, *, fs: Any = None,
@@ -82,7 +83,7 @@ def read_header(source: Any, *, fs: Any = None,
             return handle.header  # type: ignore[no-any-return]
     src = open_source(source, fs=fs, storage_options=storage_options)
     try:
-        header, _ = _read_header_from(src)
+        header = _read_header_from(src)
     finally:
         src.close()
     return header
@@ -495,7 +496,7 @@ class SafeOpen:
                                    progress=progress)
         self._unpack = unpack
         try:
-            self._header, _ = _read_header_from(self._source)
+            self._header = _read_header_from(self._source)
         except BaseException:
             self._source.close()
             raise

@@ -348,7 +348,7 @@ class FsspecSource(_SourceBase):
 
     def read_ranges(
         self, ranges: Sequence[tuple[int, int]], what: str = "data"
-    ) -> list[bytes | memoryview]:
+    ) -> list[bytes | bytearray | memoryview]:
         """Read many ``(start, end)`` ranges: merged, split, fetched concurrently, and
         handed back in the order asked (slices of the fetched blocks)."""
         ranges = [(int(s), int(e)) for s, e in ranges]

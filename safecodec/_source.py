@@ -56,11 +56,11 @@ class Source(Protocol):
     size: int
     name: str
 
-    def read(self, offset: int, length: int, what: str = "data") -> bytes | memoryview: ...
+    def read(self, offset: int, length: int, what: str = "data") -> bytes | bytearray | memoryview: ...
 
     def read_ranges(
         self, ranges: Sequence[tuple[int, int]], what: str = "data"
-    ) -> list[bytes | memoryview]: ...
+    ) -> list[bytes | bytearray | memoryview]: ...
 
     def buffer(self, mode: MapMode = "copy") -> memoryview | None: ...
 
@@ -91,11 +91,11 @@ class _SourceBase:
 
     if TYPE_CHECKING:  # every subclass defines it; declared here for the type checker only
 
-        def read(self, offset: int, length: int, what: str = "data") -> bytes | memoryview: ...
+        def read(self, offset: int, length: int, what: str = "data") -> bytes | bytearray | memoryview: ...
 
     def read_ranges(
         self, ranges: Sequence[tuple[int, int]], what: str = "data"
-    ) -> list[bytes | memoryview]:
+    ) -> list[bytes | bytearray | memoryview]:
         """Read each ``(start, end)`` range; the default reads them one by one."""
         return [self.read(start, end - start, what) for start, end in ranges]
 
@@ -174,11 +174,11 @@ class FileSource(_SourceBase):
                     f"file object {self.name} is not seekable; pass its bytes instead"
                 ) from exc
 
-    def read(self, offset: int, length: int, what: str = "data") -> bytes:
+    def read(self, offset: int, length: int, what: str = "data") -> bytearray:
         self._check_range(offset, length, what)
         out = bytearray(length)
         self.readinto(offset, memoryview(out), what)
-        return bytes(out) if length < 4096 else out  # type: ignore[return-value]
+        return out
 
     def readinto(self, offset: int, out: memoryview, what: str = "data") -> None:
         if self._fd is not None:
@@ -247,11 +247,11 @@ class MappedSource(_SourceBase):
                     self._maps[mode] = view
         return view
 
-    def read(self, offset: int, length: int, what: str = "data") -> bytes:
+    def read(self, offset: int, length: int, what: str = "data") -> bytearray:
         # Small reads (the header) go through pread: no mapping is created for them.
         out = bytearray(length)
         self.readinto(offset, memoryview(out), what)
-        return bytes(out)
+        return out
 
     def readinto(self, offset: int, out: memoryview, what: str = "data") -> None:
         # A copy straight from the page cache, without touching a mapping.
