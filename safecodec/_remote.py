@@ -366,7 +366,7 @@ class FsspecSource(_SourceBase):
         views = [memoryview(b) for b in blocks]
         import bisect
 
-        out: list[bytes | memoryview] = []
+        out: list[bytes | bytearray | memoryview] = []
         for start, end in ranges:
             if start == end:
                 out.append(b"")
