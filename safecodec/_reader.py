@@ -552,8 +552,7 @@ class SafeOpen:
         start = self._header.data_start + info.begin
         if reader._buf is not None:
             return reader._buf[start : start + info.nbytes]
-        if reader.copy and self._source.buffer("copy") is not None:
-            return self._source.buffer("copy")[start : start + info.nbytes]
+        # copy=True never maps the file (its promise against files truncated in place).
         return self._source.read(start, info.nbytes, f"tensor {info.name!r}")
 
     def _verify(self, info: TensorInfo) -> None:

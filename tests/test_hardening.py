@@ -178,3 +178,13 @@ def test_copy_mode_reports_truncation_during_reads(tmp_path):
         os.truncate(path, f.header.data_start + 10)
         with pytest.raises(sc.RemoteIOError, match="truncated"):
             f.get_tensors()
+
+
+def test_verify_with_copy_never_maps_the_file(tensors, tmp_path):
+    path = tmp_path / "c.safetensors"
+    sc.save_file(tensors, path, checksums=True)
+    with sc.safe_open(path, copy=True, verify=True) as f:
+        got = f.get_tensors()
+        assert not f._source._maps  # read with pread only
+    for name, value in tensors.items():
+        assert np.array_equal(got[name], value)
