@@ -350,7 +350,8 @@ def test_parse_dtype_accepts_codes_and_names(text, code):
 
 @pytest.mark.parametrize(("text", "message"), [("int8", "must be a floating type"),
                                                ("C64", "must be a floating type"),
-                                               ("float3", "unknown dtype 'float3'")])
+                                               ("float3", "unknown dtype 'float3'"),
+                                               ("int4", "'int4' has no safetensors code")])
 def test_parse_dtype_rejects_non_floating(text, message):
     with pytest.raises(_cli.UsageError, match=message):
         _cli.parse_dtype(text)

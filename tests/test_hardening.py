@@ -188,3 +188,37 @@ def test_verify_with_copy_never_maps_the_file(tensors, tmp_path):
         assert not f._source._maps  # read with pread only
     for name, value in tensors.items():
         assert np.array_equal(got[name], value)
+
+
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [
+        ('{"algorithm":"md5","tensors":{}}', "unsupported algorithm 'md5'"),
+        ('{"algorithm":"sha256","tensors":{"emb":"abc"}}', "malformed digests"),
+        ('["sha256"]', "unsupported algorithm"),
+    ],
+)
+def test_malformed_checksum_entries_are_reported(tensors, stored, message):
+    data = sc.save(tensors, {_integrity.CHECKSUM_KEY: stored})
+    with pytest.raises(sc.ChecksumError, match=message):
+        sc.load(data, verify=True)
+
+
+def test_tensor_without_a_stored_checksum(tensors):
+    digests = {"emb": "0" * 64}
+    data = sc.save(tensors, {_integrity.CHECKSUM_KEY: _integrity.encode(digests)})
+    with sc.safe_open(data, verify=True) as f, pytest.raises(
+        sc.ChecksumError, match="tensor 'bias' has no stored checksum"
+    ):
+        f.get_tensor("bias")
+
+
+def test_verify_file_reports_missing_tensors_and_absent_checksums(tensors, tmp_path):
+    path = tmp_path / "v.safetensors"
+    real = sc.read_header(sc.save(tensors, checksums=True)).raw_metadata[_integrity.CHECKSUM_KEY]
+    digests = {**_integrity.decode({_integrity.CHECKSUM_KEY: real}), "ghost": "0" * 64}
+    sc.save_file(tensors, path, {_integrity.CHECKSUM_KEY: _integrity.encode(digests)})
+    assert _integrity.verify_file(path) == ["checksum stored for missing tensor 'ghost'"]
+    sc.save_file(tensors, path)
+    with pytest.raises(sc.ChecksumError, match="has no checksums"):
+        _integrity.verify_file(path)
