@@ -73,10 +73,6 @@ class DType:
             raise DtypeError(f"dtype {self.code} is packed ({self.bits} bits per element)")
         return self.bits // 8
 
-    def nbytes(self, count: int) -> int:
-        """Bytes taken by ``count`` elements; the caller guarantees it is whole."""
-        return count * self.bits // 8
-
     def __repr__(self) -> str:
         return f"DType({self.code!r}, bits={self.bits})"
 

@@ -928,7 +928,7 @@ def plan_layout(
             raise OffsetError(
                 f"tensor {name!r}: {count} elements of {dtype.code} ({dtype.bits} bits) is "
                 "not a whole number of bytes; pad it to a multiple of "
-                f"{8 // _gcd(8, dtype.bits)} elements"
+                f"{8 // math.gcd(8, dtype.bits)} elements"
             )
         nbytes = nbits // 8
         group = 0 if alignment == 8 or nbytes % alignment == 0 else 1
@@ -941,12 +941,6 @@ def plan_layout(
         planned.append(PlannedTensor(name, dtype, shape, cursor, cursor + nbytes))
         cursor += nbytes
     return encode_header(planned, metadata, alignment), planned
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def encode_header(

@@ -9,6 +9,7 @@ a remote object), the dtype is packed (F4/F6 are unpacked), or the host is big-e
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
@@ -395,7 +396,7 @@ class TensorSlice:
         runs, block_shape = plan_runs(info.shape, per_dim)
         base = reader.header.data_start + info.begin
         if dt.packed:
-            group = 8 // _gcd(8, dt.bits)  # elements per packed group (F4: 2, F6: 4)
+            group = 8 // math.gcd(8, dt.bits)  # elements per packed group (F4: 2, F6: 4)
             gbytes = group * dt.bits // 8
             spans = [((a // group) * gbytes, -(-b // group) * gbytes) for a, b in runs]
             chunks = reader.ranges([(base + s, base + e) for s, e in spans], info.name)
@@ -424,12 +425,6 @@ class TensorSlice:
             if not _dtypes.HOST_IS_LITTLE_ENDIAN:
                 block = _native(block, dt)
         return _finish(block, per_dim, new_axes)
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def _numpy_index(per_dim: list[Any], new_axes: list[int]) -> tuple[Any, ...]:

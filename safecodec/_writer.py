@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterator, Mapping
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -225,16 +225,6 @@ def save(
     if digests is not None:
         buf.getbuffer()[: len(header)] = final_header(planned, metadata, alignment, digests, header)
     return buf.getvalue()
-
-
-def write_to(stream: IO[bytes], tensors: Mapping[str, Any], metadata: Mapping[str, str] | None,
-             alignment: int) -> int:
-    """Stream a safetensors file to a writable binary stream; return bytes written."""
-    header, planned, values = prepare(tensors, metadata, alignment)
-    total = stream.write(header) or 0
-    for chunk in iter_tensor_bytes(planned, values):
-        total += stream.write(chunk) or 0
-    return total
 
 
 def _pid_alive(pid: int) -> bool:
