@@ -526,12 +526,6 @@ def save_remote(
         raise RemoteIOError(f"wrote {written} bytes to {path}, expected {total}")
 
 
-def read_remote_bytes(fs: Any, path: str) -> bytes:
-    """The whole (small) object at ``path``: used for index files."""
-    data = fs.cat_file(path)
-    return bytes(data)
-
-
 def run_concurrently(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     """``[fn(x) for x in items]`` on a small thread pool (order kept; first error raised)."""
     if len(items) <= 1:
