@@ -841,22 +841,37 @@ def _save_collective(header: bytes, planned: list[PlannedTensor], values: Mappin
     seq = next(_SAVE_COUNTER)
     tmp = os.path.join(directory, f".{base}.mh-{digest}-{seq}{_writer.TMP_SUFFIX}")
     tag = f"safecodec-save-{digest}-{seq}"
+    failed: BaseException | None = None
     if process == 0:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            os.ftruncate(fd, total)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
+                         0o666)
+            try:
+                os.ftruncate(fd, total)
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # still reach the barrier so no process hangs
+            failed = exc
+        _publish(f"{tag}-create", "ok" if failed is None else f"{type(failed).__name__}: {failed}")
+    _barrier(f"{tag}-created", timeout_s)
+    created = _collect_one(f"{tag}-create", timeout_s)
+    if created != "ok":
+        if failed is not None:
+            _unlink(tmp)
+            raise failed
+        raise SafecodecError(
+            f"save_file({path!r}): process 0 could not create the file, nothing was "
+            f"written: {created}"
+        )
+    try:
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        try:
+            _write_all(_Sink(fd=fd), header, planned, values, process=process, collective=True)
+            os.fsync(fd)
         finally:
             os.close(fd)
-    _barrier(f"{tag}-created", timeout_s)
-    fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_BINARY", 0))
-    failed: BaseException | None = None
-    try:
-        _write_all(_Sink(fd=fd), header, planned, values, process=process, collective=True)
-        os.fsync(fd)
     except BaseException as exc:  # still reach the barrier so no process hangs
         failed = exc
-    finally:
-        os.close(fd)
     _publish(f"{tag}-status-{process}", "ok" if failed is None else f"{type(failed).__name__}: {failed}")
     _barrier(f"{tag}-written", timeout_s)
     problems = _collect(tag, jax.process_count(), timeout_s)
@@ -888,15 +903,21 @@ def _publish(key: str, value: str) -> None:
         client.key_value_set(key, value)
 
 
+def _collect_one(key: str, timeout_s: float) -> str:
+    """The status one process published under ``key`` ("ok" without a coordination
+    service: then each process only knows its own failures)."""
+    client = _client()
+    if client is None:  # pragma: no cover - multi-process without jax.distributed
+        return "ok"
+    return str(client.blocking_key_value_get(key, int(timeout_s * 1000)))
+
+
 def _collect(tag: str, count: int, timeout_s: float) -> list[str]:
     """The failures that other processes published (empty without a coordination service:
     then a failing process raises on its own and the others cannot know)."""
-    client = _client()
-    if client is None:  # pragma: no cover - multi-process without jax.distributed
-        return []
     problems = []
     for p in range(count):
-        status = client.blocking_key_value_get(f"{tag}-status-{p}", int(timeout_s * 1000))
+        status = _collect_one(f"{tag}-status-{p}", timeout_s)
         if status != "ok":
             problems.append(f"process {p}: {status}")
     return problems

@@ -10,8 +10,16 @@ read, then saves a global array collectively to ``DIR/out.safetensors``. Writes
 from __future__ import annotations
 
 # ruff: noqa: E402  (the device count must be set before anything imports jax)
+import faulthandler
 import os
 import sys
+
+#: a worker that is still running after this many seconds prints every thread's stack and
+#: exits, so that a hang in CI says where it hung (the test's own deadline is longer)
+HANG_S = 200
+
+if __name__ == "__main__":
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cpu_devices import force_cpu_devices
@@ -40,8 +48,13 @@ def expected() -> dict[str, np.ndarray]:
 
 def main() -> None:
     pid, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    print(f"process {pid}: jax {jax.__version__}, coordinator 127.0.0.1:{port}", flush=True)
+    # bind the coordinator to loopback only (the default, [::], needs IPv6); time out well
+    # before the test does, so a failure to connect is reported, not waited out
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                               process_id=pid)
+                               process_id=pid, coordinator_bind_address=f"127.0.0.1:{port}",
+                               initialization_timeout=120)
+    print(f"process {pid}: connected", flush=True)
     assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
     shardings = {"w": NamedSharding(mesh, P("x", "y")), "v": NamedSharding(mesh, P("x", None))}
@@ -75,20 +88,31 @@ def main() -> None:
         "v": out["v"],
         "host": np.array([1.5, -2.0], np.float32),
     }
-    scj.save_file(saved, target, metadata={"by": "multihost"})
+    print(f"process {pid}: loaded, saving", flush=True)
+    scj.save_file(saved, target, metadata={"by": "multihost"}, timeout_s=120)
     assert os.path.exists(target)  # visible to every process when save_file returns
-    leftovers = [n for n in os.listdir(directory) if n.endswith(".safecodec-tmp")]
+    # (only this save's temporaries: process 0 may already have begun the next save)
+    leftovers = [n for n in os.listdir(directory)
+                 if n.startswith(".out.safetensors.") and n.endswith(".safecodec-tmp")]
     assert not leftovers, leftovers
     # a failing process: nothing appears, every process raises
     bad = os.path.join(directory, "bad.safetensors")
     try:
-        scj.save_file({"w2": saved["w2"], "x": FailOn(pid)}, bad)
+        scj.save_file({"w2": saved["w2"], "x": FailOn(pid)}, bad, timeout_s=120)
     except (sc.SafecodecError, RuntimeError) as exc:
         result["failure"] = f"{type(exc).__name__}: {exc}"
     result["bad_exists"] = os.path.exists(bad)
+    # process 0 cannot even create the file (no such directory): every process raises
+    try:
+        scj.save_file({"w2": saved["w2"]}, os.path.join(directory, "missing", "x.safetensors"),
+                      timeout_s=120)
+    except (sc.SafecodecError, OSError) as exc:
+        result["create_failure"] = f"{type(exc).__name__}: {exc}"
     with open(os.path.join(directory, f"result-{pid}.json"), "w") as fh:
         json.dump(result, fh)
+    print(f"process {pid}: saved, shutting down", flush=True)
     jax.distributed.shutdown()
+    print(f"process {pid}: done", flush=True)
 
 
 class FailOn:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,28 +29,59 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _child_env() -> dict[str, str]:
+    """The workers' environment: CPU only, and no proxy variables. gRPC (which JAX's
+    coordination service uses) honours ``http_proxy``/``https_proxy``/``grpc_proxy``; a CI
+    machine that reaches its package registries through a proxy would send the workers'
+    127.0.0.1 connections there, and JAX's own docs warn this can hang ``initialize``."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(JAX_PLATFORMS="cpu", no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost",
+               PYTHONFAULTHANDLER="1")
+    return env
+
+
+#: seconds the two workers get in all; each worker dumps its stacks and exits a little
+#: before (``jax_multiprocess_worker.HANG_S``), so a hang shows where it hung
+DEADLINE_S = 240
+
+
+def _run_workers(directory: pathlib.Path) -> tuple[list[int], list[str]]:
+    """Start both workers, wait for both (never leaving a child behind), return their exit
+    codes and outputs. Output goes to files, not pipes: a worker blocked on a full pipe
+    that nobody reads would stall the other one at its next barrier."""
+    port = str(_free_port())
+    logs = [directory / f"worker-{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "jax_multiprocess_worker.py"), str(i), port,
+                 str(directory)], env=_child_env(), cwd=os.path.dirname(HERE), stdout=fh,
+                stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + DEADLINE_S
+    notes = ["", ""]
+    try:
+        for i, p in enumerate(procs):
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                notes[i] = f"\n[killed after {DEADLINE_S} s]"
+    finally:
+        for p in procs:  # on a timeout or an exception: no child outlives the fixture
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], [log.read_text() + n for log, n in zip(logs, notes, strict=True)]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("multiprocess")
     sc.save_file(expected(), directory / "in.safetensors")
-    port = str(_free_port())
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen([sys.executable, os.path.join(HERE, "jax_multiprocess_worker.py"),
-                          str(i), port, str(directory)], env=env, cwd=os.path.dirname(HERE),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out)
-    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(logs)
+    codes, logs = _run_workers(directory)
+    report = "\n".join(f"---- process {i} (exit {c}) ----\n{log}"
+                       for i, (c, log) in enumerate(zip(codes, logs, strict=True)))
+    assert codes == [0, 0], report
     results = [json.loads((directory / f"result-{i}.json").read_text()) for i in range(2)]
     return directory, results
 
@@ -90,3 +123,10 @@ def test_collective_save_failure_leaves_nothing_and_every_process_raises(run) ->
     assert "process 0: RuntimeError" in results[1]["failure"]
     assert not any(r["bad_exists"] for r in results)
     assert not [n for n in os.listdir(directory) if n.endswith(".safecodec-tmp")]
+
+
+def test_collective_save_that_cannot_create_the_file_raises_everywhere(run) -> None:
+    _, results = run
+    assert results[0]["create_failure"].startswith("FileNotFoundError")
+    assert "process 0 could not create the file" in results[1]["create_failure"]
+    assert "FileNotFoundError" in results[1]["create_failure"]
