@@ -10,6 +10,19 @@ import pytest
 # Make the tests folder importable (helpers such as _oracle.py, block_safetensors.py).
 sys.path.insert(0, os.path.dirname(__file__))
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+else:
+    # Timing is not a property under test: on a loaded 2-core CI machine a slow example must
+    # not fail the run. Every other health check stays on.
+    settings.register_profile(
+        "safecodec", deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.load_profile("safecodec")
+
 
 @pytest.fixture
 def restore_flags():
