@@ -152,20 +152,25 @@ class InternalPut(PublicPut):
             aval = self._avals[key] = self._aval_type(shape, dtype)
         return aval
 
-    def single(self, arr: np.ndarray, device: Any, committed: bool) -> jax.Array:
+    def _sharding(self, device: Any) -> Any:
         sharding = self._single.get(device)
         if sharding is None:
             sharding = self._single[device] = jax.sharding.SingleDeviceSharding(device)
-        out: jax.Array = self._put(self._aval(arr.shape, arr.dtype), sharding, [arr], [device],
-                                   committed)
+        return sharding
+
+    def single(self, arr: np.ndarray, device: Any, committed: bool) -> jax.Array:
+        out: jax.Array = self._put(self._aval(arr.shape, arr.dtype), self._sharding(device),
+                                   [arr], [device], committed)
         return out
 
     def many(self, arrs: list[np.ndarray], device: Any, committed: bool) -> list[jax.Array]:
         if device.platform != "cpu":
             # Accelerators: one batched transfer per device beats many small calls.
             return PublicPut.many(self, arrs, device, committed)
-        single = self.single
-        return [single(a, device, committed) for a in arrs]
+        # CPU: one call per array (each aliases its own memory); the loop is the hot path of
+        # a zero-copy load, so the sharding is looked up once and avals come from the cache.
+        put, sharding, aval = self._put, self._sharding(device), self._aval
+        return [put(aval(a.shape, a.dtype), sharding, [a], [device], committed) for a in arrs]
 
     def sharded(self, shape: tuple[int, ...], dtype: np.dtype, sharding: Any,
                 shards: list[np.ndarray], devices: list[Any]) -> jax.Array:
@@ -311,9 +316,16 @@ class Converter:
             )
         return out
 
-    def _check_dtype(self, info: TensorInfo) -> np.dtype:
-        """The dtype JAX will hold; raises for F6, warns (or raises) for narrowing."""
+    def _check_dtype(self, info: TensorInfo, cache: dict[str, np.dtype] | None = None) -> np.dtype:
+        """The dtype JAX will hold; raises for F6, warns (or raises) for narrowing.
+
+        ``cache`` (code -> dtype, for one batch of tensors) skips the work for a dtype
+        already seen that needed neither: narrowing must still be reported per tensor."""
         dt = info.dtype
+        if cache is not None:
+            hit = cache.get(dt.code)
+            if hit is not None:
+                return hit
         if dt.code in _F6_CODES:
             raise DtypeError(
                 f"tensor {info.name!r} has dtype {dt.code} ({dt.numpy.name}), which JAX cannot "
@@ -321,11 +333,15 @@ class Converter:
                 "safecodec.safe_open(path, framework='numpy').get_tensor(name)"
             )
         if dt.packed and not self.handle._unpack:
-            return np.dtype(np.uint8)
-        want = dt.numpy
-        got = _canonical(want)
-        if got != want:
-            self._narrow(info, want, got)
+            got = np.dtype(np.uint8)
+        else:
+            want = dt.numpy
+            got = _canonical(want)
+            if got != want:
+                self._narrow(info, want, got)
+                return got
+        if cache is not None:
+            cache[dt.code] = got
         return got
 
     def _narrow(self, info: TensorInfo, want: np.dtype, got: np.dtype) -> None:
@@ -394,15 +410,22 @@ class Converter:
             self.aliased += 1 if cpu else 0
         return view
 
-    def _needs_copy(self, info: TensorInfo) -> bool:
-        """True when tensor ``info`` cannot be aliased on CPU (see :meth:`_host_full`)."""
+    def _data_address(self) -> int | None:
+        """Where tensor offset 0 lies in memory when the reader's buffer is one JAX may
+        alias (mapped or immutable, little-endian host); None when every tensor must be
+        copied (no buffer: copy=True, no mmap, remote; or a buffer the caller can write)."""
         reader = self.handle._reader_checked()
         buf = reader._buf
+        if buf is None or not buf.readonly or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+            return None
+        return self._base_address(buf) + reader.header.data_start
+
+    def _needs_copy(self, info: TensorInfo, address: int | None) -> bool:
+        """True when tensor ``info`` cannot be aliased on CPU (see :meth:`_host_full`);
+        ``address`` is :meth:`_data_address`."""
         if info.dtype.packed or not info.nbytes or not _dtypes.HOST_IS_LITTLE_ENDIAN:
             return False
-        if buf is None or not buf.readonly:
-            return True
-        return (self._base_address(buf) + reader.header.data_start + info.begin) % ALIGNMENT != 0
+        return address is None or (address + info.begin) % ALIGNMENT != 0
 
     def _base_address(self, buf: memoryview) -> int:
         base = getattr(self, "_base", None)
@@ -419,8 +442,9 @@ class Converter:
         reader = self.handle._reader_checked()
         start = reader.header.data_start
         runs: list[list[TensorInfo]] = []
+        address = self._data_address()
         for info in infos:
-            if not self._needs_copy(info):
+            if not self._needs_copy(info, address):
                 continue
             if runs and runs[-1][-1].end == info.begin:
                 runs[-1].append(info)
@@ -549,26 +573,62 @@ class Converter:
             device, committed = self._target()
             cpu = device.platform == "cpu"
             out: dict[str, Any] = {}
-            batch: list[np.ndarray] = []
-            batch_names: list[str] = []
             plain: list[tuple[TensorInfo, np.dtype]] = []
+            targets: dict[str, np.dtype] = {}
+            sharded = self.sharding is not None
             for info in infos:
-                sharding = self._sharding_for(info)
+                sharding = self._sharding_for(info) if sharded else None
                 if sharding is not None:
                     out[info.name] = self._load_sharded(info, sharding)
-                    continue
-                out[info.name] = None
-                plain.append((info, self._check_dtype(info)))
-            copied = self._copy_runs([i for i, t in plain if t == i.dtype.numpy]) if cpu else {}
-            for info, target in plain:
-                host = copied.get(info.name)
-                batch.append(host if host is not None else self._host_full(info, target, cpu))
-                batch_names.append(info.name)
-            for name, arr in zip(batch_names, placement().many(batch, device, committed), strict=True):
-                out[name] = arr
+                else:
+                    out[info.name] = None  # keeps file order
+                    plain.append((info, self._check_dtype(info, targets)))
+            hosts = self._hosts(plain, cpu)
+            for (info, _), arr in zip(plain, placement().many(hosts, device, committed), strict=True):
+                out[info.name] = arr
         finally:
             self._flush_warning()
         return out
+
+    def _hosts(self, plain: list[tuple[TensorInfo, np.dtype]], cpu: bool) -> list[np.ndarray]:
+        """Host arrays for tensors placed whole (``plain``: info and the dtype JAX holds).
+        On CPU, a tensor aligned in memory JAX may alias becomes one ndarray view: this
+        loop is the hot path of a zero-copy load, so it does only that; every other
+        tensor takes :meth:`_host_full`, after :meth:`_copy_runs` has read runs of
+        unaligned neighbours in one go."""
+        address = self._data_address() if cpu else None
+        hosts: list[np.ndarray | None] = []
+        rest: list[int] = []
+        if address is None:
+            hosts, rest = [None] * len(plain), list(range(len(plain)))
+        else:
+            reader = self.handle._reader_checked()
+            buf, offset0 = reader._buf, reader.header.data_start
+            make = np.ndarray
+            viewable: dict[str, bool] = {}
+            nbytes = aliased = 0
+            for info, target in plain:
+                dt, begin = info.dtype, info.begin
+                ok = viewable.get(dt.code)
+                if ok is None:
+                    ok = viewable[dt.code] = not dt.packed and target == dt.numpy
+                if (ok and begin != info.end and (address + begin) % ALIGNMENT == 0
+                        and len(info.shape) <= 32):
+                    hosts.append(make(info.shape, target, buf, offset0 + begin))
+                    nbytes += info.end - begin
+                    aliased += 1
+                else:
+                    rest.append(len(hosts))
+                    hosts.append(None)
+            self.bytes_loaded += nbytes
+            self.aliased += aliased
+        if rest:
+            todo = [plain[k] for k in rest]
+            copied = self._copy_runs([i for i, t in todo if t == i.dtype.numpy]) if cpu else {}
+            for k, (info, target) in zip(rest, todo, strict=True):
+                host = copied.get(info.name)
+                hosts[k] = host if host is not None else self._host_full(info, target, cpu)
+        return hosts  # type: ignore[return-value]  # every None was filled above
 
     def _load_sharded(self, info: TensorInfo, sharding: Any) -> jax.Array:
         target = self._check_dtype(info)

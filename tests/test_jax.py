@@ -86,6 +86,48 @@ def test_aligned_tensors_alias_the_mapping(tmp_path, put):
 
 
 @cpu_only
+def test_mixed_file_every_kind_of_tensor_in_one_load(tmp_path, put):
+    # get_tensors() views aligned tensors in one hot loop and sends every other kind
+    # (empty, packed, narrowed, unaligned, a run of unaligned neighbours) down the general
+    # path: every one must come out right, in file order, and only the aligned ones alias.
+    rng = np.random.default_rng(3)
+    model = {
+        "a_aligned": rng.standard_normal((8, 16)).astype(np.float32),
+        "b_empty": np.zeros((0, 4), np.float32),
+        "c_f4": np.array([0.5, -1, 6, 0], dtype=ml_dtypes.float4_e2m1fn),
+        "d_odd": rng.standard_normal(5).astype(np.float32),  # 20 bytes: what follows is unaligned
+        "e_run1": rng.standard_normal(3).astype(np.float32),
+        "f_run2": rng.standard_normal(4).astype(np.float32),
+        "g_bf16": rng.standard_normal((4, 8)).astype(ml_dtypes.bfloat16),
+    }
+    if not jax.config.jax_enable_x64:
+        model["h_i64"] = np.array([1, -(2**40)], np.int64)  # narrowed: a copy, with a warning
+    path = tmp_path / "mixed.safetensors"
+    sc.save_file(model, path, alignment=8)  # the reference layout: many misaligned tensors
+    ctx = pytest.warns(PrecisionWarning) if "h_i64" in model else warnings.catch_warnings()
+    with ctx, sc.safe_open(path, "jax") as f:
+        lo, hi = _mapping_range(f)
+        out = f.get_tensors()
+        assert list(out) == list(f.header.tensors)  # file order
+        base = f.header.data_start
+        aliased = []
+        for name, info in f.header.tensors.items():
+            ptr = out[name].unsafe_buffer_pointer() if info.nbytes else None
+            if ptr is not None and lo <= ptr < hi:
+                assert ptr == lo + base + info.begin and (base + info.begin) % 64 == 0, name
+                aliased.append(name)
+        assert f._jax.aliased == len(aliased) > 0, aliased
+        assert not {"b_empty", "c_f4", "h_i64"} & set(aliased)
+    want = sc.load_file(path)
+    for name, value in want.items():
+        got = np.asarray(out[name])
+        if name == "h_i64":
+            value = value.astype(np.int32)
+        assert got.dtype == value.dtype and got.shape == value.shape, name
+        np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(value).view(np.uint8))
+
+
+@cpu_only
 def test_unaligned_tensor_is_copied_once_into_aligned_memory(tmp_path, put):
     # alignment=8 writes the reference layout: data starts 8-aligned, not 64-aligned here.
     model = {"a": np.arange(16, dtype=np.float32), "b": np.arange(16, dtype=np.float32)}
