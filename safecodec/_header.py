@@ -617,6 +617,8 @@ def _parse_canonical(text: str) -> _Parsed | None:
         match = _METADATA_RE.match(body, 1)
         if match is None:
             return None
+        if match.end() == len(body):
+            return None  # that "}" closed the metadata: the outer object is unterminated
         metadata = json.loads(match.group(1))  # a repeated key keeps its last value
         entries = body[match.end() : -1]
         if entries[:1] != ",":

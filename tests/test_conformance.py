@@ -109,6 +109,13 @@ CORPUS: list[Case] = [
     header_error("top-level null", blob("null", b""), "must be a JSON object"),
     header_error("top-level string", blob('"x"', b""), "must be a JSON object"),
     header_error("unterminated", blob('{"a":{%s}' % ENTRY), "invalid JSON"),
+    # found by atheris: the metadata's "}" must not pass for the outer object's
+    header_error("unterminated after metadata", blob('{"__metadata__":{"k":"v"}', b""),
+                 "invalid JSON"),
+    header_error("unterminated after empty metadata", blob('{"__metadata__":{}', b""),
+                 "invalid JSON"),
+    header_error("unterminated after metadata, padded", blob('{"__metadata__":{"k":"v"}   ', b""),
+                 "invalid JSON"),
     header_error("missing colon", blob('{"a"{%s}}' % ENTRY), "Expecting ':'"),
     # 5: strict JSON, tokens
     header_error("NaN", one(',"x":NaN'), "NaN is not valid JSON"),
