@@ -444,6 +444,32 @@ def test_fast_and_general_parsers_agree(case: Case) -> None:
     assert _header.parse_header(case.data[8 : 8 + n], len(case.data)) == general
 
 
+def _edits(text: str):
+    """Every prefix, every one-character deletion and every one-character duplication of
+    ``text``: the small slips that leave a header looking canonical."""
+    for i in range(len(text)):
+        yield text[:i]
+        yield text[:i] + text[i + 1 :]
+        yield text[:i] + text[i] + text[i:]
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"k": "v"}], ids=["none", "empty", "kv"])
+def test_fast_path_never_accepts_what_the_general_parser_rejects(metadata) -> None:
+    """Whenever the canonical fast path parses an edited header, the general parser must
+    parse it too, to the same result (an unterminated outer object once slipped through)."""
+    data = sc.save({"a": np.ones(2, np.float32), "b": np.zeros((1, 3), np.uint8)}, metadata,
+                   alignment=8)
+    n = _header.decode_length(data, len(data))
+    checked = 0
+    for text in set(_edits(data[8 : 8 + n].decode())):
+        fast = _header._parse_canonical(text)
+        if fast is None:
+            continue
+        checked += 1
+        assert _header._parse_general(text) == fast, text
+    assert checked > 10  # the edits do reach the fast path
+
+
 def test_canonical_files_take_the_fast_path() -> None:
     data = sc.save({"a": np.ones(3, np.float32), "b": np.zeros((2, 0), np.int8)},
                    metadata={"k": "v"}, alignment=8)
