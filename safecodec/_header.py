@@ -100,10 +100,12 @@ _U64 = struct.Struct("<Q")
 _WS: Final = " \t\n\r"  # JSON whitespace; nothing else may surround the object
 # A digit run this long may be an integer beyond u64 (serde_json then makes it an f64).
 _LONG_DIGITS = re.compile(r"[0-9]{20}")
-# Only a float literal with a 3-digit exponent or a 300-digit run can reach the edge of
+# Only a float literal with a 3-digit exponent or a long digit run can reach the edge of
 # the f64 range, where the reference's parser fails: only then are floats checked one by
-# one (a Python call per float).
-_RISKY_FLOAT = re.compile(r"[eE][+-]?[0-9]{3}|[0-9]{300}")
+# one (a Python call per float). With an exponent of at most 99, the integer part needs
+# at least 210 digits to reach 1e308 ("1" + 289 zeros + "e20" is out of range), so runs
+# of 200 digits already count as risky.
+_RISKY_FLOAT = re.compile(r"[eE][+-]?[0-9]{3}|[0-9]{200}")
 
 # --- the canonical form, parsed by one regular-expression pass (the fast path) -------------
 # Every writer we know (the reference and safecodec) emits compact JSON: no whitespace
