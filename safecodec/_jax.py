@@ -433,16 +433,16 @@ class Converter:
             base = self._base = (buf, np.frombuffer(buf, np.uint8, 0 if not len(buf) else 1).ctypes.data)
         return base[1]
 
-    def _copy_runs(self, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
+    def _copy_runs(self, infos: list[TensorInfo], address: int | None) -> dict[str, np.ndarray]:
         """The one copy of every tensor that cannot be aliased, done per run of tensors
         that follow each other in the file: one read per run into one buffer placed so
         that most of them land 64-byte aligned (in a file from the reference writer,
         usually all of them: their sizes are multiples of 64, so they share one
-        misalignment). Those alias the buffer; the rest get their own aligned copy."""
+        misalignment). Those alias the buffer; the rest get their own aligned copy.
+        ``address`` is :meth:`_data_address`."""
         reader = self.handle._reader_checked()
         start = reader.header.data_start
         runs: list[list[TensorInfo]] = []
-        address = self._data_address()
         for info in infos:
             if not self._needs_copy(info, address):
                 continue
@@ -624,7 +624,8 @@ class Converter:
             self.aliased += aliased
         if rest:
             todo = [plain[k] for k in rest]
-            copied = self._copy_runs([i for i, t in todo if t == i.dtype.numpy]) if cpu else {}
+            copied = (self._copy_runs([i for i, t in todo if t == i.dtype.numpy], address)
+                      if cpu else {})
             for k, (info, target) in zip(rest, todo, strict=True):
                 host = copied.get(info.name)
                 hosts[k] = host if host is not None else self._host_full(info, target, cpu)
@@ -912,7 +913,7 @@ def _save_collective(header: bytes, planned: list[PlannedTensor], values: Mappin
                 os.close(fd)
         except BaseException as exc:  # still reach the barrier so no process hangs
             failed = exc
-        _publish(f"{tag}-create", "ok" if failed is None else f"{type(failed).__name__}: {failed}")
+        _publish(f"{tag}-create", _status(failed))
     _barrier(f"{tag}-created", timeout_s)
     created = _collect_one(f"{tag}-create", timeout_s)
     if created != "ok":
@@ -932,7 +933,7 @@ def _save_collective(header: bytes, planned: list[PlannedTensor], values: Mappin
             os.close(fd)
     except BaseException as exc:  # still reach the barrier so no process hangs
         failed = exc
-    _publish(f"{tag}-status-{process}", "ok" if failed is None else f"{type(failed).__name__}: {failed}")
+    _publish(f"{tag}-status-{process}", _status(failed))
     _barrier(f"{tag}-written", timeout_s)
     problems = _collect(tag, jax.process_count(), timeout_s)
     if failed is not None or problems:
@@ -961,6 +962,11 @@ def _publish(key: str, value: str) -> None:
     client = _client()
     if client is not None:
         client.key_value_set(key, value)
+
+
+def _status(failed: BaseException | None) -> str:
+    """What a process publishes about its part: "ok", or its exception's type and text."""
+    return "ok" if failed is None else f"{type(failed).__name__}: {failed}"
 
 
 def _collect_one(key: str, timeout_s: float) -> str:

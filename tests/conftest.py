@@ -15,8 +15,9 @@ try:
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
     pass
 else:
-    # Timing is not a property under test: on a loaded 2-core CI machine a slow example must
-    # not fail the run. Every other health check stays on.
+    # For every Hypothesis test (tests set only max_examples): timing is not a property under
+    # test, so on a loaded 2-core CI machine a slow example must not fail the run, nor a
+    # draw that happens to be large. Every other health check stays on.
     settings.register_profile(
         "safecodec", deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

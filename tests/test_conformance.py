@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import _oracle
@@ -512,8 +512,7 @@ def test_dimension_numpy_cannot_hold() -> None:
 
 # ----------------------------------------------------------------------------- Hypothesis
 
-HYPOTHESIS = settings(max_examples=60, deadline=None,
-                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+HYPOTHESIS = settings(max_examples=60)
 CODES = sorted(DTYPES)
 NAME = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
                max_size=12).filter(lambda s: s != "__metadata__")
@@ -715,7 +714,7 @@ def number_literals(draw: st.DrawFn) -> str:
     return text
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(literal=number_literals())
 # found by a deep run: long integer parts with short exponents (used to skip the check)
 @example(literal="1" + "0" * 289 + "e20")

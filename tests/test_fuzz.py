@@ -14,7 +14,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import safecodec as sc
@@ -94,7 +94,7 @@ def _mutate(data: bytes, ops) -> bytes:
     return bytes(buf)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300)
 @given(base=st.sampled_from(BASE_FILES), ops=st.lists(mutations, min_size=1, max_size=4))
 def test_mutated_files_only_raise_safecodec_errors_and_agree_with_the_reference(base, ops):
     data = _mutate(base, ops)
@@ -105,7 +105,7 @@ def test_mutated_files_only_raise_safecodec_errors_and_agree_with_the_reference(
         assert _is_deviation(data), (ours, ref, data[:120])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.binary(max_size=300))
 def test_random_bytes(data):
     assert _exercise(data) is None or isinstance(_exercise(data), dict)
@@ -115,7 +115,7 @@ def test_random_bytes(data):
         pass
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(header=st.recursive(
     st.none() | st.booleans() | st.integers(-2, 2**65) | st.floats() | st.text(max_size=5),
     lambda children: st.lists(children, max_size=3)

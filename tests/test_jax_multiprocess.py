@@ -20,6 +20,7 @@ import safecodec as sc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _cpu_devices import cpu_device_env  # noqa: E402
 from jax_multiprocess_worker import expected  # noqa: E402
 
 
@@ -30,14 +31,13 @@ def _free_port() -> int:
 
 
 def _child_env() -> dict[str, str]:
-    """The workers' environment: CPU only, and no proxy variables. gRPC (which JAX's
+    """The workers' environment: 2 CPU devices each, and no proxy variables. gRPC (which JAX's
     coordination service uses) honours ``http_proxy``/``https_proxy``/``grpc_proxy``; a CI
     machine that reaches its package registries through a proxy would send the workers'
     127.0.0.1 connections there, and JAX's own docs warn this can hang ``initialize``."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.update(JAX_PLATFORMS="cpu", no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost",
-               PYTHONFAULTHANDLER="1")
-    return env
+    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    return cpu_device_env(2, base, no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost",
+                          PYTHONFAULTHANDLER="1")
 
 
 #: seconds the two workers get in all; each worker dumps its stacks and exits a little

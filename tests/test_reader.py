@@ -286,7 +286,7 @@ def shapes_and_indices(draw):
 
 @pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
 @pytest.mark.parametrize("code", ["F32", "U8", "BF16", "F4", "F6_E3M2"])
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(case=shapes_and_indices())
 def test_slices_match_numpy_basic_indexing(code, mapped, case):
     shape, index = case

@@ -344,7 +344,7 @@ def _trees():
 def test_hypothesis_round_trips():
     from hypothesis import given, settings
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=60)
     @given(_trees())
     def check(tree):
         same(tree, sc.load_tree(sc.save_tree(tree)))

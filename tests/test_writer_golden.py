@@ -14,7 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import _oracle
@@ -282,7 +282,7 @@ def _writable_tensors(draw: st.DrawFn) -> dict[str, np.ndarray]:
     return out
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60)
 @given(tensors=_writable_tensors(),
        metadata=st.none() | st.dictionaries(_NAME, _NAME, max_size=1))
 def test_random_files_match_reference_bytes(tensors, metadata) -> None:
