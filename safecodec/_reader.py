@@ -601,6 +601,32 @@ class SafeOpen:
         """Every tensor, in file order."""
         return self._load_infos(list(self._header.tensors.values()))
 
+    # -- what the tree layer uses (public, framework-independent)
+    @property
+    def framework(self) -> str:
+        """``"numpy"`` or ``"jax"``: what ``get_tensor`` returns."""
+        return "numpy" if self._jax is None else "jax"
+
+    def get_numpy(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a NumPy array whatever the framework (a JAX handle maps the
+        file read-only, so there it is a private copy)."""
+        info = self._info(name)
+        self._verify(info)
+        arr = self._reader_checked().array(info)
+        return arr if self._jax is None else np.array(arr)
+
+    def load_tensors(self, names: list[str], *, sharding: Any = None) -> dict[str, Any]:
+        """Tensors ``names`` with the handle's framework, in the order given; ``sharding``
+        (JAX handles: a mapping name -> Sharding) replaces the handle's for this call."""
+        infos = [self._info(n) for n in names]
+        if self._jax is None or sharding is None:
+            return self._load_infos(infos)
+        saved, self._jax.sharding = self._jax.sharding, sharding
+        try:
+            return self._load_infos(infos)
+        finally:
+            self._jax.sharding = saved
+
     def _load_infos(self, infos: list[TensorInfo]) -> dict[str, Any]:
         """Load the given tensors (``get_tensors``, and sharded handles for the subset of a
         shard that their index names)."""

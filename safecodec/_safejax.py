@@ -77,7 +77,7 @@ def serialize(
         >>> sorted(sc.read_header(data).tensors)
         ['dense.kernel']
     """
-    from ._writer import save, save_file
+    from ._api import save, save_file
 
     if _is_objax_module(params):
         params = params.vars()

@@ -456,6 +456,31 @@ class ShardedSafeOpen:
         self._check_open()
         return self._load_infos(list(self.header.tensors.values()))
 
+    @property
+    def framework(self) -> str:
+        """``"numpy"`` or ``"jax"``: what ``get_tensor`` returns."""
+        return "numpy" if self._jax is None else "jax"
+
+    def get_numpy(self, name: str) -> Any:
+        """Tensor ``name`` as a NumPy array whatever the framework."""
+        return self.shard_handle(name).get_numpy(name)
+
+    def load_tensors(self, names: list[str], *, sharding: Any = None) -> dict[str, Any]:
+        """Tensors ``names`` with the handle's framework; ``sharding`` (JAX handles: a
+        mapping name -> Sharding) replaces the handle's for this call."""
+        tensors = self.header.tensors
+        infos = []
+        for n in names:
+            self._shard_of(n)  # raises TensorNotFoundError
+            infos.append(tensors[n])
+        if self._jax is None or sharding is None:
+            return self._load_infos(infos)
+        saved, self._jax.sharding = self._jax.sharding, sharding
+        try:
+            return self._load_infos(infos)
+        finally:
+            self._jax.sharding = saved
+
     def _load_infos(self, infos: list[TensorInfo]) -> dict[str, Any]:
         """Load tensors (infos from :attr:`header`), grouped by shard."""
         if self._jax is not None:

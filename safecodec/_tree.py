@@ -477,7 +477,7 @@ def save_tree(
         >>> sc.load_tree(data)
         {'w': [array([1., 1.], dtype=float32), None], 'step': 3}
     """
-    from ._writer import save, save_file
+    from ._api import save, save_file
 
     tensors, md = flatten_tree(tree, metadata)
     if path is None:
@@ -598,10 +598,8 @@ class _Loader:
                 f"the recorded tree structure refers to tensor {name!r}, which is not in the file"
             )
         self.used.add(name)
-        if self.handle._jax is None:
-            return self.handle.get_tensor(name)  # type: ignore[no-any-return]
         # A JAX handle maps the file read-only: NumPy leaves next to JAX ones are copies.
-        return np.array(self.handle._reader_checked().array(self.handle.header.tensors[name]))
+        return self.handle.get_numpy(name)  # type: ignore[no-any-return]
 
     def to_jax(self, name: str, sharding: Any, setter: Callable[[Any], None]) -> None:
         """Queue a tensor for conversion to a jax.Array (done in one batch by finish)."""
@@ -609,7 +607,7 @@ class _Loader:
             raise TreeStructureError(
                 f"the recorded tree structure refers to tensor {name!r}, which is not in the file"
             )
-        if self.handle._jax is None:  # pragma: no cover - load_tree opens JAX handles
+        if self.handle.framework != "jax":  # pragma: no cover - load_tree opens JAX handles
             raise SafecodecError("internal error: JAX output from a NumPy handle")
         self.used.add(name)
         self.jax_requests.append((setter, name, sharding))
@@ -617,11 +615,9 @@ class _Loader:
     def finish(self) -> None:
         if not self.jax_requests:
             return
-        converter = self.handle._jax
-        tensors = self.handle.header.tensors
         shardings = {name: sh for _, name, sh in self.jax_requests if sh is not None}
-        converter.sharding = shardings or None
-        arrays = converter.load_all([tensors[name] for _, name, _ in self.jax_requests])
+        arrays = self.handle.load_tensors([name for _, name, _ in self.jax_requests],
+                                          sharding=shardings or None)
         for setter, name, _ in self.jax_requests:
             setter(arrays[name])
 
@@ -629,7 +625,7 @@ class _Loader:
 def _open(source: Any, *, fs: Any, copy: bool, jax: bool,
           storage_options: dict[str, Any] | None = None) -> Any:
     """A handle on ``source``: framework "jax" when any output leaf is a jax.Array."""
-    from ._reader import safe_open
+    from ._api import safe_open
 
     return safe_open(source, "jax" if jax else "numpy", fs=fs, copy=copy,
                      storage_options=storage_options)
@@ -952,7 +948,7 @@ class _TemplateFill:
             return x
         jax_leaf = _is_jax_array(x) or _is_shape_dtype_struct(x) or _is_prng_key(x)
         to_jax = self.want_jax if self.want_jax is not None else jax_leaf
-        if _is_prng_key(x) and self.loader.handle._jax is not None:
+        if _is_prng_key(x) and self.loader.handle.framework == "jax":
             # A key array knows its implementation; a ShapeDtypeStruct only through its dtype.
             impl = (_jax().random.key_impl(x) if _is_jax_array(x)
                     else getattr(x.dtype, "_impl", None))
