@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._api import load, load_file, read_header, safe_open, save, save_file, verify_file
 from ._errors import (
     ChecksumError,
     ClosedHandleError,
@@ -23,9 +24,9 @@ from ._errors import (
     TreeStructureError,
 )
 from ._header import Header, TensorInfo
-from ._reader import SafeOpen, TensorSlice, load, load_file, read_header, safe_open
+from ._reader import SafeOpen, TensorSlice
+from ._sharded import ShardedSafeOpen
 from ._version import __version__
-from ._writer import save, save_file
 
 __all__ = [
     "ChecksumError",
@@ -37,6 +38,7 @@ __all__ = [
     "RemoteIOError",
     "SafeOpen",
     "SafecodecError",
+    "ShardedSafeOpen",
     "SliceIndexError",
     "TensorInfo",
     "TensorNotFoundError",
@@ -53,6 +55,7 @@ __all__ = [
     "save_file",
     "save_tree",
     "serialize",
+    "verify_file",
 ]
 
 # Heavier entry points live in modules that import jax (or flax, objax...) lazily.

@@ -25,7 +25,7 @@ import fnmatch
 import importlib
 import json
 import os
-import posixpath
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,21 +33,23 @@ from typing import IO, Any, Final
 
 import numpy as np
 
+from . import _integrity
+from ._api import safe_open, save_file, verify_handle
 from ._dtypes import DTYPES, DType, code_for_numpy
-from ._errors import DtypeError, SafecodecError
-from ._header import Header, TensorInfo
-from ._reader import SafeOpen, read_header, safe_open
-from ._source import is_remote, open_source
+from ._errors import ChecksumError, DtypeError, SafecodecError
+from ._header import CHECKSUM_KEY, TensorInfo
+from ._progress import ProgressBar
+from ._reader import SafeOpen
+from ._resolve import Target, resolve_target
+from ._sharded import ShardedSafeOpen, write_checkpoint
+from ._shardindex import INDEX_SUFFIX
 from ._version import __version__
-from ._writer import AtomicFile, save_file
 
 __all__ = ["build_parser", "main"]
 
 #: A tensor is "aligned" when its absolute file offset is a multiple of this: the
 #: condition under which ``jax.device_put`` on CPU aliases a mapped array (FORMAT.md).
 ZERO_COPY_ALIGNMENT: Final = 64
-#: Suffix of a Hugging Face sharded checkpoint index.
-INDEX_SUFFIX: Final = ".index.json"
 #: Elements compared per step by ``diff``: bounds the temporary float64 copies (16 MiB).
 DIFF_CHUNK: Final = 1 << 21
 #: Bytes touched per step by ``verify`` when it reads tensor data.
@@ -68,156 +70,75 @@ class UsageError(Exception):
 
 @dataclass
 class Part:
-    """One safetensors file of a checkpoint.
+    """One safetensors file of a checkpoint, opened.
 
     Attributes:
-        source: Path or URL of the file.
+        source: Path or URL of the file (for messages).
+        handle: Its open handle.
         shard: The file name as the index spells it (None for a single-file checkpoint).
         names: Tensors the index assigns to this file, in index order (None: all of them).
     """
 
     source: str
+    handle: SafeOpen
     shard: str | None = None
     names: list[str] | None = None
 
+    def infos(self) -> list[TensorInfo]:
+        """The tensors of this part that belong to the checkpoint, in file order."""
+        tensors = self.handle.header.tensors
+        if self.names is None:
+            return list(tensors.values())
+        wanted = set(self.names)
+        return [info for name, info in tensors.items() if name in wanted]
 
-@dataclass
+
 class Checkpoint:
-    """A single file or a sharded checkpoint, resolved but not opened.
+    """A single file or a sharded checkpoint, opened with :func:`safecodec.safe_open`
+    (which resolves paths, URLs, directories and indexes, and checks every shard against
+    the index). A context manager; closing it closes every handle.
 
     Attributes:
         source: What the user named.
-        parts: The safetensors files, in shard order.
-        index: The parsed index JSON for a sharded checkpoint, else None.
+        handle: The library's handle (:class:`~safecodec.SafeOpen` or
+            :class:`~safecodec.ShardedSafeOpen`).
+        parts: The safetensors files, in shard order (shards are opened here).
     """
 
-    source: str
-    parts: list[Part]
-    index: dict[str, Any] | None = None
-
-    @property
-    def sharded(self) -> bool:
-        return self.index is not None
-
-
-def _join(base: str, name: str) -> str:
-    """The path of ``name`` next to the file ``base`` (local path or URL)."""
-    if is_remote(base):
-        return posixpath.join(posixpath.dirname(base), name)
-    return os.path.join(os.path.dirname(base), name)
-
-
-def _read_index(source: str) -> dict[str, Any]:
-    """Read and check a sharded-checkpoint index: ``{"metadata": {...}, "weight_map":
-    {tensor: shard file}}``."""
-    src = open_source(source)
-    try:
-        raw = bytes(src.read(0, src.size, "index"))
-    finally:
-        src.close()
-    try:
-        index = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafecodecError(f"index {source}: not valid UTF-8 JSON ({exc})") from None
-    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise SafecodecError(
-            f"index {source}: expected an object with a \"weight_map\" object, got "
-            f"{type(index).__name__} with keys {sorted(index)[:5] if isinstance(index, dict) else []}"
-        )
-    for name, shard in index["weight_map"].items():
-        if not isinstance(shard, str) or not shard:
-            raise SafecodecError(
-                f"index {source}: tensor {name!r} maps to {shard!r}, expected a shard file name"
-            )
-        parts = shard.replace("\\", "/").split("/")
-        # An index downloaded from the internet must not point outside its directory.
-        if shard.startswith(("/", "\\")) or ".." in parts or is_remote(shard):
-            raise SafecodecError(
-                f"index {source}: tensor {name!r} maps to {shard!r}; shard names must be "
-                "relative paths inside the index's directory"
-            )
-    metadata = index.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise SafecodecError(f"index {source}: \"metadata\" must be an object, got {metadata!r:.60}")
-    return index
-
-
-def resolve(source: str) -> Checkpoint:
-    """Turn a path, URL, index path or directory into a :class:`Checkpoint`.
-
-    Raises:
-        SafecodecError: A malformed index, or a directory without exactly one checkpoint.
-        FileNotFoundError: ``source`` does not exist.
-    """
-    if not is_remote(source) and os.path.isdir(source):
-        entries = sorted(os.listdir(source))
-        indexes = [e for e in entries if e.endswith(".safetensors" + INDEX_SUFFIX)]
-        files = [e for e in entries if e.endswith(".safetensors")]
-        if len(indexes) == 1:
-            return resolve(os.path.join(source, indexes[0]))
-        if not indexes and len(files) == 1:
-            return Checkpoint(source, [Part(os.path.join(source, files[0]))])
-        raise SafecodecError(
-            f"directory {source} holds {len(indexes)} index files and {len(files)} "
-            ".safetensors files; name the file or the index to use"
-        )
-    if source.endswith(INDEX_SUFFIX):
-        index = _read_index(source)
-        grouped: dict[str, list[str]] = {}
-        for name, shard in index["weight_map"].items():
-            grouped.setdefault(shard, []).append(name)
-        parts = [Part(_join(source, shard), shard, names) for shard, names in sorted(grouped.items())]
-        return Checkpoint(source, parts, index)
-    return Checkpoint(source, [Part(source)])
-
-
-def _part_infos(part: Part, header: Header) -> list[TensorInfo]:
-    """The tensors of ``part`` that belong to the checkpoint, in file order."""
-    if part.names is None:
-        return list(header.tensors.values())
-    missing = [n for n in part.names if n not in header.tensors]
-    if missing:
-        raise SafecodecError(
-            f"the index assigns {len(missing)} tensor(s) to shard {part.shard!r} that it does "
-            f"not contain, e.g. {missing[0]!r} (the shard has {len(header.tensors)} tensors)"
-        )
-    wanted = set(part.names)
-    return [info for name, info in header.tensors.items() if name in wanted]
-
-
-class OpenCheckpoint:
-    """Every part of a checkpoint opened with :func:`safecodec.safe_open`, looked up by
-    tensor name. A context manager; closing it closes every handle."""
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        self.ckpt = ckpt
-        self.handles: list[SafeOpen] = []
-        self.where: dict[str, tuple[SafeOpen, TensorInfo]] = {}
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.handle: Any = safe_open(source)
         try:
-            for part in ckpt.parts:
-                handle = safe_open(part.source)
-                self.handles.append(handle)
-                for info in _part_infos(part, handle.header):
-                    if info.name in self.where:
-                        raise SafecodecError(f"tensor {info.name!r} appears in two shards")
-                    self.where[info.name] = (handle, info)
+            if isinstance(self.handle, ShardedSafeOpen):
+                sharded = self.handle
+                self.parts = [Part(sharded.shard_path(s), sharded.open_shard(s), s,
+                                   sharded.shard_tensors(s)) for s in sharded.shard_files()]
+            else:
+                self.parts = [Part(self.handle.name, self.handle)]
         except BaseException:
             self.close()
             raise
 
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.handle, ShardedSafeOpen)
+
+    def index_metadata(self) -> dict[str, Any] | None:
+        """The index's ``metadata`` object for a sharded checkpoint, else None."""
+        return self.handle.index_metadata() if self.sharded else None
+
     def metadata(self) -> dict[str, str] | None:
         """The user metadata: the file's, or the first shard's for a sharded checkpoint."""
-        return self.handles[0].metadata() if self.handles else None
+        return self.handle.metadata()  # type: ignore[no-any-return]
 
-    def get(self, name: str) -> np.ndarray:
-        handle, _ = self.where[name]
-        return handle.get_tensor(name)  # type: ignore[no-any-return]
+    def where(self) -> dict[str, tuple[Part, TensorInfo]]:
+        """name -> (part, info), in checkpoint order."""
+        return {info.name: (part, info) for part in self.parts for info in part.infos()}
 
     def close(self) -> None:
-        for handle in self.handles:
-            handle.close()
+        self.handle.close()
 
-    def __enter__(self) -> OpenCheckpoint:
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -225,6 +146,16 @@ class OpenCheckpoint:
 
 
 # ----------------------------------------------------------------------------- output helpers
+
+
+#: Control characters (C0, DEL, C1) that a terminal would act on.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean(text: str) -> str:
+    """``text`` with terminal control characters escaped (``\\x1b``...): names and
+    metadata in an untrusted file must not clear the screen or retitle the window."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def human_bytes(n: int) -> str:
@@ -244,37 +175,14 @@ def _table(rows: list[list[str]], right: set[int], out: IO[str]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        print("  ".join(cells).rstrip(), file=out)
+        print(clean("  ".join(cells).rstrip()), file=out)
         if k == 0:
             print("  ".join("-" * w for w in widths), file=out)
 
 
-class _Progress:
-    """A tqdm bar on an interactive stderr when tqdm is installed, otherwise nothing."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self._bar: Any = None
-        if enabled and total > 0 and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                             leave=False, file=sys.stderr)
-
-    def update(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _progress(total: int, desc: str, enabled: bool) -> ProgressBar:
+    """The library's progress bar, shown only on an interactive stderr."""
+    return ProgressBar(total, desc, enabled and total > 0 and sys.stderr.isatty(), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -286,14 +194,14 @@ def _inspect_data(ckpt: Checkpoint) -> dict[str, Any]:
     shard_metadata: dict[str, dict[str, str] | None] = {}
     first_metadata: dict[str, str] | None = None
     for k, part in enumerate(ckpt.parts):
-        header = read_header(part.source)
+        header = part.handle.header
         if k == 0:
             first_metadata = header.raw_metadata
         files.append({"path": part.source, "header_size": header.header_size,
                       "data_start": header.data_start, "file_size": header.file_size})
         if part.shard is not None:
             shard_metadata[part.shard] = header.raw_metadata
-        for info in _part_infos(part, header):
+        for info in part.infos():
             offset = header.data_start + info.begin
             row: dict[str, Any] = {
                 "name": info.name, "dtype": info.dtype.code, "shape": list(info.shape),
@@ -311,7 +219,7 @@ def _inspect_data(ckpt: Checkpoint) -> dict[str, Any]:
         "source": ckpt.source,
         "sharded": ckpt.sharded,
         "files": files,
-        "metadata": (ckpt.index or {}).get("metadata") if ckpt.sharded else first_metadata,
+        "metadata": ckpt.index_metadata() if ckpt.sharded else first_metadata,
         "tensors": tensors,
         "totals": {
             "tensors": len(tensors),
@@ -327,7 +235,8 @@ def _inspect_data(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    data = _inspect_data(resolve(args.source))
+    with Checkpoint(args.source) as ckpt:
+        data = _inspect_data(ckpt)
     out = sys.stdout
     if args.json:
         json.dump(data, out, indent=2, ensure_ascii=False)
@@ -341,8 +250,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     sharded = data["sharded"]
     for f in data["files"]:
         start_ok = "yes" if f["data_start"] % ZERO_COPY_ALIGNMENT == 0 else "no"
-        print(f"{f['path']}: {human_bytes(f['file_size'])}, header {f['header_size']:,} bytes, "
-              f"data starts at byte {f['data_start']:,} (64-aligned: {start_ok})", file=out)
+        print(clean(f"{f['path']}: {human_bytes(f['file_size'])}, header {f['header_size']:,} "
+                    f"bytes, data starts at byte {f['data_start']:,} (64-aligned: {start_ok})"),
+              file=out)
     print(file=out)
     heading = ["name", "dtype", "shape", "bytes", "offset", "64-aligned"] + (["shard"] if sharded else [])
     rows = [heading]
@@ -364,38 +274,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     md = data["metadata"]
     print("metadata:" + (" (none)" if not md else ""), file=out)
     for key, value in (md or {}).items():
-        print(f"  {key}: {value}", file=out)
+        print(clean(f"  {key}: {value}"), file=out)
     return 0
 
 
 # ----------------------------------------------------------------------------- verify
 
 
-def _integrity() -> Any:
-    """The checksum layer (:mod:`safecodec._integrity`), or None where it does not exist."""
-    try:
-        return importlib.import_module("._integrity", __package__)
-    except ImportError:
-        return None
-
-
 def _stored_checksums(metadata: Mapping[str, str] | None) -> bool:
-    module = _integrity()
-    return module is not None and module.decode(metadata) is not None
+    return _integrity.decode(metadata) is not None
 
 
 def _check_checksums(part: Part) -> bool:
     """Verify stored per-tensor checksums; return whether the file had any.
 
     Raises:
-        SafecodecError: (a ``ChecksumError``) listing every tensor whose bytes do not match.
+        ChecksumError: listing every tensor whose bytes do not match.
     """
-    module = _integrity()
-    if module is None or module.decode(read_header(part.source).raw_metadata) is None:
+    if not _stored_checksums(part.handle.header.raw_metadata):
         return False
-    problems = module.verify_file(part.source)
+    problems = verify_handle(part.handle)
     if problems:
-        raise module.ChecksumError("; ".join(problems))
+        raise ChecksumError("; ".join(problems))
     return True
 
 
@@ -420,21 +320,20 @@ def _count_nonfinite(arr: np.ndarray) -> int:
     return bad
 
 
-def _verify_part(part: Part, finite: bool, progress: _Progress) -> tuple[int, int, bool]:
+def _verify_part(part: Part, finite: bool, progress: ProgressBar) -> tuple[int, int, bool]:
     """Strictly read one file; return (tensors, bytes, whether checksums were verified).
     Raises on the first failed check."""
-    with safe_open(part.source) as f:
-        infos = _part_infos(part, f.header)
-        for info in infos:
-            arr = f.get_tensor(info.name)
-            _touch(arr)
-            if finite and info.dtype.code in FLOAT_CODES and arr.size:
-                bad = _count_nonfinite(arr)
-                if bad:
-                    raise SafecodecError(
-                        f"tensor {info.name!r}: {bad} of {arr.size} elements are NaN or infinite"
-                    )
-            progress.update(info.nbytes)
+    infos = part.infos()
+    for info in infos:
+        arr = part.handle.get_tensor(info.name)
+        _touch(arr)
+        if finite and info.dtype.code in FLOAT_CODES and arr.size:
+            bad = _count_nonfinite(arr)
+            if bad:
+                raise SafecodecError(
+                    f"tensor {info.name!r}: {bad} of {arr.size} elements are NaN or infinite"
+                )
+        progress.update(info.nbytes)
     checked = _check_checksums(part)
     return len(infos), sum(i.nbytes for i in infos), checked
 
@@ -443,36 +342,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
     failed = 0
     for source in args.files:
         try:
-            ckpt = resolve(source)
-            total_t = total_b = 0
-            with_sums = 0
-            # Header sizes first, so the progress bar knows the total.
-            sizes = sum(read_header(p.source).file_size for p in ckpt.parts) if sys.stderr.isatty() else 0
-            with _Progress(sizes, f"verify {os.path.basename(source)}", not args.quiet) as bar:
-                for part in ckpt.parts:
-                    try:
-                        n, b, checked = _verify_part(part, args.finite, bar)
-                    except SafecodecError as exc:
-                        where = f" (shard {part.shard})" if part.shard else ""
-                        raise type(exc)(f"{exc}{where}") from exc
-                    total_t += n
-                    total_b += b
-                    with_sums += checked
-            if ckpt.index is not None:
-                declared = (ckpt.index.get("metadata") or {}).get("total_size")
+            with Checkpoint(source) as ckpt:
+                total_t = total_b = 0
+                with_sums = 0
+                sizes = sum(p.handle.header.file_size for p in ckpt.parts)
+                with _progress(sizes, f"verify {os.path.basename(source)}", not args.quiet) as bar:
+                    for part in ckpt.parts:
+                        try:
+                            n, b, checked = _verify_part(part, args.finite, bar)
+                        except SafecodecError as exc:
+                            where = f" (shard {part.shard})" if part.shard else ""
+                            raise type(exc)(f"{exc}{where}") from exc
+                        total_t += n
+                        total_b += b
+                        with_sums += checked
+            index_md = ckpt.index_metadata()
+            if index_md is not None:
+                declared = index_md.get("total_size")
                 if declared is not None and declared != total_b:
                     print(f"note: {source}: index metadata.total_size is {declared}, the shards "
                           f"hold {total_b} bytes of tensors", file=sys.stderr)
-        except (SafecodecError, OSError) as exc:
+        except (SafecodecError, OSError, ValueError) as exc:
             failed += 1
-            print(f"FAIL {source}: {type(exc).__name__}: {exc}")
+            print(clean(f"FAIL {source}: {type(exc).__name__}: {exc}"))
             continue
         if not args.quiet:
             shards = f" in {len(ckpt.parts)} shards" if ckpt.sharded else ""
             sums = ("checksums verified" if with_sums == len(ckpt.parts) else
                     f"checksums verified in {with_sums} of {len(ckpt.parts)} files" if with_sums else
                     "no checksums stored")
-            print(f"OK   {source}: {total_t} tensors, {total_b:,} bytes{shards}, {sums}")
+            print(clean(f"OK   {source}: {total_t} tensors, {total_b:,} bytes{shards}, {sums}"))
     return 1 if failed else 0
 
 
@@ -489,7 +388,7 @@ class LazyTensor:
     """
 
     def __init__(self, handle: SafeOpen, info: TensorInfo, target: DType | None,
-                 progress: _Progress) -> None:
+                 progress: ProgressBar) -> None:
         self._handle = handle
         self._info = info
         self._target = target
@@ -543,73 +442,65 @@ def parse_dtype(text: str) -> DType:
     return row
 
 
-def _rewrite_part(part: Part, out_path: str, target: DType | None, only: list[str] | None,
-                  alignment: int, progress: _Progress) -> tuple[int, int, int]:
-    """Stream one file into ``out_path``; return (tensors, cast tensors, data bytes out)."""
-    with safe_open(part.source) as f:
-        lazy: dict[str, LazyTensor] = {}
-        cast = 0
-        for info in _part_infos(part, f.header):
-            tgt = None
-            if (target is not None and info.dtype.code in FLOAT_CODES and info.dtype != target
-                    and (only is None or any(fnmatch.fnmatchcase(info.name, p) for p in only))):
-                tgt = target
-                cast += 1
-            lazy[info.name] = LazyTensor(f, info, tgt, progress)
-        metadata = f.header.raw_metadata  # keep safecodec's own keys (e.g. tree structure)
-        extra: dict[str, Any] = {}
-        if _stored_checksums(metadata):
-            # Old digests would be wrong after a cast (and are rewritten anyway): drop them
-            # and have the writer compute new ones while it streams.
-            module = _integrity()
-            metadata = {k: v for k, v in (metadata or {}).items() if k != module.CHECKSUM_KEY}
-            extra["checksums"] = True
-        save_file(lazy, out_path, metadata, alignment=alignment, **extra)
-    out_bytes = sum(i.nbytes for i in read_header(out_path).tensors.values())
-    return len(lazy), cast, out_bytes
+def _lazy_part(part: Part, target: DType | None, only: list[str] | None,
+               progress: ProgressBar) -> tuple[dict[str, LazyTensor], dict[str, str] | None, bool, int]:
+    """One file's tensors as lazy values for the writer; returns (tensors, metadata to
+    write, whether to write checksums, number of tensors cast)."""
+    lazy: dict[str, LazyTensor] = {}
+    cast = 0
+    for info in part.infos():
+        tgt = None
+        if (target is not None and info.dtype.code in FLOAT_CODES and info.dtype != target
+                and (only is None or any(fnmatch.fnmatchcase(info.name, p) for p in only))):
+            tgt = target
+            cast += 1
+        lazy[info.name] = LazyTensor(part.handle, info, tgt, progress)
+    metadata = part.handle.header.raw_metadata  # keep safecodec's own keys (tree record)
+    checksums = _stored_checksums(metadata)
+    if checksums:
+        # Old digests would be wrong after a cast (and are rewritten anyway): drop them
+        # and have the writer compute new ones while it streams.
+        metadata = {k: v for k, v in (metadata or {}).items() if k != CHECKSUM_KEY}
+    return lazy, metadata, checksums, cast
 
 
 def _rewrite(args: argparse.Namespace, target: DType | None, only: list[str] | None,
              alignment: int, verb: str) -> int:
-    ckpt = resolve(args.input)
     out = args.output
-    progress_total = sum(read_header(p.source).file_size for p in ckpt.parts) if sys.stderr.isatty() else 0
-    if not ckpt.sharded:
-        if out.endswith(INDEX_SUFFIX):
-            raise UsageError(f"{args.input} is a single file; OUT must be a file, not an index")
+    with Checkpoint(args.input) as ckpt:
+        progress_total = sum(p.handle.header.file_size for p in ckpt.parts)
+        if not ckpt.sharded:
+            if out.endswith(INDEX_SUFFIX):
+                raise UsageError(f"{args.input} is a single file; OUT must be a file, not an index")
+            if os.path.isdir(out):
+                out = os.path.join(out, os.path.basename(ckpt.parts[0].source))
+            with _progress(progress_total, verb, not args.quiet) as bar:
+                lazy, metadata, checksums, cast = _lazy_part(ckpt.parts[0], target, only, bar)
+                save_file(lazy, out, metadata, alignment=alignment, checksums=checksums)
+            _report_rewrite(args, verb, out, len(lazy), cast)
+            return 0
         if os.path.isdir(out):
-            out = os.path.join(out, os.path.basename(ckpt.parts[0].source))
-        with _Progress(progress_total, verb, not args.quiet) as bar:
-            n, cast, _ = _rewrite_part(ckpt.parts[0], out, target, only, alignment, bar)
-        _report_rewrite(args, verb, out, n, cast)
-        return 0
-    assert ckpt.index is not None
-    if os.path.isdir(out):
-        out = os.path.join(out, os.path.basename(ckpt.source))
-    if not out.endswith(INDEX_SUFFIX):
-        raise UsageError(f"{args.input} is a sharded checkpoint; OUT must be an index path "
-                         f"ending in {INDEX_SUFFIX!r} or an existing directory")
-    if os.path.abspath(out) == os.path.abspath(ckpt.source):
-        raise UsageError("OUT is the input index; write the sharded checkpoint elsewhere")
-    total_n = total_cast = total_bytes = 0
-    with _Progress(progress_total, verb, not args.quiet) as bar:
-        for part in ckpt.parts:
-            assert part.shard is not None
-            target_path = _join(out, part.shard)
-            os.makedirs(os.path.dirname(os.path.abspath(target_path)), exist_ok=True)
-            n, cast, nbytes = _rewrite_part(part, target_path, target, only, alignment, bar)
-            total_n += n
-            total_cast += cast
-            total_bytes += nbytes
-    index = dict(ckpt.index)
-    index["metadata"] = {**(index.get("metadata") or {}), "total_size": total_bytes}
-    f = AtomicFile(out)
-    try:
-        f.file.write((json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
-        f.commit()
-    except BaseException:
-        f.discard()
-        raise
+            out = os.path.join(out, os.path.basename(ckpt.handle.name))
+        if not out.endswith(INDEX_SUFFIX):
+            raise UsageError(f"{args.input} is a sharded checkpoint; OUT must be an index path "
+                             f"ending in {INDEX_SUFFIX!r} or an existing directory")
+        if os.path.abspath(out) == os.path.abspath(ckpt.handle.name):
+            raise UsageError("OUT is the input index; write the sharded checkpoint elsewhere")
+        shards = []
+        total_n = total_cast = 0
+        any_checksums = False
+        with _progress(progress_total, verb, not args.quiet) as bar:
+            for part in ckpt.parts:
+                assert part.shard is not None
+                lazy, metadata, checksums, cast = _lazy_part(part, target, only, bar)
+                any_checksums |= checksums
+                shards.append((part.shard, lazy, metadata))
+                total_n += len(lazy)
+                total_cast += cast
+            target_out = resolve_target(out, what="OUT")
+            folder = Target(os.path.dirname(os.path.abspath(target_out.path)))
+            write_checkpoint(shards, folder, os.path.basename(out), alignment=alignment,
+                             checksums=any_checksums, index_metadata=ckpt.index_metadata())
     _report_rewrite(args, verb, out, total_n, total_cast)
     return 0
 
@@ -618,13 +509,14 @@ def _report_rewrite(args: argparse.Namespace, verb: str, out: str, n: int, cast:
     if args.quiet:
         return
     aligned = total = 0
-    for part in resolve(out).parts:
-        header = read_header(part.source)
-        for info in _part_infos(part, header):
-            total += 1
-            aligned += (header.data_start + info.begin) % ZERO_COPY_ALIGNMENT == 0
+    with Checkpoint(out) as written:
+        for part in written.parts:
+            header = part.handle.header
+            for info in part.infos():
+                total += 1
+                aligned += (header.data_start + info.begin) % ZERO_COPY_ALIGNMENT == 0
     cast_note = f", {cast} cast to {args.dtype}" if verb == "convert" else ""
-    print(f"wrote {out}: {n} tensors{cast_note}; {aligned} of {total} are 64-byte aligned")
+    print(clean(f"wrote {out}: {n} tensors{cast_note}; {aligned} of {total} are 64-byte aligned"))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -687,20 +579,21 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, atol: float) -> tuple[float, in
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    with OpenCheckpoint(resolve(args.a)) as a, OpenCheckpoint(resolve(args.b)) as b:
-        names_a, names_b = set(a.where), set(b.where)
-        removed = [n for n in a.where if n not in names_b]
-        added = [n for n in b.where if n not in names_a]
-        common = [n for n in a.where if n in names_b]
+    with Checkpoint(args.a) as a, Checkpoint(args.b) as b:
+        where_a, where_b = a.where(), b.where()
+        removed = [n for n in where_a if n not in where_b]
+        added = [n for n in where_b if n not in where_a]
+        common = [n for n in where_a if n in where_b]
         diffs: list[TensorDiff] = []
-        total = sum(a.where[n][1].nbytes for n in common)
-        with _Progress(total if sys.stderr.isatty() else 0, "diff", not args.quiet) as bar:
+        total = sum(where_a[n][1].nbytes for n in common)
+        with _progress(total, "diff", not args.quiet) as bar:
             for name in common:
-                ia, ib = a.where[name][1], b.where[name][1]
+                (pa, ia), (pb, ib) = where_a[name], where_b[name]
                 d = TensorDiff(name, (ia.dtype.code, ib.dtype.code), (list(ia.shape), list(ib.shape)),
                                count=ia.count)
                 if ia.shape == ib.shape:
-                    d.max_abs_diff, d.differing = compare_arrays(a.get(name), b.get(name), args.atol)
+                    d.max_abs_diff, d.differing = compare_arrays(
+                        pa.handle.get_tensor(name), pb.handle.get_tensor(name), args.atol)
                 else:
                     d.notes.append("shapes differ: values not compared")
                 bar.update(ia.nbytes)
@@ -728,12 +621,12 @@ def _print_diff(args: argparse.Namespace, removed: list[str], added: list[str],
                 diffs: list[TensorDiff], md_changes: Mapping[str, list[str | None]],
                 a_info: Any) -> None:
     out = sys.stdout
-    print(f"--- {args.a}", file=out)
-    print(f"+++ {args.b}", file=out)
+    print(clean(f"--- {args.a}"), file=out)
+    print(clean(f"+++ {args.b}"), file=out)
     for name in removed:
-        print(f"- {name}  (only in A)", file=out)
+        print(clean(f"- {name}  (only in A)"), file=out)
     for name in added:
-        print(f"+ {name}  (only in B)", file=out)
+        print(clean(f"+ {name}  (only in B)"), file=out)
     for key, (va, vb) in md_changes.items():
         print(f"~ metadata {key!r}: {va!r} -> {vb!r}", file=out)
     shown = diffs if args.all else [d for d in diffs if d.changed]
@@ -889,20 +782,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     command = args.command
     try:
-        return int(args.func(args))
-    except UsageError as exc:
-        args.parser.print_usage(sys.stderr)
-        print(f"safecodec {command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (SafecodecError, OSError) as exc:
-        print(f"safecodec {command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"safecodec {command}: interrupted", file=sys.stderr)
-        return 130
+        status = int(args.func(args))
+        sys.stdout.flush()
+        return status
     except BrokenPipeError:
         # The reader of our output went away (`safecodec inspect x | head`): stop quietly,
         # and point stdout at devnull so the interpreter's final flush does not complain.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except UsageError as exc:
+        args.parser.print_usage(sys.stderr)
+        print(clean(f"safecodec {command}: error: {exc}"), file=sys.stderr)
+        return 2
+    except (SafecodecError, OSError, ValueError) as exc:
+        # User errors (a bad file, URL, protocol, credentials...): one line, no traceback.
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(clean(f"safecodec {command}: error: {type(exc).__name__}: {text}"),
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"safecodec {command}: interrupted", file=sys.stderr)
+        return 130

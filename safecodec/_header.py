@@ -91,6 +91,10 @@ U64_LIMIT: Final = 1 << 64
 MAX_NUMPY_DIM: Final = sys.maxsize
 #: NumPy cannot make arrays of more dimensions (64 since NumPy 2, 32 before).
 MAX_NUMPY_NDIM: Final = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+#: Readers hand out plain views (one ndarray constructor, no checks) for tensors of at
+#: most this many dimensions, which every NumPy can represent (NumPy 1.x's limit); more
+#: dimensions take the checked path (:func:`check_numpy_shape`).
+VIEW_MAX_NDIM: Final = 32
 #: Key that holds user metadata instead of a tensor.
 METADATA_KEY: Final = "__metadata__"
 #: The three fields a tensor entry must have, in the order the reference writes them.
@@ -232,7 +236,11 @@ class Header:
 #: Metadata keys starting with this belong to safecodec (checksums, tree structure) and
 #: are hidden from :attr:`Header.metadata` and ``safe_open(...).metadata()``.
 RESERVED_PREFIX: Final = "safecodec."
-_TREE_KEY: Final = "safecodec.tree"
+#: The metadata key holding a tree's structure record (:mod:`safecodec._tree`).
+TREE_KEY: Final = RESERVED_PREFIX + "tree"
+#: The metadata key holding per-tensor checksums (:mod:`safecodec._integrity`).
+CHECKSUM_KEY: Final = RESERVED_PREFIX + "checksums"
+_TREE_KEY: Final = TREE_KEY
 
 
 def visible_metadata(raw: dict[str, str] | None) -> dict[str, str] | None:
@@ -281,11 +289,17 @@ def decode_length(prefix: bytes | bytearray | memoryview, source_size: int) -> i
         )
     (n,) = _U64.unpack_from(prefix, 0)
     if n > MAX_HEADER_SIZE:
-        raise HeaderError(f"header too large: {n} bytes, the limit is {MAX_HEADER_SIZE}")
+        beyond = (f"; it also exceeds the file size of {source_size} bytes: not a "
+                  "safetensors file?" if PREFIX_SIZE + n > source_size else "")
+        raise HeaderError(
+            f"header too large: {n} bytes, the limit is {MAX_HEADER_SIZE} (the first 8 bytes "
+            f"of a safetensors file are the header length{beyond})"
+        )
     if PREFIX_SIZE + n > source_size:
         raise HeaderError(
             f"invalid header length: header claims {n} bytes, but only "
-            f"{source_size - PREFIX_SIZE} bytes follow the length prefix"
+            f"{source_size - PREFIX_SIZE} bytes follow the length prefix (a truncated file, "
+            "or not a safetensors file?)"
         )
     return int(n)
 
@@ -867,7 +881,7 @@ def check_name(name: object) -> str:
 
 
 #: The reserved keys safecodec itself writes (and copies when rewriting a file).
-INTERNAL_KEYS: Final = frozenset({"safecodec.tree", "safecodec.checksums"})
+INTERNAL_KEYS: Final = frozenset({TREE_KEY, CHECKSUM_KEY})
 
 
 def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:

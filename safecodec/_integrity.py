@@ -13,8 +13,10 @@ itself is trusted.
 
 The writer streams: it writes the header with placeholder digests of the final length,
 hashes each tensor while writing it, then rewrites the header in place (same length) before
-the file is renamed into place. Readers verify with ``verify=True`` (``safe_open``,
-``load_file``, ``load``) or ``safecodec verify FILE``.
+the file is renamed into place (or, for sinks that cannot be rewritten, such as remote
+objects, computed in a first pass). Readers verify with ``verify=True`` (``safe_open``,
+``load_file``, ``load``) or ``safecodec verify FILE``. This module is the pure codec: no
+I/O; ``verify_file`` is a router (:mod:`safecodec._api`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from ._errors import ChecksumError
+from ._header import CHECKSUM_KEY
 
 __all__ = ["ALGORITHM", "CHECKSUM_KEY", "ChecksumError", "decode", "digest_of", "encode"]
 
-#: Metadata key holding the checksums (the ``safecodec.`` prefix is reserved).
-CHECKSUM_KEY: Final = "safecodec.checksums"
 #: The hash used for new files.
 ALGORITHM: Final = "sha256"
 _HEX_LENGTH: Final = {"sha256": 64}
@@ -101,30 +102,3 @@ def check(name: str, data: Any, digests: Mapping[str, str]) -> None:
             f"checksum mismatch for tensor {name!r}: stored {ALGORITHM} {expected}, "
             f"data hashes to {actual} (the tensor's bytes are corrupted)"
         )
-
-
-def verify_file(source: Any, **open_kwargs: Any) -> list[str]:
-    """Check every tensor of ``source`` against its stored checksum.
-
-    Returns:
-        A list of problems (empty when every tensor matches).
-
-    Raises:
-        ChecksumError: The file has no checksums.
-        SafecodecError: The file is not a valid safetensors file.
-    """
-    from ._reader import SafeOpen
-
-    problems: list[str] = []
-    with SafeOpen(source, **open_kwargs) as f:
-        digests = decode(f.header.raw_metadata)
-        if digests is None:
-            raise ChecksumError(f"{f._source.name} has no checksums ({CHECKSUM_KEY})")
-        extra = set(digests) - set(f.header.tensors)
-        problems.extend(f"checksum stored for missing tensor {n!r}" for n in sorted(extra))
-        for info in f.header.tensors.values():
-            try:
-                check(info.name, f._raw_bytes(info), digests)
-            except ChecksumError as exc:
-                problems.append(str(exc))
-    return problems

@@ -1,48 +1,96 @@
-"""Reading tensors: a validated :class:`~safecodec._header.Header` plus a source become
-NumPy arrays, lazily, one tensor or one slice at a time.
+"""The single-file reader: a validated :class:`~safecodec._header.Header` plus an opened
+source become arrays, lazily, one tensor or one slice at a time.
 
 Views, not copies. When the source is memory (bytes, a mapping), tensors are NumPy views
-of it. Copies happen in exactly one place, :func:`_materialize`, and only when the caller
-asked (``copy=True``), the source is not addressable memory (a file object without mmap,
-a remote object), the dtype is packed (F4/F6 are unpacked), or the host is big-endian.
+of it. Copies happen in exactly one place, :meth:`TensorReader.read_span`, and only when
+the caller asked (``copy=True``), the source is not addressable memory (a file object
+without mmap, a remote object), the dtype is packed (F4/F6 are unpacked), or the host is
+big-endian. With stored checksums and ``verify=True``, what is hashed is the memory that
+is returned: the view of the mapping, or the buffer the copy landed in (read once).
+
+A :class:`SafeOpen` handle produces NumPy arrays itself; other outputs (JAX) come from an
+:class:`Output` object given at construction, which receives the handle's
+:class:`TensorReader` with every call. The reader does not choose sources (the resolver
+does) nor outputs (the routers in :mod:`safecodec._api` do).
 """
 
 from __future__ import annotations
 
 import math
-import operator
+import threading
 from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
-from . import _dtypes
+from . import _dtypes, _integrity
 from ._dtypes import DType
-from ._errors import ClosedHandleError, SafecodecError, SliceIndexError, TensorNotFoundError
+from ._errors import ChecksumError, ClosedHandleError, SafecodecError, TensorNotFoundError
 from ._header import (
+    CHECKSUM_KEY,
     PREFIX_SIZE,
+    VIEW_MAX_NDIM,
     Header,
     TensorInfo,
     check_numpy_shape,
     decode_length,
     parse_header,
 )
+from ._indexing import finish_block, normalize_index, numpy_index, plan_runs
 from ._packed import unpack
-from ._source import MapMode, open_source
+from ._resolve import open_source
+from ._source import BufferSource, MapMode
 
-__all__ = ["SafeOpen", "TensorSlice", "load", "load_file", "read_header", "safe_open"]
+__all__ = [
+    "FIRST_READ",
+    "JAX_FRAMEWORKS",
+    "NUMPY_FRAMEWORKS",
+    "Output",
+    "SafeOpen",
+    "TensorReader",
+    "TensorSlice",
+    "check_numpy_placement",
+    "missing_tensor",
+    "normalize_framework",
+    "read_header_bytes",
+    "read_header_from",
+]
 
 #: Bytes fetched by the first read of a source: the length prefix and, usually, the whole
 #: header, in one request (remote sources) or one syscall.
 FIRST_READ: Final = 64 * 1024
 
-_NUMPY_FRAMEWORKS: Final = frozenset({"numpy", "np"})
-_JAX_FRAMEWORKS: Final = frozenset({"jax", "flax"})
+#: ``framework=`` spellings for NumPy outputs.
+NUMPY_FRAMEWORKS: Final = frozenset({"numpy", "np"})
+#: ``framework=`` spellings for jax.Array outputs.
+JAX_FRAMEWORKS: Final = frozenset({"jax", "flax"})
 
 
-def _read_header_from(source: Any) -> Header:
+def normalize_framework(framework: Any) -> str:
+    """``"numpy"`` or ``"jax"`` for an accepted ``framework=`` spelling.
+
+    Raises:
+        SafecodecError: Any other framework (``pt``, ``tf``... are not supported).
+    """
+    fw = str(framework).lower()
+    if fw in NUMPY_FRAMEWORKS:
+        return "numpy"
+    if fw in JAX_FRAMEWORKS:
+        return "jax"
+    raise SafecodecError(
+        f"unsupported framework {framework!r}; use 'numpy' (or 'np'), 'jax' or 'flax'"
+    )
+
+
+def read_header_from(source: Any) -> Header:
     """Read and validate the header of an opened source (at most two reads; a long header's
     remainder is read straight into the one buffer that holds it)."""
+    return read_header_bytes(source)[0]
+
+
+def read_header_bytes(source: Any) -> tuple[Header, memoryview]:
+    """:func:`read_header_from`, plus the header's bytes as stored (length prefix
+    included): what a sharded index's shard identity hashes, without another read."""
     size = source.size
     if size < PREFIX_SIZE:
         decode_length(b"", size)  # raises "header too small"
@@ -50,53 +98,21 @@ def _read_header_from(source: Any) -> Header:
     n = decode_length(first, size)
     end = PREFIX_SIZE + n
     if end <= len(first):
-        return parse_header(first[PREFIX_SIZE:end], size)
-    header_bytes = bytearray(n)
-    head = len(first) - PREFIX_SIZE
-    header_bytes[:head] = first[PREFIX_SIZE:]
-    source.readinto(len(first), memoryview(header_bytes)[head:], "header")
-    return parse_header(header_bytes, size)
+        return parse_header(first[PREFIX_SIZE:end], size), first[:end]
+    whole = bytearray(end)
+    whole[: len(first)] = first
+    source.readinto(len(first), memoryview(whole)[len(first) :], "header")
+    view = memoryview(whole)
+    return parse_header(view[PREFIX_SIZE:], size), view
 
 
-def read_header(source: Any, *, fs: Any = None,
-                storage_options: dict[str, Any] | None = None) -> Header:
-    """Read and validate only the header of ``source``.
-
-    Args:
-        source: A path, fsspec URL, bytes-like object or binary file object.
-        fs: An fsspec filesystem on which ``source`` is a path.
-        storage_options: Options for the fsspec filesystem a URL names.
-
-    Returns:
-        The :class:`~safecodec.Header`: ``tensors`` (name -> dtype, shape, offsets),
-        ``metadata``, ``header_size``, ``file_size``. For a sharded checkpoint (a directory
-        or an index), the combined header of its shards (offsets relative to each shard).
-
-    Example:
-        >>> import numpy as np, safecodec as sc
-        >>> sc.read_header(sc.save({"w": np.zeros((2, 3), np.float32)})).tensors["w"].shape
-        (2, 3)
-    """
-    from ._sharded import find_sharded
-
-    if find_sharded(source, fs, storage_options) is not None:  # a directory or an index
-        with safe_open(source, fs=fs, storage_options=storage_options) as handle:
-            return handle.header  # type: ignore[no-any-return]
-    src = open_source(source, fs=fs, storage_options=storage_options)
-    try:
-        header = _read_header_from(src)
-    finally:
-        src.close()
-    return header
-
-
-def _missing(name: object, header: Header) -> TensorNotFoundError:
+def missing_tensor(name: object, names: Sequence[str], where: str) -> TensorNotFoundError:
+    """The error for a tensor name that is not in ``names`` (with close matches)."""
     import difflib
 
-    names = list(header.tensors)
     close = difflib.get_close_matches(str(name), names, n=3) if len(names) < 100_000 else []
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    return TensorNotFoundError(f"no tensor named {name!r} in this file ({len(names)} tensors){hint}")
+    return TensorNotFoundError(f"no tensor named {name!r} in {where} ({len(names)} tensors){hint}")
 
 
 def _native(arr: np.ndarray, dtype: DType) -> np.ndarray:
@@ -117,12 +133,12 @@ def _view(buf: memoryview, offset: int, info: TensorInfo) -> np.ndarray:
     return np.ndarray(info.shape, info.dtype.numpy, buf, offset)
 
 
-def _views(reader: _Reader, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
+def _views(reader: TensorReader, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
     """Every tensor as a view of the reader's buffer: the hot loop of ``load``/``load_file``
     (10,000 small tensors cost one ndarray constructor each). Tensors that need more than
     a plain view (packed, zero-size, more dimensions than NumPy may hold) take
-    :meth:`_Reader.array`."""
-    buf = reader._buf
+    :meth:`TensorReader.array`."""
+    buf = reader.buffer
     base = reader.header.data_start
     make = np.ndarray
     dtypes: dict[str, np.dtype] = {}
@@ -130,7 +146,7 @@ def _views(reader: _Reader, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
     for info in infos:
         dt = info.dtype
         shape = info.shape
-        if info.end == info.begin or dt.bits & 7 or len(shape) > 32:
+        if info.end == info.begin or dt.bits & 7 or len(shape) > VIEW_MAX_NDIM:
             out[info.name] = reader.array(info)
             continue
         np_dtype = dtypes.get(dt.code)
@@ -140,200 +156,139 @@ def _views(reader: _Reader, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
     return out
 
 
-class _Reader:
-    """Turns tensor infos into arrays for one source. Shared by handles and load funcs."""
+class TensorReader:
+    """Turns tensor infos into arrays for one opened source; owned by a :class:`SafeOpen`.
 
-    def __init__(self, source: Any, header: Header, *, copy: bool, unpack: bool, mode: MapMode):
+    Attributes:
+        source: The opened source.
+        header: Its header.
+        buffer: The source's memory (a mapping or the caller's buffer) when tensors are
+            handed out as views of it; None when every read is a copy (``copy=True``, no
+            mmap, remote).
+        unpack: Whether F4/F6 tensors are unpacked.
+        digests: name -> stored checksum when reads are verified, else None.
+    """
+
+    def __init__(self, source: Any, header: Header, *, copy: bool, unpack: bool,
+                 mode: MapMode, digests: dict[str, str] | None = None) -> None:
         self.source = source
         self.header = header
         self.copy = copy
         self.unpack = unpack
         self.mode = mode
-        self._buf: memoryview | None = None if copy else source.buffer(mode)
+        self.digests = digests
+        self.buffer: memoryview | None = None if copy else source.buffer(mode)
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- checksums
+    def verify(self, info: TensorInfo, *, eager: bool = False) -> None:
+        """With stored checksums: check a tensor whose bytes are the buffer's (once). When
+        reads are copies, each copy is checked as it is read (:meth:`read_span`); with
+        ``eager`` (a slice is about to be read) the whole tensor is read and checked now."""
+        if self.digests is None or info.name in self._verified:
+            return
+        start = self.header.data_start + info.begin
+        if self.buffer is not None:
+            data: Any = self.buffer[start : start + info.nbytes]
+        elif eager:
+            data = self.source.read(start, info.nbytes, f"tensor {info.name!r}")
+        else:
+            return
+        _integrity.check(info.name, data, self.digests)
+        with self._lock:
+            self._verified.add(info.name)
+
+    def raw_bytes(self, info: TensorInfo) -> Any:
+        """The tensor's bytes exactly as stored (a view when the source is memory; else
+        one positioned read: ``copy=True`` never maps the file)."""
+        start = self.header.data_start + info.begin
+        if self.buffer is not None:
+            return self.buffer[start : start + info.nbytes]
+        return self.source.read(start, info.nbytes, f"tensor {info.name!r}")
+
+    # -- copies
+    def read_span(self, infos: Sequence[TensorInfo], out: memoryview) -> None:
+        """THE copy out of the source: the bytes of ``infos`` (tensors that follow each other
+        in the file) into ``out``, in one read; each tensor is checked against its stored
+        checksum when reads are verified (the bytes checked are the bytes returned)."""
+        first, last = infos[0], infos[-1]
+        start = self.header.data_start + first.begin
+        what = f"tensor {first.name!r}" if len(infos) == 1 else f"tensors {first.name!r}.."
+        if last.end != first.begin:
+            if self.buffer is not None and not self.source.positioned:
+                np.frombuffer(out, np.uint8)[:] = np.frombuffer(
+                    self.buffer, np.uint8, last.end - first.begin, start)
+            else:  # positioned reads from the page cache beat faulting a mapping in
+                self.source.readinto(start, out, what)
+        if self.digests is not None:
+            for info in infos:
+                a = info.begin - first.begin
+                _integrity.check(info.name, out[a : a + info.nbytes], self.digests)
 
     def array(self, info: TensorInfo) -> np.ndarray:
         """The whole tensor as an array: a view when possible (see module docstring)."""
-        if 0 in info.shape or len(info.shape) > 32:  # shapes NumPy may be unable to hold
+        if 0 in info.shape or len(info.shape) > VIEW_MAX_NDIM:  # shapes NumPy may not hold
             check_numpy_shape(info)
         offset = self.header.data_start + info.begin
         dt = info.dtype
         if dt.packed:
-            raw = self._raw(offset, info.nbytes, info.name)
+            if self.buffer is not None:
+                raw = np.frombuffer(self.buffer, np.uint8, info.nbytes, offset)
+            else:
+                raw = np.empty(info.nbytes, np.uint8)
+                if info.nbytes:
+                    self.read_span([info], _dtypes.as_memoryview(raw))
             if not self.unpack:
                 return raw if not self.copy or raw.flags.owndata else raw.copy()
             return unpack(raw, dt, info.count).reshape(info.shape)
-        if self._buf is not None:
-            arr = _view(self._buf, offset, info)
+        if self.buffer is not None:
+            arr = _view(self.buffer, offset, info)
         else:
-            arr = self._materialize(offset, info)
+            arr = np.empty(info.shape, dt.numpy)
+            if info.nbytes:
+                self.read_span([info], _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)))
         if not _dtypes.HOST_IS_LITTLE_ENDIAN:
             arr = _native(arr, dt)
         return arr
 
-    def _raw(self, offset: int, nbytes: int, name: str) -> np.ndarray:
-        if self._buf is not None:
-            return np.frombuffer(self._buf, np.uint8, nbytes, offset)
-        out = np.empty(nbytes, np.uint8)
-        if nbytes:
-            self.source.readinto(offset, _dtypes.as_memoryview(out), f"tensor {name!r}")
-        return out
-
-    def _materialize(self, offset: int, info: TensorInfo) -> np.ndarray:
-        """The one place a tensor is copied out of its source into new memory."""
-        out = np.empty(info.shape, info.dtype.numpy)
-        if info.nbytes:
-            self.source.readinto(offset, _dtypes.as_memoryview(out.reshape(-1).view(np.uint8)),
-                                 f"tensor {info.name!r}")
-        return out
-
     def ranges(self, runs: Sequence[tuple[int, int]], name: str) -> list[Any]:
         """Fetch byte ranges (absolute offsets) of one tensor; merged by the source."""
-        if self._buf is not None:
-            return [self._buf[a:b] for a, b in runs]
+        if self.buffer is not None:
+            return [self.buffer[a:b] for a, b in runs]
         return list(self.source.read_ranges(runs, f"tensor {name!r}"))
 
-
-# ----------------------------------------------------------------------------- slicing
-
-
-def _normalize_index(index: Any, shape: tuple[int, ...], name: str) -> tuple[list[Any], list[int]]:
-    """Expand ``index`` to one entry per dimension (int or (start, stop, step) range), plus
-    the positions of ``None`` (new axes) in the result. Raises SliceIndexError."""
-    if not isinstance(index, tuple):
-        index = (index,)
-    for item in index:
-        if not (item is Ellipsis or item is None or isinstance(item, slice)
-                or (hasattr(item, "__index__") and not isinstance(item, (bool, np.bool_))
-                    and np.ndim(item) == 0)):
-            raise SliceIndexError(
-                f"tensor {name!r}: only basic indexing is supported (ints, slices, Ellipsis, "
-                f"None), got {type(item).__name__} {item!r:.60}"
-            )
-    ellipses = sum(1 for i in index if i is Ellipsis)
-    if ellipses > 1:
-        raise SliceIndexError(f"tensor {name!r}: an index can only have a single ellipsis")
-    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
-    if consumed > len(shape):
-        raise SliceIndexError(
-            f"tensor {name!r}: too many indices, shape {list(shape)} has {len(shape)} "
-            f"dimensions but {consumed} were indexed"
+    def fetched(self, infos: list[TensorInfo]) -> TensorReader:
+        """Remote whole loads: stream the tensors' bytes into memory in one pass (merged,
+        concurrent range requests), check that the object did not change meanwhile, and
+        return a reader whose tensors are views of that private memory."""
+        start = self.header.data_start
+        memory = bytearray(self.header.file_size)
+        self.source.readinto_ranges(
+            memoryview(memory), [(start + i.begin, start + i.end) for i in infos], "tensors"
         )
-    expanded: list[Any] = []
-    for item in index:
-        if item is Ellipsis:
-            expanded.extend([slice(None)] * (len(shape) - consumed))
-        else:
-            expanded.append(item)
-    if ellipses == 0:
-        expanded.extend([slice(None)] * (len(shape) - consumed))
-    per_dim: list[Any] = []
-    new_axes: list[int] = []
-    out_pos = 0
-    dim = 0
-    for item in expanded:
-        if item is None:
-            new_axes.append(out_pos)
-            out_pos += 1
-            continue
-        size = shape[dim]
-        if isinstance(item, slice):
-            try:
-                per_dim.append(item.indices(size))
-            except (TypeError, ValueError) as exc:
-                raise SliceIndexError(f"tensor {name!r}: bad slice {item!r}: {exc}") from None
-            out_pos += 1
-        else:
-            try:
-                i = operator.index(item)
-            except TypeError as exc:
-                raise SliceIndexError(f"tensor {name!r}: bad index {item!r:.40}: {exc}") from None
-            if not -size <= i < size:
-                raise SliceIndexError(
-                    f"index {i} is out of bounds for axis {dim} with size {size} "
-                    f"(tensor {name!r}, shape {list(shape)})"
-                )
-            per_dim.append(i + size if i < 0 else i)
-        dim += 1
-    return per_dim, new_axes
+        self.source.check_unchanged()
+        return TensorReader(BufferSource(memory, self.source.name), self.header, copy=False,
+                            unpack=self.unpack, mode="copy", digests=self.digests)
 
 
-def _selected(entry: Any) -> range:
-    """The indices one dimension selects, ascending."""
-    if isinstance(entry, int):
-        return range(entry, entry + 1)
-    r = range(*entry)
-    return r if entry[2] > 0 else r[::-1]
+class Output(Protocol):
+    """What a handle needs from a non-NumPy output (the JAX output implements it). Every
+    call receives the handle's reader; the output keeps no reference to the handle."""
 
+    def convert(self, reader: TensorReader, arr: np.ndarray, info: TensorInfo) -> Any:
+        """A NumPy array cut from tensor ``info`` (a slice) -> the output's type."""
 
-def plan_runs(shape: tuple[int, ...], per_dim: list[Any]) -> tuple[list[tuple[int, int]], list[int]]:
-    """Element runs ``(start, stop)`` in C order covering a basic index, ascending, and
-    the shape of the ascending block they fill. Trailing dimensions taken whole merge into
-    one run; the last partial dimension with unit step extends it."""
-    ndim = len(shape)
-    inner = 1
-    k = ndim
-    while k > 0:
-        e = per_dim[k - 1]
-        if isinstance(e, tuple) and e[2] == 1 and e[0] == 0 and e[1] == shape[k - 1]:
-            inner *= shape[k - 1]
-            k -= 1
-        else:
-            break
-    sels = [_selected(e) for e in per_dim]
-    block_shape = [len(s) for s in sels]
-    run_dim: int | None = None
-    if k > 0 and (isinstance(per_dim[k - 1], int) or per_dim[k - 1][2] in (1, -1)):
-        run_dim = k - 1
-    strides = [1] * ndim
-    for d in range(ndim - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    if 0 in block_shape:
-        return [], block_shape
-    outer_dims = list(range(run_dim if run_dim is not None else k))
-    if run_dim is not None:
-        sel = sels[run_dim]
-        run_len = len(sel) * inner
-        run_off = sel.start * strides[run_dim]
-    else:
-        run_len = inner
-        run_off = 0
-    runs: list[tuple[int, int]] = []
-    # Iterate outer indices in C order without itertools.product materialising tuples.
-    counters = [0] * len(outer_dims)
-    while True:
-        base = run_off
-        for j, d in enumerate(outer_dims):
-            base += sels[d][counters[j]] * strides[d]
-        if runs and runs[-1][1] == base:
-            runs[-1] = (runs[-1][0], base + run_len)
-        else:
-            runs.append((base, base + run_len))
-        j = len(outer_dims) - 1
-        while j >= 0:
-            counters[j] += 1
-            if counters[j] < len(sels[outer_dims[j]]):
-                break
-            counters[j] = 0
-            j -= 1
-        if j < 0:
-            break
-    return runs, block_shape
+    def load_tensor(self, reader: TensorReader, info: TensorInfo) -> Any:
+        """The whole tensor ``info``."""
 
+    def load_all(self, reader: TensorReader, infos: list[TensorInfo], *,
+                 sharding: Any = None, check_names: bool = True) -> dict[str, Any]:
+        """Every tensor of ``infos``, in order (``sharding`` replaces the output's own for
+        this call; ``check_names``: a mapping may only name tensors of ``infos``)."""
 
-def _finish(block: np.ndarray, per_dim: list[Any], new_axes: list[int]) -> np.ndarray:
-    """Turn the ascending block into the result of the original index."""
-    local: list[Any] = []
-    for e in per_dim:
-        if isinstance(e, int):
-            local.append(0)
-        elif e[2] < 0:
-            local.append(slice(None, None, -1))
-        else:
-            local.append(slice(None))
-    out: np.ndarray = block[tuple(local)]
-    for pos in new_axes:
-        out = np.expand_dims(out, pos)
-    return out
+    def check_names(self, infos: list[TensorInfo], sharding: Any, where: str) -> None:
+        """Raise when a ``sharding=`` mapping names tensors that ``infos`` lacks."""
 
 
 class TensorSlice:
@@ -379,18 +334,18 @@ class TensorSlice:
     def numpy(self, index: Any = ()) -> np.ndarray:
         """The selected part as a NumPy array (whatever the handle's framework)."""
         handle = self._handle
-        reader = handle._reader_checked()
+        reader = handle.reader
         info = self._info
-        if 0 in info.shape or len(info.shape) > 32:
+        if 0 in info.shape or len(info.shape) > VIEW_MAX_NDIM:
             check_numpy_shape(info)
-        per_dim, new_axes = _normalize_index(index, info.shape, info.name)
-        if reader._buf is not None and not info.dtype.packed:
+        per_dim, new_axes = normalize_index(index, info.shape, info.name)
+        if reader.buffer is not None and not info.dtype.packed:
             full = reader.array(info)
-            part: np.ndarray = full[_numpy_index(per_dim, new_axes)]
+            part: np.ndarray = full[numpy_index(per_dim, new_axes)]
             return part
         return self._read_runs(reader, per_dim, new_axes)
 
-    def _read_runs(self, reader: _Reader, per_dim: list[Any], new_axes: list[int]) -> np.ndarray:
+    def _read_runs(self, reader: TensorReader, per_dim: list[Any], new_axes: list[int]) -> np.ndarray:
         info = self._info
         dt = info.dtype
         runs, block_shape = plan_runs(info.shape, per_dim)
@@ -407,7 +362,7 @@ class TensorSlice:
                 parts.append(vals[skip : skip + (b - a)])
             flat = np.concatenate(parts) if parts else np.empty(0, dt.numpy)
             block = flat.reshape(block_shape)
-            if not self._handle._unpack:
+            if not reader.unpack:
                 raise SafecodecError(
                     f"tensor {info.name!r} is packed {dt.code}; slicing needs unpack=True"
                 )
@@ -424,47 +379,33 @@ class TensorSlice:
                 pos += n
             if not _dtypes.HOST_IS_LITTLE_ENDIAN:
                 block = _native(block, dt)
-        return _finish(block, per_dim, new_axes)
-
-
-def _numpy_index(per_dim: list[Any], new_axes: list[int]) -> tuple[Any, ...]:
-    items: list[Any] = []
-    for e in per_dim:
-        if isinstance(e, int):
-            items.append(e)
-        else:
-            r = range(*e)
-            if not r:
-                items.append(slice(0, 0))
-            elif e[2] > 0:
-                items.append(slice(r[0], r[-1] + 1, e[2]))
-            else:  # a negative stop would wrap around: stop just past the last element
-                last = r[-1] - 1
-                items.append(slice(r[0], last if last >= 0 else None, e[2]))
-    # Re-insert new axes at their positions in the output.
-    out_items: list[Any] = []
-    out_pos = 0
-    it = iter(items)
-    pending = sorted(new_axes)
-    for item in it:
-        while pending and pending[0] == out_pos:
-            out_items.append(None)
-            pending.pop(0)
-            out_pos += 1
-        out_items.append(item)
-        if not isinstance(item, int):
-            out_pos += 1
-    out_items.extend(None for _ in pending)
-    return tuple(out_items)
+        return finish_block(block, per_dim, new_axes)
 
 
 # ----------------------------------------------------------------------------- handle
 
 
 class SafeOpen:
-    """A lazy, read-only handle on one safetensors file or buffer (see :func:`safe_open`).
+    """A lazy, read-only handle on one safetensors file or buffer; open it with
+    :func:`safecodec.safe_open`.
 
-    Thread-safe for reads: many threads may call ``get_tensor``/``get_slice`` at once.
+    Thread-safe for reads: many threads may call ``get_tensor``/``get_slice`` at once;
+    closing it while they do makes their reads finish or raise
+    :class:`~safecodec.ClosedHandleError`, never read another file.
+
+    Args:
+        source: A path, fsspec URL, bytes-like object or binary file object (resolved by
+            :func:`safecodec._resolve.open_source`).
+        framework: ``"numpy"``/``"np"``, or ``"jax"``/``"flax"`` (then ``output`` is the
+            JAX output that :func:`safecodec.safe_open` builds).
+        fs, storage_options, progress: For remote sources.
+        copy: Every read is a copy (positioned reads, no mapping).
+        unpack: Unpack F4/F6 tensors.
+        device: NumPy outputs accept only None or ``"cpu"`` (as the reference wheel does);
+            JAX outputs take their device from ``output``.
+        sharding: Only for JAX outputs (taken from ``output``).
+        verify: Check stored checksums on every tensor read.
+        output: The output converter for non-NumPy frameworks.
     """
 
     def __init__(
@@ -480,189 +421,157 @@ class SafeOpen:
         storage_options: dict[str, Any] | None = None,
         progress: bool = False,
         verify: bool = False,
+        output: Output | None = None,
     ) -> None:
-        fw = str(framework).lower()
-        if fw not in _NUMPY_FRAMEWORKS and fw not in _JAX_FRAMEWORKS:
+        fw = normalize_framework(framework)
+        if fw == "numpy":
+            check_numpy_placement(device, sharding)
+            output = None
+        elif output is None:
             raise SafecodecError(
-                f"unsupported framework {framework!r}; use 'numpy' (or 'np'), 'jax' or 'flax'"
+                "framework='jax' handles are opened with safecodec.safe_open(..., "
+                "framework='jax'), which builds their JAX output"
             )
-        self._framework = fw
+        self.framework: str = fw
+        #: The output converter (None for NumPy outputs).
+        self.output: Output | None = output
+        self._reader: TensorReader | None = None
         self._source = open_source(source, fs=fs, storage_options=storage_options,
                                    progress=progress)
-        self._unpack = unpack
         try:
-            self._header = _read_header_from(self._source)
-        except BaseException:
-            self._source.close()
-            raise
-        self._digests: dict[str, str] | None = None
-        self._verified: set[str] = set()
-        if verify:
-            from ._integrity import CHECKSUM_KEY, ChecksumError, decode
-
-            try:
-                self._digests = decode(self._header.raw_metadata)
-                if self._digests is None:
+            self._header, self._raw_header = read_header_bytes(self._source)
+            digests = None
+            if verify:
+                digests = _integrity.decode(self._header.raw_metadata)
+                if digests is None:
                     raise ChecksumError(
                         f"verify=True, but {self._source.name} stores no checksums "
                         f"(metadata key {CHECKSUM_KEY!r}; write them with checksums=True)"
                     )
-            except BaseException:
-                self._source.close()
-                raise
-        mode: MapMode = "copy" if fw in _NUMPY_FRAMEWORKS else "read"
-        self._reader: _Reader | None = _Reader(
-            self._source, self._header, copy=copy, unpack=unpack, mode=mode
-        )
-        self._jax: Any = None
-        if fw in _JAX_FRAMEWORKS:
-            from . import _jax
-
-            try:
-                self._jax = _jax.Converter(device=device, sharding=sharding, handle=self)
-            except BaseException:
-                self._source.close()
-                raise
-        elif device is not None or sharding is not None:
+            mode: MapMode = "copy" if fw == "numpy" else "read"
+            self._reader = TensorReader(self._source, self._header, copy=copy, unpack=unpack,
+                                        mode=mode, digests=digests)
+        except BaseException:
             self._source.close()
-            raise SafecodecError("device= and sharding= need framework='jax'")
+            raise
 
     # -- plumbing
-    def _reader_checked(self) -> _Reader:
+    @property
+    def reader(self) -> TensorReader:
+        """The handle's :class:`TensorReader`.
+
+        Raises:
+            ClosedHandleError: The handle is closed.
+        """
         reader = self._reader
         if reader is None:
             raise ClosedHandleError("this safe_open handle is closed")
         return reader
 
     def _info(self, name: str) -> TensorInfo:
-        self._reader_checked()
+        self.reader  # noqa: B018 - raises when closed
         try:
             return self._header.tensors[name]
         except (KeyError, TypeError):
-            raise _missing(name, self._header) from None
-
-    def _raw_bytes(self, info: TensorInfo) -> Any:
-        """The tensor's bytes exactly as stored (a view when the source is memory)."""
-        reader = self._reader_checked()
-        start = self._header.data_start + info.begin
-        if reader._buf is not None:
-            return reader._buf[start : start + info.nbytes]
-        # copy=True never maps the file (its promise against files truncated in place).
-        return self._source.read(start, info.nbytes, f"tensor {info.name!r}")
-
-    def _verify(self, info: TensorInfo) -> None:
-        """With verify=True: check the tensor's bytes against its stored checksum once."""
-        if self._digests is None or info.name in self._verified:
-            return
-        from ._integrity import check
-
-        check(info.name, self._raw_bytes(info), self._digests)
-        self._verified.add(info.name)
+            raise missing_tensor(name, list(self._header.tensors), "this file") from None
 
     def _convert(self, arr: np.ndarray, info: TensorInfo) -> Any:
-        if self._jax is None:
+        if self.output is None:
             return arr
-        return self._jax.convert(arr, info)
+        return self.output.convert(self.reader, arr, info)
 
     # -- the reference API
     def keys(self) -> list[str]:
         """Tensor names, sorted."""
-        self._reader_checked()
+        self.reader  # noqa: B018 - raises when closed
         return self._header.names()
 
     def offset_keys(self) -> list[str]:
         """Tensor names in file order (ascending offsets)."""
-        self._reader_checked()
+        self.reader  # noqa: B018 - raises when closed
         return list(self._header.tensors)
 
     def metadata(self) -> dict[str, str] | None:
         """The file's ``__metadata__`` (a new dict) as the user wrote it, or None when it
         has none. safecodec's own keys (prefix ``safecodec.``: checksums, tree structure)
         are hidden; ``header.raw_metadata`` has everything."""
-        self._reader_checked()
+        self.reader  # noqa: B018 - raises when closed
         return self._header.metadata
 
     def get_tensor(self, name: str) -> Any:
         """The whole tensor ``name``: a NumPy array (or a jax.Array for framework='jax')."""
         info = self._info(name)
-        self._verify(info)
-        if self._jax is not None:
-            return self._jax.load_tensor(info)
-        return self._reader_checked().array(info)
+        reader = self.reader
+        reader.verify(info)
+        if self.output is not None:
+            return self.output.load_tensor(reader, info)
+        return reader.array(info)
 
     def get_slice(self, name: str) -> TensorSlice:
         """A lazy :class:`TensorSlice` of tensor ``name``. With verify=True the whole
         tensor is read and checked once, before the first slice."""
         info = self._info(name)
-        self._verify(info)
+        self.reader.verify(info, eager=True)
         return TensorSlice(self, info)
 
     def get_tensors(self) -> dict[str, Any]:
         """Every tensor, in file order."""
-        return self._load_infos(list(self._header.tensors.values()))
+        return self._load_infos(list(self._header.tensors.values()), None)
 
-    # -- what the tree layer uses (public, framework-independent)
-    @property
-    def framework(self) -> str:
-        """``"numpy"`` or ``"jax"``: what ``get_tensor`` returns."""
-        return "numpy" if self._jax is None else "jax"
-
+    # -- what the tree and sharded layers use (framework-independent)
     def get_numpy(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a NumPy array whatever the framework (a JAX handle maps the
         file read-only, so there it is a private copy)."""
         info = self._info(name)
-        self._verify(info)
-        arr = self._reader_checked().array(info)
-        return arr if self._jax is None else np.array(arr)
+        reader = self.reader
+        reader.verify(info)
+        arr = reader.array(info)
+        return arr if self.output is None else np.array(arr)
 
-    def load_tensors(self, names: list[str], *, sharding: Any = None) -> dict[str, Any]:
-        """Tensors ``names`` with the handle's framework, in the order given; ``sharding``
-        (JAX handles: a mapping name -> Sharding) replaces the handle's for this call."""
-        infos = [self._info(n) for n in names]
-        if self._jax is None or sharding is None:
-            return self._load_infos(infos)
-        saved, self._jax.sharding = self._jax.sharding, sharding
-        try:
-            return self._load_infos(infos)
-        finally:
-            self._jax.sharding = saved
+    def load_tensors(self, names: Sequence[str], *, sharding: Any = None,
+                     check_names: bool = True) -> dict[str, Any]:
+        """Tensors ``names`` with the handle's framework, in the order given.
 
-    def _load_infos(self, infos: list[TensorInfo]) -> dict[str, Any]:
-        """Load the given tensors (``get_tensors``, and sharded handles for the subset of a
-        shard that their index names)."""
-        reader = self._reader_checked()
-        if self._digests is not None:
+        Args:
+            names: Tensor names of this file.
+            sharding: JAX outputs: replaces the handle's ``sharding=`` for this call.
+            check_names: JAX outputs: a ``sharding=`` mapping may only name ``names``.
+        """
+        return self._load_infos([self._info(n) for n in names], sharding, check_names)
+
+    def _load_infos(self, infos: list[TensorInfo], sharding: Any,
+                    check_names: bool = True) -> dict[str, Any]:
+        reader = self.reader
+        if reader.buffer is not None and reader.digests is not None:
             for info in infos:
-                self._verify(info)
-        if self._jax is not None:
-            return self._jax.load_all(infos)  # type: ignore[no-any-return]
-        if reader._buf is None and infos and getattr(self._source, "remote", False):
-            reader = self._fetched_reader(infos)
-        if reader._buf is not None and _dtypes.HOST_IS_LITTLE_ENDIAN:
+                reader.verify(info)
+        if self.output is not None:
+            return self.output.load_all(reader, infos, sharding=sharding,
+                                        check_names=check_names)
+        if reader.buffer is None and infos and self._source.remote:
+            reader = reader.fetched(infos)
+            for info in infos:
+                reader.verify(info)
+        if reader.buffer is not None and _dtypes.HOST_IS_LITTLE_ENDIAN:
             return _views(reader, infos)
         array = reader.array
         return {info.name: array(info) for info in infos}
-
-    def _fetched_reader(self, infos: list[TensorInfo]) -> _Reader:
-        """Remote whole loads: stream the tensors' bytes into memory in one pass (merged,
-        concurrent range requests), check that the object did not change meanwhile, and
-        read the tensors as views of that private memory."""
-        from ._source import BufferSource
-
-        start = self._header.data_start
-        memory = bytearray(self._header.file_size)
-        self._source.readinto_ranges(
-            memoryview(memory), [(start + i.begin, start + i.end) for i in infos], "tensors"
-        )
-        self._source.check_unchanged()
-        return _Reader(BufferSource(memory, self._source.name), self._header, copy=False,
-                       unpack=self._unpack, mode="copy")
 
     # -- extras
     @property
     def header(self) -> Header:
         """The parsed :class:`~safecodec.Header`."""
         return self._header
+
+    def raw_header(self) -> bytes:
+        """The file's first ``header.data_start`` bytes: length prefix and header, as
+        stored (what a sharded index's shard identity hashes)."""
+        return bytes(self._raw_header)
+
+    @property
+    def name(self) -> str:
+        """The source's path, URL or ``"buffer"``, for messages."""
+        return str(self._source.name)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -684,7 +593,8 @@ class SafeOpen:
         return iter(self.keys())
 
     def close(self) -> None:
-        """Close the handle. Arrays already handed out stay valid."""
+        """Close the handle. Arrays already handed out stay valid; reads in flight in
+        other threads finish (or raise ClosedHandleError)."""
         if self._reader is not None:
             self._reader = None
             self._source.close()
@@ -697,144 +607,20 @@ class SafeOpen:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self)} tensors"
-        return f"<safecodec.safe_open {self._source.name!r} ({state}), framework={self._framework!r}>"
+        return f"<safecodec.safe_open {self._source.name!r} ({state}), framework={self.framework!r}>"
 
 
-def safe_open(
-    source: Any,
-    framework: str = "numpy",
-    *,
-    fs: Any = None,
-    copy: bool = False,
-    unpack: bool = True,
-    device: Any = None,
-    sharding: Any = None,
-    storage_options: dict[str, Any] | None = None,
-    progress: bool = False,
-    verify: bool = False,
-) -> Any:
-    """Open a safetensors file, buffer, file object or URL lazily.
-
-    Only the header is read; tensors are read when asked for. Use as a context manager.
-
-    Args:
-        source: A str/PathLike path, an fsspec URL, a bytes-like object, or a binary file
-            object (memory-mapped when it has a usable ``fileno()``).
-        framework: ``"numpy"`` (default, also ``"np"``), or ``"jax"`` / ``"flax"`` for
-            jax.Array outputs.
-        fs: An fsspec filesystem on which ``source`` is a path.
-        copy: Return independent arrays instead of views of the source.
-        unpack: Unpack F4/F6 tensors to one element per byte (ml_dtypes). With False, they
-            come back as 1-D ``uint8`` arrays of the packed bytes.
-        device: With framework='jax', the device to place arrays on.
-        sharding: With framework='jax', a Sharding, mapping or callable (see
-            :func:`safecodec.jax.load_file`).
-        storage_options: Options for the fsspec filesystem a URL names (credentials,
-            endpoint...).
-        progress: Show a progress bar (tqdm, when installed) on long remote reads.
-        verify: Check each tensor against the SHA-256 stored by ``save_file(...,
-            checksums=True)`` before returning it; a mismatch raises
-            :class:`~safecodec.ChecksumError` naming the tensor. A file without
-            checksums raises too.
-
-    Returns:
-        A :class:`SafeOpen` handle; for a directory or a ``*.safetensors.index.json``
-        (local or remote), a :class:`~safecodec._sharded.ShardedSafeOpen` with the same API
-        over every shard.
+def check_numpy_placement(device: Any, sharding: Any) -> None:
+    """NumPy outputs live in host memory: ``device`` may be None or ``"cpu"`` (the
+    reference wheel's spelling), ``sharding`` must be None.
 
     Raises:
-        SafecodecError: The header breaks a rule of the format (subclass says which), or a
-            sharded checkpoint's index and shards disagree.
-
-    Example:
-        >>> import numpy as np, safecodec as sc
-        >>> data = sc.save({"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
-        >>> with sc.safe_open(data) as f:
-        ...     f.get_slice("w")[:, 1].tolist()
-        [1.0, 4.0]
+        SafecodecError: Anything else.
     """
-    from ._sharded import ShardedSafeOpen, find_sharded
-
-    location = find_sharded(source, fs, storage_options)
-    if location is not None:
-        if location.single is not None:  # a directory holding one unsharded file
-            return SafeOpen(location.single, framework, fs=location.fs, copy=copy,
-                            unpack=unpack, device=device, sharding=sharding, progress=progress,
-                            verify=verify)
-        if verify:
-            raise SafecodecError("verify=True is supported for single files; verify each shard")
-        return ShardedSafeOpen(location, framework, copy=copy, unpack=unpack, device=device,
-                               sharding=sharding, progress=progress)
-    return SafeOpen(source, framework, fs=fs, copy=copy, unpack=unpack, device=device,
-                    sharding=sharding, storage_options=storage_options, progress=progress,
-                    verify=verify)
-
-
-def load(
-    data: Any, *, copy: bool = False, unpack: bool = True, verify: bool = False
-) -> dict[str, np.ndarray]:
-    """Load every tensor of an in-memory safetensors file.
-
-    Args:
-        data: bytes, bytearray, memoryview or any C-contiguous buffer.
-        copy: Return independent arrays instead of views into ``data`` (views of
-            ``bytes`` are read-only; views of a ``bytearray`` share its memory).
-        unpack: See :func:`safe_open`.
-        verify: Check stored checksums (see :func:`safe_open`).
-
-    Returns:
-        name -> NumPy array, in file order.
-
-    Raises:
-        SafecodecError: ``data`` is not a valid safetensors file.
-    """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        try:
-            memoryview(data)
-        except TypeError:
-            raise SafecodecError(
-                f"load() takes bytes-like data, got {type(data).__name__}; use load_file() "
-                "for paths and file objects"
-            ) from None
-    with SafeOpen(data, copy=copy, unpack=unpack, verify=verify) as f:
-        return f.get_tensors()
-
-
-def load_file(
-    path_or_url: Any,
-    *,
-    fs: Any = None,
-    copy: bool = False,
-    unpack: bool = True,
-    storage_options: dict[str, Any] | None = None,
-    progress: bool = False,
-    verify: bool = False,
-) -> dict[str, np.ndarray]:
-    """Load every tensor of a safetensors file.
-
-    Local files are memory-mapped: the arrays are copy-on-write views of a private
-    mapping, writable, with nothing copied until written and nothing written reaching the
-    file. They stay valid after the file is closed, deleted or replaced.
-
-    Args:
-        path_or_url: A str/PathLike path, an fsspec URL, or a binary file object.
-        fs: An fsspec filesystem on which ``path_or_url`` is a path.
-        copy: Read into independent arrays (one copy from the page cache) instead.
-        unpack: See :func:`safe_open`.
-        storage_options: Options for the fsspec filesystem a URL names. Remote files are
-            streamed into memory once (concurrent range requests) and validated like local
-            ones. A directory or ``*.safetensors.index.json`` loads every shard.
-        progress: Show a progress bar (tqdm, when installed) on long remote reads.
-        verify: Check stored checksums (see :func:`safe_open`).
-
-    Returns:
-        name -> NumPy array, in file order.
-
-    Raises:
-        SafecodecError: The file is not a valid safetensors file.
-        RemoteIOError: A remote object came back short or changed while being read.
-        FileNotFoundError: ``path_or_url`` does not exist.
-    """
-    with safe_open(path_or_url, fs=fs, copy=copy, unpack=unpack, storage_options=storage_options,
-                   progress=progress, verify=verify) as f:
-        return f.get_tensors()  # type: ignore[no-any-return]
+    if sharding is not None:
+        raise SafecodecError("sharding= needs framework='jax'")
+    if device is not None and not (isinstance(device, str) and device.lower() == "cpu"):
+        raise SafecodecError(
+            f"framework='numpy' reads into host memory: device= may only be 'cpu', got "
+            f"{device!r}; use framework='jax' to place tensors on a device"
+        )

@@ -1,7 +1,8 @@
-"""Remote sources and sinks through fsspec: exact byte-range reads, atomic remote writes.
+"""The fsspec source: exact byte-range reads of a remote object.
 
-This is the only module that imports fsspec, and it is imported only when a URL or an
-fsspec filesystem is given. What it guarantees:
+It receives a filesystem from the resolver (:mod:`safecodec._resolve`, the only module
+that interprets URLs) and is imported only when a URL or an fsspec filesystem is given.
+Remote writes go through :class:`safecodec._sink.RemoteAtomicFile`. What it guarantees:
 
 * **No read-ahead.** Every byte that crosses the wire was asked for: ranges are fetched
   with ``cat_file``/``cat_ranges`` and explicit ``start``/``end`` (asynchronous
@@ -19,31 +20,27 @@ fsspec filesystem is given. What it guarantees:
   object replaced mid-download is reported instead of mixing two versions.
 * **Accounting.** ``source.stats`` counts bytes received and range requests made
   (``SafeOpen.stats`` reports them), plus metadata requests (``info``) separately.
-* **Atomic writes.** :func:`save_remote` streams to a temporary key next to the target and
-  moves it to the final name only once complete; on failure the temporary key is removed.
 """
 
 from __future__ import annotations
 
-import os
 import posixpath
-import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
-from ._errors import RemoteIOError, SafecodecError
-from ._source import _SourceBase, _Stats
+from ._errors import RemoteIOError
+from ._progress import ProgressBar
+from ._source import SourceBase, SourceStats
 
 __all__ = [
     "MAX_REQUEST",
     "MERGE_GAP",
     "FsspecSource",
-    "ProgressBar",
+    "RemoteStats",
     "merge_ranges",
-    "resolve_fs",
-    "save_remote",
+    "run_concurrently",
 ]
 
 #: Two requested ranges closer than this are fetched as one request: a few KiB of unwanted
@@ -54,37 +51,9 @@ MERGE_GAP: Final = 16 * 1024
 MAX_REQUEST: Final = 16 * 1024 * 1024
 #: Threads used to fetch ranges concurrently on filesystems that are not asynchronous.
 MAX_THREADS: Final = 8
-#: Size of the pieces a remote write sends (s3fs uploads each as one multipart part; S3
-#: needs parts of at least 5 MiB).
-WRITE_BLOCK: Final = 16 * 1024 * 1024
-#: Temporary keys are named ``.<target>.<random>.safecodec-tmp`` next to the target.
-TMP_SUFFIX: Final = ".safecodec-tmp"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def resolve_fs(
-    path: str, fs: Any = None, storage_options: Mapping[str, Any] | None = None
-) -> tuple[Any, str]:
-    """Turn an fsspec URL (or a path on ``fs``) into ``(filesystem, path on it)``.
-
-    Args:
-        path: An fsspec URL such as ``s3://bucket/key``, or a path on ``fs``.
-        fs: An fsspec filesystem; when given, ``storage_options`` must be empty.
-        storage_options: Options for the filesystem the URL names (credentials, endpoint).
-
-    Raises:
-        SafecodecError: Both ``fs`` and ``storage_options`` were given.
-    """
-    if fs is not None:
-        if storage_options:
-            raise SafecodecError("pass either fs= or storage_options=, not both")
-        return fs, fs._strip_protocol(path)
-    from fsspec.core import url_to_fs
-
-    filesystem, fpath = url_to_fs(path, **dict(storage_options or {}))
-    return filesystem, str(fpath)
 
 
 def _is_async(fs: Any) -> bool:
@@ -131,40 +100,8 @@ def merge_ranges(
     return out
 
 
-class ProgressBar:
-    """A byte-counting progress bar: tqdm when it is installed and ``enabled``, else
-    nothing. Thread-safe ``update``."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self._bar: Any = None
-        self._lock = threading.Lock()
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # optional: no bar without tqdm
-                return
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
-                             unit_divisor=1024, leave=False)
-
-    def update(self, n: int) -> None:
-        if self._bar is not None:
-            with self._lock:
-                self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _RemoteStats(_Stats):
-    """:class:`~safecodec._source._Stats` plus the metadata requests (``info``) made."""
+class RemoteStats(SourceStats):
+    """:class:`~safecodec._source.SourceStats` plus the metadata requests (``info``) made."""
 
     __slots__ = ("lock", "metadata_requests")
 
@@ -195,7 +132,7 @@ def _identity(info: Mapping[str, Any]) -> tuple[Any, ...]:
 # ----------------------------------------------------------------------------- source
 
 
-class FsspecSource(_SourceBase):
+class FsspecSource(SourceBase):
     """A file on an fsspec filesystem, read with exact byte-range requests.
 
     Thread-safe: many threads may call :meth:`read`, :meth:`read_ranges` and
@@ -210,13 +147,12 @@ class FsspecSource(_SourceBase):
         progress: Show a progress bar (tqdm) for large reads.
     """
 
-    #: Tells the reader that whole-file loads should be fetched in one streamed pass.
-    remote: Final = True
+    remote = True
 
     def __init__(self, fs: Any, path: str, info: Mapping[str, Any], name: str | None = None,
                  progress: bool = False) -> None:
         super().__init__()
-        self.stats: _RemoteStats = _RemoteStats()
+        self.stats: RemoteStats = RemoteStats()
         self.stats.metadata_requests = 1
         self.fs = fs
         self.path = path
@@ -234,26 +170,6 @@ class FsspecSource(_SourceBase):
         self._identity = _identity(info)
         self._exact = _exact_cat(fs)
         self._closed = False
-
-    @classmethod
-    def open(cls, path: str, fs: Any = None, storage_options: Mapping[str, Any] | None = None,
-             *, progress: bool = False) -> FsspecSource:
-        """Open ``path`` (an fsspec URL, or a path on ``fs``): one ``info`` request.
-
-        Args:
-            path: ``s3://bucket/key``, ``https://host/file``, ``memory://x``... or a path on
-                ``fs``.
-            fs: An fsspec filesystem instance.
-            storage_options: Options for the filesystem the URL names.
-            progress: Show a progress bar for large reads.
-
-        Raises:
-            FileNotFoundError: The object does not exist.
-            RemoteIOError: Its size cannot be determined, or it is a directory.
-        """
-        filesystem, fpath = resolve_fs(path, fs, storage_options)
-        info = filesystem.info(fpath)
-        return cls(filesystem, fpath, info, name=path, progress=progress)
 
     # -- fetching
     def _fetch_one(self, start: int, end: int) -> bytes:
@@ -275,7 +191,7 @@ class FsspecSource(_SourceBase):
         if not spans:
             return []
         for start, end in spans:
-            self._check_range(start, end - start, what)
+            self.check_range(start, end - start, what)
         results: list[Any]
         if _is_async(self.fs) and len(spans) > 1:
             results = self.fs.cat_ranges(
@@ -327,7 +243,7 @@ class FsspecSource(_SourceBase):
         """Exactly ``length`` bytes at ``offset`` (large reads are split and fetched
         concurrently)."""
         if length == 0:
-            self._check_range(offset, 0, what)
+            self.check_range(offset, 0, what)
             return b""
         if length <= MAX_REQUEST:
             return self._fetch([(offset, offset + length)], what)[0]
@@ -339,7 +255,7 @@ class FsspecSource(_SourceBase):
         """Fill ``out`` with the bytes at ``offset``."""
         out = out.cast("B") if out.format != "B" or out.ndim != 1 else out
         length = len(out)
-        self._check_range(offset, length, what)
+        self.check_range(offset, length, what)
         spans = merge_ranges([(offset, offset + length)], gap=0)
         with ProgressBar(length, f"read {posixpath.basename(self.path)}",
                          self.progress and length > MAX_REQUEST) as bar:
@@ -355,7 +271,7 @@ class FsspecSource(_SourceBase):
         for start, end in ranges:
             if end < start:
                 raise RemoteIOError(f"{self.name}: invalid range {start}-{end} for {what}")
-            self._check_range(start, end - start, what)
+            self.check_range(start, end - start, what)
         spans = merge_ranges(ranges)
         total = sum(e - s for s, e in spans)
         with ProgressBar(total, f"read {posixpath.basename(self.path)}",
@@ -432,98 +348,6 @@ class FsspecSource(_SourceBase):
 
     def close(self) -> None:
         self._closed = True
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def _tmp_path(path: str) -> str:
-    directory, base = posixpath.split(path)
-    name = f".{base}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-    return posixpath.join(directory, name) if directory else name
-
-
-def write_remote_bytes(
-    fs: Any, path: str, chunks: Any, *, total: int | None = None, progress: bool = False,
-    name: str | None = None,
-) -> int:
-    """Stream ``chunks`` (bytes-likes) to ``path`` on ``fs`` through a temporary key, then
-    move it to ``path``. Nothing ever exists under ``path`` half-written; on failure the
-    temporary key is removed. Returns the number of bytes written.
-
-    Raises:
-        RemoteIOError: The filesystem refused the write or the move.
-    """
-    label = name or path
-    tmp = _tmp_path(path)
-    written = 0
-    try:
-        with ProgressBar(total or 0, f"write {posixpath.basename(path)}", progress) as bar:
-            try:
-                f = fs.open(tmp, "wb", block_size=WRITE_BLOCK)
-            except TypeError:
-                f = fs.open(tmp, "wb")
-            with f:
-                for chunk in chunks:
-                    n = f.write(chunk)
-                    n = len(memoryview(chunk).cast("B")) if n is None else n
-                    written += n
-                    bar.update(n)
-        fs.mv(tmp, path)
-    except BaseException as exc:
-        try:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        except Exception:  # best effort: the original error matters more
-            pass
-        if isinstance(exc, (SafecodecError, KeyboardInterrupt, SystemExit)):
-            raise
-        if isinstance(exc, (OSError, NotImplementedError, RuntimeError, ValueError)):
-            raise RemoteIOError(f"writing {label} failed: {type(exc).__name__}: {exc}") from exc
-        raise
-    return written
-
-
-def save_remote(
-    tensors: Mapping[str, Any],
-    path: str,
-    metadata: Mapping[str, str] | None = None,
-    *,
-    alignment: int = 64,
-    fs: Any = None,
-    storage_options: Mapping[str, Any] | None = None,
-    progress: bool = False,
-) -> None:
-    """Write a safetensors file to an fsspec URL or a path on ``fs``, streaming, through a
-    temporary key that is moved to ``path`` only once complete.
-
-    Args:
-        tensors: name -> array.
-        path: An fsspec URL or a path on ``fs``.
-        metadata: Optional str -> str mapping.
-        alignment: 64 (zero-copy layout) or 8 (the reference writer's bytes).
-        fs: An fsspec filesystem.
-        storage_options: Options for the filesystem the URL names.
-        progress: Show a progress bar (tqdm, when installed).
-
-    Raises:
-        SafecodecError: Invalid tensors or metadata (nothing is written).
-        RemoteIOError: The write failed (nothing is left at ``path``).
-    """
-    from ._writer import iter_tensor_bytes, prepare
-
-    header, planned, values = prepare(tensors, metadata, alignment)
-    total = len(header) + (planned[-1].end if planned else 0)
-    filesystem, fpath = resolve_fs(path, fs, storage_options)
-
-    def chunks() -> Any:
-        yield header
-        yield from iter_tensor_bytes(planned, values)
-
-    written = write_remote_bytes(filesystem, fpath, chunks(), total=total, progress=progress,
-                                 name=path)
-    if written != total:  # pragma: no cover - iter_tensor_bytes checks each tensor
-        raise RemoteIOError(f"wrote {written} bytes to {path}, expected {total}")
 
 
 def run_concurrently(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:

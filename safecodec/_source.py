@@ -1,5 +1,6 @@
-"""Where bytes come from: the one module that turns "path, bytes, file object or URL" into
-something the reader can read.
+"""Where bytes come from: sources over memory and local files (the fsspec source is in
+:mod:`safecodec._remote`; choosing one for a path, URL or object is the resolver's job,
+:mod:`safecodec._resolve`).
 
 A :class:`Source` offers exact reads at absolute offsets (``read``), batched reads of many
 ranges (``read_ranges``), and, when the whole content is addressable memory (a bytes-like
@@ -11,8 +12,7 @@ out views instead of copies.
   (a private copy-on-write mapping for NumPy outputs, a read-only one for JAX)
 * the same without mmap, or a file object without ``fileno()`` -> :class:`FileSource`
   (positioned reads, one copy)
-* an fsspec URL, or a path with ``fs=`` -> :class:`FsspecSource` (byte-range requests).
-  fsspec is imported only on this path.
+* an fsspec URL, or a path with ``fs=`` -> ``FsspecSource`` (byte-range requests).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ __all__ = [
     "FileSource",
     "MappedSource",
     "Source",
-    "open_source",
+    "SourceBase",
+    "SourceStats",
 ]
 
 #: Whether memory mapping is used for local files. Tests set it to False to exercise the
@@ -69,7 +70,7 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-class _Stats:
+class SourceStats:
     """Bytes and requests a source has served (for remote sources, what crossed the wire)."""
 
     __slots__ = ("bytes_read", "requests")
@@ -82,12 +83,27 @@ class _Stats:
         return {"bytes_read": self.bytes_read, "requests": self.requests}
 
 
-class _SourceBase:
+class SourceBase:
+    """The base of every source: byte accounting, range checks, and defaults for
+    ``read_ranges``, ``readinto`` and ``buffer`` built on ``read``.
+
+    Attributes:
+        size: Total size in bytes.
+        name: A path or URL, for messages.
+        stats: Bytes and requests served (:class:`SourceStats`).
+        positioned: True when ``readinto`` is a positioned read from a local file (the page
+            cache): then copying through it beats faulting a mapping in.
+        remote: True when every read crosses a network (whole loads then fetch in one
+            streamed pass, and the object's identity is checked).
+    """
+
     size: int
     name: str
+    positioned: bool = False
+    remote: bool = False
 
     def __init__(self) -> None:
-        self.stats = _Stats()
+        self.stats = SourceStats()
 
     if TYPE_CHECKING:  # every subclass defines it; declared here for the type checker only
 
@@ -111,7 +127,8 @@ class _SourceBase:
     def close(self) -> None:
         """Release what the source holds; views already handed out stay valid."""
 
-    def _check_range(self, offset: int, length: int, what: str) -> None:
+    def check_range(self, offset: int, length: int, what: str) -> None:
+        """Raise :class:`~safecodec.RemoteIOError` unless the range lies inside the source."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise RemoteIOError(
                 f"unexpected end of {self.name} while reading {what}: wanted {length} bytes "
@@ -119,7 +136,7 @@ class _SourceBase:
             )
 
 
-class BufferSource(_SourceBase):
+class BufferSource(SourceBase):
     """An in-memory bytes-like object. Reads are zero-copy memoryview slices."""
 
     def __init__(self, data: Any, name: str = "buffer") -> None:
@@ -138,7 +155,7 @@ class BufferSource(_SourceBase):
         self.name = name
 
     def read(self, offset: int, length: int, what: str = "data") -> memoryview:
-        self._check_range(offset, length, what)
+        self.check_range(offset, length, what)
         self.stats.requests += 1
         self.stats.bytes_read += length
         return self._view[offset : offset + length]
@@ -147,7 +164,7 @@ class BufferSource(_SourceBase):
         return self._view
 
 
-class FileSource(_SourceBase):
+class FileSource(SourceBase):
     """A file read with positioned reads (``os.pread`` when there is a descriptor, else
     seek + read under a lock). Every read is a copy; used when mmap is unavailable."""
 
@@ -162,6 +179,7 @@ class FileSource(_SourceBase):
             fd = self._file.fileno()
             os.fstat(fd)
             self._fd = fd if hasattr(os, "pread") else None
+            self.positioned = self._fd is not None
         except (AttributeError, OSError, ValueError, Exception):  # BytesIO raises UnsupportedOperation
             self._fd = None
         if self._fd is not None:
@@ -175,7 +193,7 @@ class FileSource(_SourceBase):
                 ) from exc
 
     def read(self, offset: int, length: int, what: str = "data") -> bytearray:
-        self._check_range(offset, length, what)
+        self.check_range(offset, length, what)
         out = bytearray(length)
         self.readinto(offset, memoryview(out), what)
         return out
@@ -185,7 +203,7 @@ class FileSource(_SourceBase):
             _pread_into(self._fd, offset, out, self, what)
             return
         length = len(out)
-        self._check_range(offset, length, what)
+        self.check_range(offset, length, what)
         self.stats.requests += 1
         done = 0
         out = out.cast("B") if out.format != "B" else out
@@ -208,7 +226,7 @@ class FileSource(_SourceBase):
             self._file.close()
 
 
-class MappedSource(_SourceBase):
+class MappedSource(SourceBase):
     """A local file, memory-mapped lazily.
 
     ``buffer("copy")`` is a private copy-on-write mapping: writable, nothing is copied
@@ -230,6 +248,7 @@ class MappedSource(_SourceBase):
             self._owned = False
             self.name = str(getattr(file, "name", "file object"))
         self._fd = self._file.fileno()
+        self.positioned = True
         self.size = os.fstat(self._fd).st_size
         self._maps: dict[str, memoryview] = {}
         self._lock = _thread.allocate_lock()
@@ -264,11 +283,11 @@ class MappedSource(_SourceBase):
             self._file.close()
 
 
-def _pread_into(fd: int, offset: int, out: memoryview, src: _SourceBase, what: str) -> None:
+def _pread_into(fd: int, offset: int, out: memoryview, src: SourceBase, what: str) -> None:
     """Fill ``out`` from ``fd`` at ``offset`` with positioned reads, looping over short
     reads; a file shorter than its header promised is reported, never zero-filled."""
     length = len(out)
-    src._check_range(offset, length, what)
+    src.check_range(offset, length, what)
     out = out.cast("B") if out.format != "B" else out
     done = 0
     while done < length:
@@ -289,75 +308,3 @@ def _pread_into(fd: int, offset: int, out: memoryview, src: _SourceBase, what: s
 
 
 _HAS_PREADV = hasattr(os, "preadv")
-
-
-def _is_url(path: str) -> bool:
-    head, sep, _ = path.partition("://")
-    return bool(sep) and head.replace("+", "").replace("-", "").isalnum() and len(head) > 1
-
-
-def is_remote(source: Any, fs: Any = None) -> bool:
-    """True when ``source`` goes through fsspec (a URL, or any path with ``fs=``)."""
-    if fs is not None:
-        return True
-    return isinstance(source, str) and _is_url(source)
-
-
-def open_source(source: Any, *, fs: Any = None, storage_options: dict[str, Any] | None = None,
-                progress: bool = False) -> Any:
-    """Resolve ``source`` into a :class:`Source`.
-
-    Args:
-        source: A str or PathLike path, an fsspec URL, a bytes-like object, or a binary file
-            object.
-        fs: An fsspec filesystem; ``source`` is then a path on it.
-        storage_options: Passed to fsspec when ``source`` is a URL.
-        progress: For remote sources, show a progress bar on large reads.
-
-    Raises:
-        SafecodecError: ``source`` is of an unsupported type.
-        FileNotFoundError / OSError: a local path cannot be opened (not a format error).
-    """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return BufferSource(source)
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    if isinstance(source, bytes):  # pragma: no cover - handled above
-        return BufferSource(source)
-    if isinstance(source, str):
-        if is_remote(source, fs):
-            from ._remote import FsspecSource
-
-            return FsspecSource.open(source, fs=fs, storage_options=storage_options,
-                                     progress=progress)
-        if MMAP_AVAILABLE:
-            try:
-                return MappedSource(source)
-            except (ValueError, OSError) as exc:
-                if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)):
-                    raise
-                # Empty files, special files: fall back to plain reads.
-        return FileSource(source)
-    if hasattr(source, "read"):
-        if MMAP_AVAILABLE:
-            try:
-                fd = source.fileno()
-                if os.fstat(fd).st_size > 0 and getattr(source, "seekable", lambda: True)():
-                    return MappedSource(file=source)
-            except (AttributeError, OSError, ValueError, Exception):
-                pass
-        return FileSource(source)
-    if hasattr(source, "__buffer__") or _supports_buffer(source):
-        return BufferSource(source)
-    raise SafecodecError(
-        "expected a path, an fsspec URL, a bytes-like object or a binary file object, got "
-        f"{type(source).__name__}"
-    )
-
-
-def _supports_buffer(obj: Any) -> bool:
-    try:
-        memoryview(obj)
-    except TypeError:
-        return False
-    return True

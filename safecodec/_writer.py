@@ -1,20 +1,22 @@
-"""Writing safetensors files: tensors -> layout plan -> sink, streaming.
+"""The single-file writer: tensors -> layout plan -> bytes streamed into a sink.
 
 The whole file is never built in memory. The header is planned from each tensor's dtype
 and shape alone; then tensors are written one at a time, C-contiguous little-endian arrays
 straight from their buffers (no ``tobytes()``), others through one temporary copy of that
 tensor only (Fortran order, strided views, big-endian, packed F4/F6).
 
-:func:`save_file` is atomic: it writes a temporary file in the target's directory,
-flushes and fsyncs it, then renames it over the target, so a crash never leaves a torn
-file under the final name and a file mapped by a reader is never truncated under it.
+Where the bytes go is a sink of :mod:`safecodec._sink` (the one atomic publish: a
+temporary file renamed over the target, or a temporary key moved); which sink, and
+whether a save is sharded or goes through the JAX writer, the routers decide
+(:mod:`safecodec._api`). Checksums are computed while streaming and written into the
+header in place when the sink is seekable, or computed in a first pass when it is not
+(remote objects), so ``checksums=True`` holds on every path.
 """
 
 from __future__ import annotations
 
 import io
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 import numpy as np
@@ -22,18 +24,36 @@ import numpy as np
 from . import _dtypes
 from ._dtypes import DType, code_for_numpy
 from ._errors import SafecodecError
-from ._header import PlannedTensor, check_metadata, check_name, encode_header, plan_layout
+from ._header import (
+    CHECKSUM_KEY,
+    PlannedTensor,
+    check_metadata,
+    check_name,
+    encode_header,
+    plan_layout,
+)
+from ._integrity import encode, new_hasher, placeholder
 from ._packed import pack
+from ._progress import ProgressBar
+from ._resolve import Target
+from ._sink import LocalAtomicFile, RemoteAtomicFile
 
-__all__ = ["iter_tensor_bytes", "prepare", "save", "save_file"]
-
-#: Temporary files are named ``.<target>.<pid>.<random>.safecodec-tmp`` next to the target.
-TMP_SUFFIX: Final = ".safecodec-tmp"
+__all__ = [
+    "describe_value",
+    "final_header",
+    "iter_tensor_bytes",
+    "open_sink",
+    "prepare",
+    "save",
+    "stream_file",
+    "tensor_nbytes",
+    "write_file",
+]
 #: Above this size, one tensor is written in pieces (bounded temporary memory for copies).
 WRITE_CHUNK: Final = 64 << 20
 
 
-def _shape_dtype(value: Any, name: str) -> tuple[np.dtype, tuple[int, ...], Any]:
+def describe_value(value: Any, name: str) -> tuple[np.dtype, tuple[int, ...], Any]:
     """dtype and shape of a tensor without converting it when it already says (numpy and
     jax arrays, ShapeDtypeStruct-likes); anything else goes through ``np.asarray``."""
     if isinstance(value, np.ndarray):
@@ -85,13 +105,11 @@ def prepare(
     values: dict[str, Any] = {}
     for name, value in tensors.items():
         check_name(name)
-        dtype, shape, value = _shape_dtype(value, name)
+        dtype, shape, value = describe_value(value, name)
         code = code_for_numpy(dtype, name)
         entries.append((name, _dtypes.DTYPES[code], shape))
         values[name] = value
     if checksums:
-        from ._integrity import CHECKSUM_KEY, placeholder
-
         md = dict(md or {})
         md[CHECKSUM_KEY] = placeholder(list(values))
     header, planned = plan_layout(entries, md, alignment)
@@ -106,8 +124,6 @@ def final_header(
     placeholder_header: bytes,
 ) -> bytes:
     """The header with the real digests; same length as the placeholder one."""
-    from ._integrity import CHECKSUM_KEY, encode
-
     md = dict(check_metadata(metadata) or {})
     md[CHECKSUM_KEY] = encode({t.name: digests[t.name] for t in planned})
     header = encode_header(planned, md, alignment)
@@ -168,8 +184,6 @@ def iter_tensor_bytes(
         written = 0
         hasher = None
         if digests is not None:
-            from ._integrity import new_hasher
-
             hasher = new_hasher()
         for chunk in _le_bytes(values[t.name], t):
             written += chunk.nbytes
@@ -227,170 +241,111 @@ def save(
     return buf.getvalue()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
+def tensor_nbytes(value: Any, name: str) -> int:
+    """Bytes tensor ``value`` takes in a file (validates its name and dtype)."""
+    check_name(name)
+    dtype, shape, _ = describe_value(value, name)
+    bits = _dtypes.DTYPES[code_for_numpy(dtype, name)].bits
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count * bits // 8
 
 
-def clean_stale_temporaries(target: str) -> list[str]:
-    """Remove temporary files left next to ``target`` by writers that died (their pid is
-    gone). Returns the removed paths."""
-    directory, base = os.path.split(os.path.abspath(target))
-    prefix = f".{base}."
-    removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for entry in names:
-        if not (entry.startswith(prefix) and entry.endswith(TMP_SUFFIX)):
-            continue
-        middle = entry[len(prefix) : -len(TMP_SUFFIX)]
-        pid_text, _, _ = middle.partition(".")
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            try:
-                os.unlink(os.path.join(directory, entry))
-                removed.append(os.path.join(directory, entry))
-            except OSError:
-                pass
-    return removed
-
-
-class AtomicFile:
-    """A temporary file next to ``target`` that becomes ``target`` on :meth:`commit`
-    (flush, fsync, rename, fsync of the directory) and disappears on :meth:`discard`."""
-
-    def __init__(self, target: str | os.PathLike[str]) -> None:
-        self.target = os.fspath(target)
-        directory, base = os.path.split(os.path.abspath(self.target))
-        clean_stale_temporaries(self.target)
-        self.tmp = os.path.join(
-            directory, f".{base}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
-        )
-        # 0o666 & ~umask, like a plain open(): mkstemp would make it 0o600.
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        self.file = os.fdopen(fd, "wb")
-
-    def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.target)
-        _fsync_directory(os.path.dirname(os.path.abspath(self.target)))
-
-    def discard(self) -> None:
-        try:
-            self.file.close()
-        finally:
-            try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse
+def _digests_of(planned: list[PlannedTensor], values: Mapping[str, Any]) -> dict[str, str]:
+    """Every tensor's checksum, in a pass of its own (for sinks that cannot rewrite the
+    header after the data)."""
+    digests: dict[str, str] = {}
+    for _ in iter_tensor_bytes(planned, values, digests):
         pass
-    finally:
-        os.close(fd)
+    return digests
 
 
-def _holds_jax_arrays(tensors: Any) -> bool:
-    """True when some value is a jax.Array (checked without importing jax)."""
-    import sys
-
-    jax = sys.modules.get("jax")
-    if jax is None or not isinstance(tensors, Mapping):
-        return False
-    return any(isinstance(v, jax.Array) for v in tensors.values())
-
-
-def save_file(
+def stream_file(
     tensors: Mapping[str, Any],
-    path_or_url: Any,
+    sink: Any,
     metadata: Mapping[str, str] | None = None,
     *,
     alignment: int = 64,
-    fs: Any = None,
-    storage_options: dict[str, Any] | None = None,
-    max_shard_size: int | str | None = None,
-    progress: bool = False,
     checksums: bool = False,
-) -> None:
-    """Write tensors to a safetensors file, atomically and streaming.
+    progress: bool = False,
+    plan: tuple[bytes, list[PlannedTensor], dict[str, Any]] | None = None,
+) -> tuple[bytes, int]:
+    """Stream a safetensors file into ``sink`` (a :mod:`safecodec._sink` sink) without
+    committing it.
 
     Args:
         tensors: name -> anything ``numpy.asarray`` accepts.
-        path_or_url: A str/PathLike local path, or an fsspec URL / a path on ``fs``
-            (called ``path`` below).
+        sink: Where the bytes go.
         metadata: Optional str -> str mapping.
-        alignment: 64 (zero-copy layout, default) or 8 (the reference writer's bytes).
-        fs: An fsspec filesystem on which ``path`` is a path.
-        storage_options: Options for the fsspec filesystem a URL names. Remote writes go
-            to a temporary key that is moved to ``path`` once complete.
-        max_shard_size: Write a sharded checkpoint instead (an int or ``"5GB"``): ``path``
-            is then a directory, an index path or a ``name.safetensors`` whose stem prefixes
-            the shards; see :func:`safecodec._sharded.save_sharded`.
-        progress: Show a progress bar (tqdm, when installed) on remote or sharded writes.
-        checksums: Store a SHA-256 digest of every tensor (local files; see :func:`save`).
-            The header is written with placeholders, the digests computed while streaming,
-            and the header rewritten in place before the file is renamed into place.
+        alignment: 64 (zero-copy layout) or 8 (the reference writer's bytes).
+        checksums: Store a SHA-256 digest of every tensor (see :func:`save`): computed
+            while streaming and written into the header in place when the sink is
+            seekable, computed in a first pass when it is not.
+        progress: Show a progress bar (tqdm, when installed).
+        plan: The result of :func:`prepare` for these arguments, when already made.
+
+    Returns:
+        ``(header, size)``: the final header bytes (length prefix included) and the file
+        size.
+    """
+    if plan is None:
+        plan = prepare(tensors, metadata, alignment, checksums=checksums)
+    header, planned, values = plan
+    digests: dict[str, str] | None = None
+    if checksums and sink.seekable:
+        digests = {}
+    elif checksums:
+        header = final_header(planned, metadata, alignment, _digests_of(planned, values),
+                              header)
+    total = len(header) + (planned[-1].end if planned else 0)
+    label = str(sink.name).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+    with ProgressBar(total, f"write {label}", progress) as bar:
+        sink.write(header)
+        bar.update(len(header))
+        for chunk in iter_tensor_bytes(planned, values, digests):
+            sink.write(chunk)
+            bar.update(chunk.nbytes)
+    if digests is not None:
+        header = final_header(planned, metadata, alignment, digests, header)
+        sink.write_at(0, header)
+    return header, total
+
+
+def write_file(
+    tensors: Mapping[str, Any],
+    open_sink: Callable[[], Any],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    alignment: int = 64,
+    checksums: bool = False,
+    progress: bool = False,
+) -> None:
+    """Plan a safetensors file, open a sink only once the plan is valid, stream the file
+    into it (:func:`stream_file`) and commit it; on any failure the sink is discarded.
+
+    Args:
+        tensors, metadata, alignment, checksums, progress: See :func:`stream_file`.
+        open_sink: Called once, after validation, to get the sink.
 
     Raises:
-        SafecodecError: See :func:`save`. Nothing is left at ``path`` on failure.
+        SafecodecError: Invalid tensors or metadata (nothing was written).
+        OSError / RemoteIOError: The sink failed (its name is in the error; nothing is
+            left behind).
     """
-    from ._source import is_remote
+    plan = prepare(tensors, metadata, alignment, checksums=checksums)
+    sink = open_sink()
+    try:
+        stream_file(tensors, sink, metadata, alignment=alignment, checksums=checksums,
+                    progress=progress, plan=plan)
+    except BaseException:
+        sink.discard()
+        raise
+    sink.commit()
 
-    path = path_or_url  # the public name is DESIGN.md's; the body keeps the short one
 
-    if max_shard_size is not None:
-        from ._sharded import save_sharded
-
-        if not isinstance(path, str | os.PathLike):
-            raise SafecodecError(f"save_file() takes a path or URL, got {type(path).__name__}")
-        save_sharded(tensors, path, metadata, max_shard_size=max_shard_size,
-                     alignment=alignment, fs=fs, storage_options=storage_options,
-                     progress=progress)
-        return
-
-    if isinstance(path, str | os.PathLike) and not is_remote(os.fspath(path), fs):
-        if not checksums and _holds_jax_arrays(tensors):
-            # Shard by shard, at their offsets: never a whole gathered copy of an array.
-            from ._jax import save_file as save_jax
-
-            save_jax(tensors, path, metadata, alignment=alignment)
-            return
-        header, planned, values = prepare(tensors, metadata, alignment, checksums=checksums)
-        digests: dict[str, str] | None = {} if checksums else None
-        out = AtomicFile(path)
-        try:
-            out.file.write(header)
-            for chunk in iter_tensor_bytes(planned, values, digests):
-                out.file.write(chunk)
-            if digests is not None:
-                out.file.flush()
-                os.pwrite(out.file.fileno(),
-                          final_header(planned, metadata, alignment, digests, header), 0)
-            out.commit()
-        except BaseException:
-            out.discard()
-            raise
-        return
-    if isinstance(path, str | os.PathLike):
-        from ._remote import save_remote
-
-        save_remote(tensors, os.fspath(path), metadata, alignment=alignment, fs=fs,
-                    storage_options=storage_options, progress=progress)
-        return
-    raise SafecodecError(f"save_file() takes a path or URL, got {type(path).__name__}")
+def open_sink(target: Target) -> Any:
+    """The atomic sink (:mod:`safecodec._sink`) for a resolved target."""
+    if target.fs is None:
+        return LocalAtomicFile(target.path)
+    return RemoteAtomicFile(target.fs, target.path, name=target.name)

@@ -3,7 +3,7 @@
 Loading a file written by safecodec on JAX's CPU backend copies nothing: every tensor whose
 address in the file is a multiple of 64 becomes a ``jax.Array`` that shares the file's
 read-only mapping. Everything else is copied exactly once (on accelerators: the transfer).
-See :mod:`safecodec._jax` for the rules, and the notes on lifetime below.
+See the zero-copy guide for the rules, and the notes on lifetime below.
 
 >>> import jax.numpy as jnp, safecodec.jax as scj
 >>> scj.load(scj.save({"w": jnp.arange(3.0)}))["w"].tolist()
@@ -22,8 +22,9 @@ from typing import Any
 
 import jax
 
-from . import _jax
-from ._jax import PrecisionWarning
+from . import _api, _jax_save
+from ._errors import SafecodecError
+from ._jax_load import PrecisionWarning
 
 __all__ = ["PrecisionWarning", "load", "load_file", "save", "save_file"]
 
@@ -47,7 +48,7 @@ def save(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, 
         SafecodecError: A bad name or metadata, or an array spread over several processes
             (use :func:`save_file`).
     """
-    return _jax.save(tensors, metadata, alignment=alignment)
+    return _jax_save.save(tensors, metadata, alignment=alignment)
 
 
 def save_file(tensors: Mapping[str, Any], filename: Any, metadata: Mapping[str, str] | None = None,
@@ -83,7 +84,7 @@ def save_file(tensors: Mapping[str, Any], filename: Any, metadata: Mapping[str, 
         DtypeError, SafecodecError: See :func:`save`. Nothing appears at ``filename`` on
             failure.
     """
-    _jax.save_file(tensors, filename, metadata, alignment=alignment, fs=fs, timeout_s=timeout_s,
+    _api.save_file(tensors, filename, metadata, alignment=alignment, fs=fs, timeout_s=timeout_s,
                    storage_options=storage_options, max_shard_size=max_shard_size)
 
 
@@ -113,7 +114,13 @@ def load(data: bytes | bytearray | memoryview, *, device: Any = None, sharding: 
         SafecodecError: Invalid file, unusable sharding (e.g. a dimension that does not
             divide evenly), or an F6 tensor (no JAX dtype: use the NumPy output).
     """
-    return _jax.load(data, device=device, sharding=sharding, strict_x64=strict_x64)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SafecodecError(
+            f"load() takes bytes-like data, got {type(data).__name__}; use load_file() for "
+            "paths and file objects"
+        )
+    return _api.load(data, framework="jax", device=device, sharding=sharding,
+                     strict_x64=strict_x64)
 
 
 def load_file(filename: Any, *, device: Any = None, sharding: Any = None, copy: bool = False,
@@ -148,5 +155,6 @@ def load_file(filename: Any, *, device: Any = None, sharding: Any = None, copy: 
         >>> import jax, safecodec.jax as scj
         >>> # params = scj.load_file("model.safetensors", device=jax.devices("cpu")[0])
     """
-    return _jax.load_file(filename, device=device, sharding=sharding, copy=copy,
-                          strict_x64=strict_x64, fs=fs, storage_options=storage_options)
+    return _api.load_file(filename, framework="jax", device=device, sharding=sharding,
+                          copy=copy, strict_x64=strict_x64, fs=fs,
+                          storage_options=storage_options)

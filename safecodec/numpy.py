@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _reader, _writer
-from ._errors import SafecodecError
+from . import _api
 
 __all__ = ["load", "load_file", "save", "save_file"]
 
@@ -31,7 +30,7 @@ def save(tensor_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = No
         metadata: Optional str -> str mapping.
         **options: Keyword options of :func:`safecodec.save` (``alignment=``, ...).
     """
-    return _writer.save(tensor_dict, metadata, **options)
+    return _api.save(tensor_dict, metadata, **options)
 
 
 def save_file(tensor_dict: Mapping[str, Any], filename: Any,
@@ -44,12 +43,12 @@ def save_file(tensor_dict: Mapping[str, Any], filename: Any,
         metadata: Optional str -> str mapping.
         **options: Keyword options of :func:`safecodec.save_file`.
     """
-    _writer.save_file(tensor_dict, filename, metadata, **options)
+    _api.save_file(tensor_dict, filename, metadata, **options)
 
 
 def load(data: Any, **options: Any) -> dict[str, np.ndarray]:
     """:func:`safecodec.load` (bytes-like ``data``); ``**options`` are its keywords."""
-    return _reader.load(data, **options)
+    return _api.load(data, **options)
 
 
 def load_file(filename: Any, *, backend: str = "mmap", **options: Any) -> dict[str, np.ndarray]:
@@ -65,8 +64,4 @@ def load_file(filename: Any, *, backend: str = "mmap", **options: Any) -> dict[s
     Raises:
         SafecodecError: An unknown ``backend``.
     """
-    if backend == "pread":
-        options["copy"] = True
-    elif backend != "mmap":
-        raise SafecodecError(f"backend must be 'mmap' or 'pread', got {backend!r}")
-    return _reader.load_file(filename, **options)
+    return _api.load_file(filename, backend=backend, **options)

@@ -72,7 +72,7 @@ def main() -> None:
     # ...and through the mapping (what the converter touched)
     with sc.safe_open(path, "jax", sharding=shardings) as f:
         mapped = f.get_tensors()
-        result["mapped_bytes"] = f._jax.bytes_loaded
+        result["mapped_bytes"] = f.output.bytes_loaded
     for arrays in (out, mapped):
         for name, arr in arrays.items():
             assert not arr.is_fully_addressable and arr.sharding == shardings[name]

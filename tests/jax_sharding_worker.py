@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import safecodec as sc
 import safecodec.jax as scj
-from safecodec import _jax
+from safecodec import _jax_put
 
 CHECKS: dict[str, Callable[[str], None]] = {}
 
@@ -96,14 +96,14 @@ def row_shards_alias_the_mapping(tmp: str) -> None:
     model = _model()
     s = NamedSharding(_mesh((8, 1)), P("x", None))
     with sc.safe_open(path, "jax", sharding={"w": s}) as f:
-        buf = f._reader._buf
+        buf = f.reader.buffer
         lo = np.frombuffer(buf, np.uint8).ctypes.data
         arr = f.get_tensor("w")
         start = lo + f.header.data_start + f.header.tensors["w"].begin
         # rows 2i..2i+1 of a (16, 32) float32 tensor: 256-byte aligned runs, zero copy
         ptrs = sorted(sh.data.unsafe_buffer_pointer() for sh in arr.addressable_shards)
         assert ptrs == [start + 256 * i for i in range(8)], (ptrs, start)
-        assert f._jax.aliased == 8
+        assert f.output.aliased == 8
     _assert_shards(arr, model["w"], s)
 
 
@@ -265,12 +265,12 @@ def main() -> None:
     out_path, tmp = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 8, jax.devices()
     results: dict[str, str] = {}
-    fast = _jax.placement()
-    for mode, put in (("internal", fast), ("public", _jax.PublicPut())):
-        _jax.PUT = put
+    fast = _jax_put.placement()
+    for mode, put in (("internal", fast), ("public", _jax_put.PublicPut())):
+        _jax_put.PUT = put
         for name, fn in CHECKS.items():
             key = f"{name}[{mode}]"
-            if mode == "internal" and not isinstance(fast, _jax.InternalPut):
+            if mode == "internal" and not isinstance(fast, _jax_put.InternalPut):
                 results[key] = "skip: the internal placement path failed its self-check"
                 continue
             d = os.path.join(tmp, key)

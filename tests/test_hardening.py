@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import safecodec as sc
-from safecodec import _integrity, _source, _writer
+from safecodec import _api, _integrity, _sink, _source
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_checksums_round_trip_and_stay_valid_for_the_reference(tensors, tmp_path
     back = sc.load_file(path, verify=True)
     for name, value in tensors.items():
         assert np.array_equal(back[name], value)
-    assert _integrity.verify_file(path) == []
+    assert _api.verify_file(path) == []
     assert sc.save(tensors, {"user": "kept"}, checksums=True) == path.read_bytes()
     safetensors = pytest.importorskip("safetensors", reason="reference wheel not installed")
     assert {n for n, _ in safetensors.deserialize(path.read_bytes())} == set(tensors)
@@ -63,7 +63,7 @@ def test_a_flipped_bit_is_reported_with_the_tensor_name(tensors, tmp_path):
         assert np.array_equal(f.get_tensor("bias"), tensors["bias"])  # others still verify
         with pytest.raises(sc.ChecksumError, match="'emb'"):
             f.get_slice("emb")
-    problems = _integrity.verify_file(path)
+    problems = _api.verify_file(path)
     assert len(problems) == 1 and "'emb'" in problems[0]
     sc.load_file(path)  # without verify=True the file still loads
 
@@ -115,12 +115,41 @@ def test_writer_killed_mid_write_leaves_the_previous_file(tmp_path, delay):
     assert list(sc.load_file(path)) == ["new"]
 
 
+def _pid_not_running_here() -> int:
+    pid = 4_000_000
+    while os.path.exists(f"/proc/{pid}"):
+        pid += 1
+    return pid
+
+
 def test_temporaries_of_live_writers_are_not_removed(tmp_path):
+    """A writer in another PID namespace (a container sharing the directory) has a pid that
+    means nothing here; what tells it is alive is the lock it holds on its temporary."""
+    import fcntl
+
     path = tmp_path / "m.safetensors"
-    live = tmp_path / f".m.safetensors.{os.getpid()}.abcd{_writer.TMP_SUFFIX}"
+    live = tmp_path / f".m.safetensors.{_pid_not_running_here()}.abcd{_sink.TMP_SUFFIX}"
     live.write_bytes(b"in progress")
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        sc.save_file({"x": np.ones(1)}, path)
+        assert live.exists()  # its writer holds the lock: alive, wherever its pid lives
+    sc.save_file({"x": np.ones(1)}, path)  # lock released: the writer is gone
+    assert not live.exists()
+
+
+def test_fresh_empty_temporaries_are_left_alone(tmp_path):
+    """A writer may be between creating its temporary and locking it: an empty, recent,
+    unlocked temporary is kept; an old one is removed."""
+    path = tmp_path / "m.safetensors"
+    fresh = tmp_path / f".m.safetensors.{_pid_not_running_here()}.abcd{_sink.TMP_SUFFIX}"
+    fresh.write_bytes(b"")
     sc.save_file({"x": np.ones(1)}, path)
-    assert live.exists()
+    assert fresh.exists()
+    old = time.time() - _sink.STALE_EMPTY_AGE - 5
+    os.utime(fresh, (old, old))
+    sc.save_file({"x": np.ones(1)}, path)
+    assert not fresh.exists()
 
 
 # ----------------------------------------------------------------------------- concurrency
@@ -185,7 +214,7 @@ def test_verify_with_copy_never_maps_the_file(tensors, tmp_path):
     sc.save_file(tensors, path, checksums=True)
     with sc.safe_open(path, copy=True, verify=True) as f:
         got = f.get_tensors()
-        assert not f._source._maps  # read with pread only
+        assert not f.reader.source._maps  # read with pread only
     for name, value in tensors.items():
         assert np.array_equal(got[name], value)
 
@@ -218,7 +247,7 @@ def test_verify_file_reports_missing_tensors_and_absent_checksums(tensors, tmp_p
     real = sc.read_header(sc.save(tensors, checksums=True)).raw_metadata[_integrity.CHECKSUM_KEY]
     digests = {**_integrity.decode({_integrity.CHECKSUM_KEY: real}), "ghost": "0" * 64}
     sc.save_file(tensors, path, {_integrity.CHECKSUM_KEY: _integrity.encode(digests)})
-    assert _integrity.verify_file(path) == ["checksum stored for missing tensor 'ghost'"]
+    assert _api.verify_file(path) == ["checksum stored for missing tensor 'ghost'"]
     sc.save_file(tensors, path)
     with pytest.raises(sc.ChecksumError, match="has no checksums"):
-        _integrity.verify_file(path)
+        _api.verify_file(path)

@@ -23,7 +23,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 import safecodec as sc  # noqa: E402
 import safecodec.flax as scf  # noqa: E402
 import safecodec.jax as scj  # noqa: E402
-from safecodec import _jax  # noqa: E402
+from safecodec import _jax_put  # noqa: E402
 from safecodec.jax import PrecisionWarning  # noqa: E402
 
 CPU = jax.devices()[0].platform == "cpu"
@@ -34,15 +34,15 @@ cpu_only = pytest.mark.skipif(not CPU, reason="aliasing of host memory happens o
 def put(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the fast placement path and again with the public-API fallback."""
     if request.param == "public":
-        monkeypatch.setattr(_jax, "PUT", _jax.PublicPut())
+        monkeypatch.setattr(_jax_put, "PUT", _jax_put.PublicPut())
     else:
-        if not isinstance(_jax.placement(), _jax.InternalPut):
+        if not isinstance(_jax_put.placement(), _jax_put.InternalPut):
             pytest.skip("the internal placement path failed its self-check on this JAX")
     return request.param
 
 
 def _mapping_range(handle: sc.SafeOpen) -> tuple[int, int]:
-    buf = handle._reader._buf
+    buf = handle.reader.buffer
     base = np.frombuffer(buf, np.uint8).ctypes.data
     return base, base + len(buf)
 
@@ -79,7 +79,7 @@ def test_aligned_tensors_alias_the_mapping(tmp_path, put):
         ptr = out["odd2"].unsafe_buffer_pointer()
         assert not lo <= ptr < hi and ptr % 64 == 0
         aligned = [n for n, i in f.header.tensors.items() if (f.header.data_start + i.begin) % 64 == 0]
-        assert f._jax.aliased == len(aligned) == 4
+        assert f.output.aliased == len(aligned) == 4
     for name, value in model.items():
         np.testing.assert_array_equal(np.asarray(out[name]), value)
     assert all(isinstance(v, jax.Array) for v in out.values())
@@ -116,7 +116,7 @@ def test_mixed_file_every_kind_of_tensor_in_one_load(tmp_path, put):
             if ptr is not None and lo <= ptr < hi:
                 assert ptr == lo + base + info.begin and (base + info.begin) % 64 == 0, name
                 aliased.append(name)
-        assert f._jax.aliased == len(aliased) > 0, aliased
+        assert f.output.aliased == len(aliased) > 0, aliased
         assert not {"b_empty", "c_f4", "h_i64"} & set(aliased)
     want = sc.load_file(path)
     for name, value in want.items():
@@ -143,7 +143,7 @@ def test_unaligned_tensor_is_copied_once_into_aligned_memory(tmp_path, put):
             assert not lo <= ptr < hi  # a copy, outside the mapping
             assert ptr % 64 == 0  # ...into memory JAX aliased (no second copy)
             np.testing.assert_array_equal(np.asarray(out[name]), value)
-        assert f._jax.aliased == 0
+        assert f.output.aliased == 0
         # one read for the run of both tensors, into one buffer placed to align them
         t = f.header.tensors
         gap = out["b"].unsafe_buffer_pointer() - out["a"].unsafe_buffer_pointer()
@@ -167,7 +167,7 @@ def test_copy_true_owns_its_memory(tmp_path, put):
     sc.save_file(_model(), path)
     with sc.safe_open(path, "jax", copy=True) as f:
         out = f.get_tensors()
-        assert f._reader._buf is None
+        assert f.reader.buffer is None
         assert f.stats["bytes_read"] >= sum(i.nbytes for i in f.header.tensors.values())
     assert out["wte"].unsafe_buffer_pointer() % 64 == 0
     np.testing.assert_array_equal(np.asarray(out["wte"]), _model()["wte"])
@@ -462,7 +462,7 @@ def test_public_put_is_forced_by_environment(tmp_path):
     import subprocess
     import sys
 
-    code = ("import safecodec._jax as j, safecodec.jax as s, numpy as np;"
+    code = ("import safecodec._jax_put as j, safecodec.jax as s, numpy as np;"
             "assert j.PUT is None;"  # importing selects nothing (and starts no backend)
             "print(s.load(s.save({'a': np.ones(3, np.float32)}))['a'].tolist(), j.PUT.name)")
     env = dict(os.environ, SAFECODEC_JAX_PUBLIC_API="1", JAX_PLATFORMS="cpu")

@@ -97,7 +97,7 @@ def test_without_mmap_everything_reads_through_plain_reads(corpus, tmp_path, res
     sc.save_file(corpus, path)
     _source.MMAP_AVAILABLE = False
     with sc.safe_open(path) as f:
-        assert isinstance(f._source, _source.FileSource)
+        assert isinstance(f.reader.source, _source.FileSource)
         got = f.get_tensors()
         assert _same(f.get_slice("F32/6")[1:3, ::2], corpus["F32/6"][1:3, ::2])
     for name, arr in corpus.items():

@@ -13,9 +13,9 @@ import pytest
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 import safecodec as sc
-from safecodec import _remote
+from safecodec import _remote, _resolve, _sink
 from safecodec._reader import FIRST_READ
-from safecodec._remote import FsspecSource, merge_ranges
+from safecodec._remote import merge_ranges
 
 #: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
 pytest_plugins = ["conftest_remote"]
@@ -55,7 +55,7 @@ def test_source_reads_exact_ranges_and_counts(mem_url):
     fs = fsspec.filesystem("memory")
     data = bytes(range(256)) * 300
     fs.pipe(f"{mem_url}/blob", data)
-    src = FsspecSource.open(f"{mem_url}/blob")
+    src = _resolve.open_remote(f"{mem_url}/blob")
     assert src.size == len(data)
     assert src.buffer() is None
     assert bytes(src.read(10, 5)) == data[10:15]
@@ -75,7 +75,7 @@ def test_source_read_ranges_across_split_points(mem_url, monkeypatch):
     fs = fsspec.filesystem("memory")
     data = bytes(range(256)) * 4
     fs.pipe(f"{mem_url}/blob", data)
-    src = FsspecSource.open(f"{mem_url}/blob")
+    src = _resolve.open_remote(f"{mem_url}/blob")
     (whole,) = src.read_ranges([(10, 1000)])
     assert bytes(whole) == data[10:1000]
     assert src.stats.requests == 10  # 990 bytes in pieces of at most 100
@@ -84,7 +84,7 @@ def test_source_read_ranges_across_split_points(mem_url, monkeypatch):
 
 def test_source_rejects_ranges_outside_the_object(mem_url):
     fsspec.filesystem("memory").pipe(f"{mem_url}/blob", b"x" * 100)
-    src = FsspecSource.open(f"{mem_url}/blob")
+    src = _resolve.open_remote(f"{mem_url}/blob")
     with pytest.raises(sc.RemoteIOError, match="wanted 10 bytes at offset 95, the source has 100"):
         src.read(95, 10)
     with pytest.raises(sc.RemoteIOError, match="invalid range 50-40"):
@@ -95,7 +95,7 @@ def test_source_is_thread_safe(mem_url):
     fs = fsspec.filesystem("memory")
     data = np.random.default_rng(1).integers(0, 256, 1 << 18, dtype=np.uint8).tobytes()
     fs.pipe(f"{mem_url}/blob", data)
-    src = FsspecSource.open(f"{mem_url}/blob")
+    src = _resolve.open_remote(f"{mem_url}/blob")
     errors: list[str] = []
 
     def worker(seed: int) -> None:
@@ -152,7 +152,7 @@ def test_generic_filesystem_is_read_without_read_ahead():
     t = _tensors()
     fs = _BlobFS({"/m.safetensors": sc.save(t)}, skip_instance_cache=True)
     with sc.safe_open("/m.safetensors", fs=fs) as f:
-        assert f._source._exact is False
+        assert f.reader.source._exact is False
         assert fs.fetched == f.stats["bytes_read"] == FIRST_READ
         np.testing.assert_array_equal(f.get_slice("big")[3:5], t["big"][3:5])
         np.testing.assert_array_equal(f.get_tensor("small"), t["small"])
@@ -163,7 +163,7 @@ def test_generic_filesystem_is_read_without_read_ahead():
 
 def test_fs_and_storage_options_together_are_refused(mem_url):
     with pytest.raises(sc.SafecodecError, match="either fs= or storage_options="):
-        FsspecSource.open(f"{mem_url}/x", fs=fsspec.filesystem("memory"),
+        _resolve.open_remote(f"{mem_url}/x", fs=fsspec.filesystem("memory"),
                           storage_options={"a": 1})
 
 
@@ -349,7 +349,7 @@ def test_remote_write_goes_through_a_temporary_name(mem_url, monkeypatch):
     sc.save_file(_tensors(), url)
     (src, dst), = moves
     assert dst == url.removeprefix("memory://")
-    assert src.endswith(_remote.TMP_SUFFIX) and "/.m.safetensors." in src
+    assert src.endswith(_sink.TMP_SUFFIX) and "/.m.safetensors." in src
 
 
 def test_progress_bar_on_long_transfers(mem_url, monkeypatch, capsys):

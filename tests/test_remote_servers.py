@@ -16,6 +16,7 @@ import pytest
 
 import safecodec as sc
 from _cpu_devices import cpu_device_env
+from safecodec import _resolve, _sharded
 from safecodec._reader import FIRST_READ
 
 #: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
@@ -226,8 +227,8 @@ def test_s3_sharded_save_and_lazy_read(s3_server):
     bucket = s3_server.new_bucket()
     so = s3_server.storage_options
     t = _model(4)
-    index = sc._sharded.save_sharded(t, f"s3://{bucket}/run", max_shard_size="300KiB",
-                                     storage_options=so)
+    target = _resolve.resolve_target(f"s3://{bucket}/run", storage_options=so)
+    index = _sharded.save_sharded(t, target, max_shard_size="300KiB")
     assert index == f"s3://{bucket}/run/model.safetensors.index.json"
     fs = s3_server.filesystem()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run", detail=False))

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 import safecodec as sc
-from safecodec._sharded import INDEX_SUFFIX, ShardedSafeOpen, parse_size, plan_shards, save_sharded
+from safecodec import _resolve, _sharded
+from safecodec._sharded import ShardedSafeOpen
+from safecodec._shardindex import INDEX_SUFFIX, parse_size, plan_shards
+
+
+def save_sharded(tensors, path, metadata=None, *, fs=None, storage_options=None, **options):
+    """The sharded writer behind save_file(max_shard_size=...), returning the index path."""
+    target = _resolve.resolve_target(path, fs, storage_options)
+    return _sharded.save_sharded(tensors, target, metadata, **options)
 
 #: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
 pytest_plugins = ["conftest_remote"]
@@ -83,10 +91,15 @@ def test_save_writes_shards_and_index(tmp_path):
     text = _read(os.path.join(d, "model" + INDEX_SUFFIX))
     index = json.loads(text)
     total = sum(a.nbytes for a in t.values())
-    assert index["metadata"] == {"total_size": total}
+    assert index["metadata"]["total_size"] == total
+    # each shard's identity (size, header digest) is recorded; readers check it
+    shards = index["metadata"]["safecodec.shards"]
+    assert sorted(shards) == files[:4]
+    for name, ident in shards.items():
+        assert ident["size"] == os.path.getsize(os.path.join(d, name))
     # 2-space indent, sorted keys, trailing newline.
     assert text == json.dumps(index, indent=2, sort_keys=True) + "\n"
-    assert text.startswith('{\n  "metadata": {\n    "total_size": ')
+    assert text.startswith('{\n  "metadata": {\n    "safecodec.shards": ')
     assert index["weight_map"] == {
         "layers.0.w": "model-00001-of-00004.safetensors",
         "layers.0.b": "model-00001-of-00004.safetensors",
@@ -213,7 +226,7 @@ def test_safe_open_over_shards(tmp_path, via):
         np.testing.assert_array_equal(f.get_slice("embed")[5:9, ::3], t["embed"][5:9, ::3])
         assert f.get_slice("embed").get_shape() == [100, 64]
         assert f.metadata() == {"format": "np"}
-        assert f.index_metadata() == {"total_size": sum(a.nbytes for a in t.values())}
+        assert f.index_metadata()["total_size"] == sum(a.nbytes for a in t.values())
         everything = f.get_tensors()
         assert sorted(f.offset_keys()) == sorted(t)
         assert set(f.header.tensors) == set(t)

@@ -17,7 +17,7 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 import safecodec as sc  # noqa: E402
-from safecodec._jax import PrecisionWarning  # noqa: E402
+from safecodec.jax import PrecisionWarning  # noqa: E402
 
 
 def test_framework_jax_gives_jax_arrays_aliasing_the_mapping(tmp_path):

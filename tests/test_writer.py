@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import safecodec as sc
-from safecodec import _writer
+from safecodec import _sink, _writer
 
 
 def test_accepts_anything_numpy_asarray_accepts():
@@ -108,15 +108,14 @@ def test_stale_temporaries_of_dead_writers_are_cleaned(tmp_path):
     # A writer killed mid-write leaves its temporary file behind.
     script = textwrap.dedent(
         f"""
-        import os, numpy as np, safecodec._writer as w
-        out = w.AtomicFile({str(path)!r})
-        out.file.write(b"partial")
-        out.file.flush()
+        import os, safecodec._sink as sink
+        out = sink.LocalAtomicFile({str(path)!r})
+        out.write(b"partial" * 10_000)
         os._exit(9)
         """
     )
     subprocess.run([sys.executable, "-c", script], check=False, cwd=os.getcwd())
-    leftovers = [n for n in os.listdir(tmp_path) if n.endswith(_writer.TMP_SUFFIX)]
+    leftovers = [n for n in os.listdir(tmp_path) if n.endswith(_sink.TMP_SUFFIX)]
     assert len(leftovers) == 1 and not path.exists()
     sc.save_file({"w": np.ones(2)}, path)
     assert os.listdir(tmp_path) == ["m.safetensors"]

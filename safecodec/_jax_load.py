@@ -1,0 +1,528 @@
+"""JAX loading: the output that turns a handle's tensors into ``jax.Array`` values,
+zero-copy where the hardware allows, one copy everywhere else, sharded across devices
+and processes.
+
+How a tensor reaches JAX (decided in ONE place, :func:`host_route`)
+--------------------------------------------------------------------
+* **alias**: CPU, 64-byte aligned, byte-sized dtype, same dtype in JAX, memory nobody can
+  write (a read-only mapping or immutable bytes): the host array is a view of the file's
+  mapping and the CPU client *aliases* it. Loading costs a header parse, not a memcpy.
+  safecodec's writer (``alignment=64``, the default) puts every tensor whose byte size is
+  a multiple of 64 at such an address. On accelerators the view itself is handed to the
+  transfer, which is the one copy.
+* **read**: one positioned read from the page cache into fresh aligned memory
+  (``copy=True``, no mmap, a tensor not aligned in a local file: cheaper than faulting the
+  mapping in).
+* **copy**: one memcpy from the buffer into fresh aligned memory (the caller's writable
+  buffer, or a small unaligned tensor).
+* **cast**: 64-bit values with x64 off: narrowed into fresh aligned memory (JAX's rule).
+* **decode**: packed F4 is unpacked once into ``float4_e2m1fn``; big-endian hosts swap.
+  **F6** has no JAX dtype: a :class:`~safecodec.DtypeError` points to the NumPy output.
+
+Sharding
+--------
+With a sharding, each process builds only the shards addressable on it, and reads only
+their byte ranges (:func:`safecodec._indexing.plan_runs`: rows of a contiguous block are
+one range). Replicated shards (same index on several devices) are read once and shared.
+
+Lifetime
+--------
+Arrays that alias the mapping keep it alive: they stay valid after the handle is closed
+and after the file is deleted or atomically replaced. They are *not* protected against
+in-place modification of the file: pass ``copy=True`` for arrays that own their memory.
+The output keeps no reference to a handle (each call receives the handle's reader), so a
+load leaves nothing behind for the garbage collector: descriptors and mappings are
+released when the last array that uses them is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import jax
+import numpy as np
+
+from . import _dtypes
+from ._errors import DtypeError, SafecodecError, TensorNotFoundError
+from ._header import VIEW_MAX_NDIM, TensorInfo
+from ._indexing import index_key, plan_runs
+from ._jax_put import (
+    ALIGNMENT,
+    aligned_copy,
+    aligned_empty,
+    cast_aligned,
+    is_aligned,
+    placement,
+)
+from ._reader import TensorReader
+
+__all__ = ["JaxOutput", "PrecisionWarning", "check_sharding_names", "host_route"]
+
+_F6_CODES: Final = frozenset({"F6_E2M3", "F6_E3M2"})
+#: Unaligned tensors at least this large are copied with a positioned read instead of
+#: from the mapping (faulting pages in costs more than a read from the page cache).
+PREAD_MIN: Final = 1 << 16
+
+
+class PrecisionWarning(UserWarning):
+    """A tensor changes dtype on its way into JAX (64-bit values with x64 disabled)."""
+
+
+def check_sharding_names(spec: Any, infos: Iterable[TensorInfo], where: str) -> None:
+    """A ``sharding=`` mapping may only name tensors that exist: a typo would otherwise
+    silently load that tensor unsharded."""
+    if not isinstance(spec, Mapping):
+        return
+    known = {i.name for i in infos}
+    unknown = [k for k in spec if k not in known]
+    if unknown:
+        raise TensorNotFoundError(
+            f"sharding= names {len(unknown)} tensor(s) not in this {where}: "
+            f"{', '.join(map(repr, unknown[:5]))}"
+        )
+
+
+def _default_device() -> Any:
+    dev = jax.config.jax_default_device  # type: ignore[attr-defined]  # set at runtime, not in the stubs
+    if dev is not None and not isinstance(dev, str):
+        return dev
+    if isinstance(dev, str):
+        return jax.local_devices(backend=dev)[0]
+    return jax.local_devices()[0]
+
+
+def _canonical(dtype: np.dtype) -> np.dtype:
+    """The dtype JAX stores ``dtype`` as (64-bit types narrow when x64 is off). Cached
+    per x64 setting: it is asked once per tensor."""
+    x64 = bool(jax.config.jax_enable_x64)  # type: ignore[attr-defined]  # set at runtime, not in the stubs
+    key = (dtype, x64)
+    got = _CANONICAL.get(key)
+    if got is None:
+        got = _CANONICAL[key] = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    return got
+
+
+_CANONICAL: dict[tuple[np.dtype, bool], np.dtype] = {}
+
+
+def aliasable_address(reader: TensorReader) -> int | None:
+    """Where tensor offset 0 lies in memory when the reader's buffer is one JAX may alias
+    (mapped read-only or immutable, little-endian host); None when every tensor must be
+    copied (no buffer: copy=True, no mmap, remote; or a buffer the caller can write)."""
+    buf = reader.buffer
+    if buf is None or not buf.readonly or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+        return None
+    base = np.frombuffer(buf, np.uint8, 0 if not len(buf) else 1).ctypes.data
+    return int(base) + reader.header.data_start
+
+
+def host_route(reader: TensorReader, info: TensorInfo, target: np.dtype, cpu: bool,
+               address: int | None) -> str:
+    """THE alias-or-copy decision for one whole tensor on its way to JAX (see the module
+    docstring): ``"decode"``, ``"alias"``, ``"read"``, ``"copy"`` or ``"cast"``.
+
+    Args:
+        reader: The handle's reader.
+        info: The tensor.
+        target: The dtype JAX will hold.
+        cpu: Whether the device is a CPU (aliasing is possible only there).
+        address: :func:`aliasable_address` of ``reader`` (None: nothing may be aliased).
+    """
+    dt = info.dtype
+    if dt.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+        return "decode"
+    buf = reader.buffer
+    if buf is None:
+        return "read"
+    if target != dt.numpy:
+        return "cast"
+    if not cpu:
+        return "alias"  # the transfer is the copy
+    if not info.nbytes:
+        return "copy"
+    if address is not None and (address + info.begin) % ALIGNMENT == 0:
+        return "alias"
+    if not buf.readonly:
+        return "copy"  # the caller's writable memory: never alias it
+    return "read" if reader.source.positioned and info.nbytes >= PREAD_MIN else "copy"
+
+
+class JaxOutput:
+    """The JAX output of a handle (framework ``"jax"``): see the module docstring. Built
+    by :func:`safecodec.safe_open`; every method receives the handle's reader.
+
+    Args:
+        device: Default device (committed placement), or None for JAX's default device
+            (uncommitted, like ``jax.device_put(x)``).
+        sharding: A ``jax.sharding.Sharding`` for every tensor, a mapping name -> Sharding
+            (tensors not in it get default placement), or a callable called positionally as
+            ``fn(name, shape, dtype)`` returning a Sharding or None.
+        strict_x64: Raise instead of warning when a 64-bit tensor would be narrowed
+            because JAX's x64 mode is off.
+    """
+
+    def __init__(self, *, device: Any = None, sharding: Any = None,
+                 strict_x64: bool = False) -> None:
+        if device is not None and isinstance(device, jax.sharding.Sharding):
+            sharding, device = (device if sharding is None else sharding), None
+        if device is not None and not isinstance(device, jax.Device):
+            raise SafecodecError(
+                "device= takes a jax.Device (such as jax.devices('cpu')[0]) or a "
+                f"jax.sharding.Sharding; got {type(device).__name__} {device!r}"
+            )
+        self._check_spec(sharding)
+        self.device = device
+        self.sharding = sharding
+        self.strict_x64 = strict_x64
+        self._warned = False
+        self._narrowed: list[str] | None = None  # collecting names during load_all
+        #: Bytes of tensor data this output placed (views and copies), for measurement.
+        self.bytes_loaded = 0
+        #: Arrays that share the mapped memory (no copy), for measurement.
+        self.aliased = 0
+
+    @staticmethod
+    def _check_spec(sharding: Any) -> None:
+        if sharding is not None and not (isinstance(sharding, (jax.sharding.Sharding, Mapping))
+                                         or callable(sharding)):
+            raise SafecodecError(
+                "sharding= takes a jax.sharding.Sharding, a mapping name -> Sharding, or a "
+                f"callable fn(name, shape, dtype); got {type(sharding).__name__}"
+            )
+
+    # -- policy
+    def _target(self) -> tuple[Any, bool]:
+        if self.device is not None:
+            return self.device, True
+        return _default_device(), False
+
+    @staticmethod
+    def _sharding_for(spec: Any, info: TensorInfo) -> Any:
+        if spec is None:
+            return None
+        out: object
+        if isinstance(spec, jax.sharding.Sharding):
+            out = spec
+        elif isinstance(spec, Mapping):
+            out = spec.get(info.name)
+        else:
+            out = spec(info.name, info.shape, info.dtype.numpy)
+        if out is not None and not isinstance(out, jax.sharding.Sharding):
+            raise SafecodecError(
+                f"tensor {info.name!r}: the sharding for it must be a jax.sharding.Sharding "
+                f"or None, got {type(out).__name__}"
+            )
+        return out
+
+    def _check_dtype(self, reader: TensorReader, info: TensorInfo,
+                     cache: dict[str, np.dtype] | None = None) -> np.dtype:
+        """The dtype JAX will hold; raises for F6, warns (or raises) for narrowing.
+
+        ``cache`` (code -> dtype, for one batch of tensors) skips the work for a dtype
+        already seen that needed neither: narrowing must still be reported per tensor."""
+        dt = info.dtype
+        if cache is not None:
+            hit = cache.get(dt.code)
+            if hit is not None:
+                return hit
+        if dt.code in _F6_CODES:
+            raise DtypeError(
+                f"tensor {info.name!r} has dtype {dt.code} ({dt.numpy.name}), which JAX cannot "
+                "hold; load it as a NumPy array instead: safecodec.load_file(path) or "
+                "safecodec.safe_open(path, framework='numpy').get_tensor(name)"
+            )
+        if dt.packed and not reader.unpack:
+            got = np.dtype(np.uint8)
+        else:
+            want = dt.numpy
+            got = _canonical(want)
+            if got != want:
+                self._narrow(info, want, got)
+                return got
+        if cache is not None:
+            cache[dt.code] = got
+        return got
+
+    def _narrow(self, info: TensorInfo, want: np.dtype, got: np.dtype) -> None:
+        if self.strict_x64:
+            raise DtypeError(
+                f"tensor {info.name!r} is {info.dtype.code} ({want.name}) but JAX's x64 mode "
+                f"is off, so it would become {got.name}; enable x64 "
+                "(jax.config.update('jax_enable_x64', True)) or load with strict_x64=False"
+            )
+        if self._narrowed is not None:
+            self._narrowed.append(f"{info.name!r} ({want.name} -> {got.name})")
+        elif not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"tensor {info.name!r} is {want.name} but JAX's x64 mode is off: it is "
+                f"converted to {got.name} (JAX's rule: values may be rounded or wrapped); "
+                "other 64-bit tensors from this file are converted the same way without "
+                "another warning. Enable x64 or pass strict_x64=True to refuse.",
+                PrecisionWarning,
+                stacklevel=_dtypes.caller_stacklevel(),
+            )
+
+    def _flush_warning(self) -> None:
+        names, self._narrowed = self._narrowed, None
+        if names and not self._warned:
+            self._warned = True
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            warnings.warn(
+                f"JAX's x64 mode is off: {len(names)} 64-bit tensor(s) converted to 32 bits "
+                f"(JAX's rule: values may be rounded or wrapped): {shown}. Enable x64 or pass "
+                "strict_x64=True to refuse.",
+                PrecisionWarning,
+                stacklevel=_dtypes.caller_stacklevel(),
+            )
+
+    # -- host arrays
+    def _host_full(self, reader: TensorReader, info: TensorInfo, target: np.dtype, cpu: bool,
+                   address: int | None) -> np.ndarray:
+        """The whole tensor as a host array JAX may alias (CPU) or transfer from, by the
+        route :func:`host_route` chooses."""
+        self.bytes_loaded += info.nbytes
+        route = host_route(reader, info, target, cpu, address)
+        if route == "decode":
+            arr = reader.array(info)  # a fresh array: unpacked or byte-swapped
+            return arr if arr.dtype == target else arr.astype(target)
+        if route == "alias":
+            self.aliased += 1 if cpu and info.nbytes else 0
+            return reader.array(info)
+        if route == "cast":
+            return cast_aligned(reader.array(info), target)
+        out = aligned_empty(info.shape, info.dtype.numpy)
+        if info.nbytes:
+            flat = _dtypes.as_memoryview(out.reshape(-1).view(np.uint8))
+            if route == "read":
+                reader.read_span([info], flat)
+            else:
+                start = reader.header.data_start + info.begin
+                assert reader.buffer is not None  # "copy" is chosen only with a buffer
+                np.frombuffer(flat, np.uint8)[:] = np.frombuffer(reader.buffer, np.uint8,
+                                                                 info.nbytes, start)
+        return out if out.dtype == target else cast_aligned(out, target)
+
+    def _copy_runs(self, reader: TensorReader, infos: list[TensorInfo], cpu: bool,
+                   address: int | None) -> dict[str, np.ndarray]:
+        """Tensors that :func:`host_route` sends to "read" or "copy" and that follow each
+        other in the file are copied per run: one read per run into one buffer placed so
+        that most of them land 64-byte aligned (in a file from the reference writer,
+        usually all of them: their sizes are multiples of 64, so they share one
+        misalignment). Those alias the buffer; the rest get their own aligned copy."""
+        start = reader.header.data_start
+        runs: list[list[TensorInfo]] = []
+        for info in infos:
+            if not info.nbytes or host_route(reader, info, info.dtype.numpy, cpu,
+                                             address) not in ("read", "copy"):
+                continue
+            if runs and runs[-1][-1].end == info.begin:
+                runs[-1].append(info)
+            else:
+                runs.append([info])
+        out: dict[str, np.ndarray] = {}
+        for run in runs:
+            if len(run) == 1:
+                continue  # the per-tensor path does the same work
+            weight: dict[int, int] = {}
+            for info in run:
+                r = (start + info.begin) % ALIGNMENT
+                weight[r] = weight.get(r, 0) + info.nbytes
+            residue = max(weight, key=weight.__getitem__)
+            lo, hi = start + run[0].begin, start + run[-1].end
+            arena = np.empty(hi - lo + 2 * ALIGNMENT, np.uint8)
+            # file offset X lands at region + (X - lo): aligned when X % 64 == residue
+            shift = (lo - residue - arena.ctypes.data) % ALIGNMENT
+            region = arena[shift : shift + hi - lo]
+            reader.read_span(run, _dtypes.as_memoryview(region))
+            for info in run:
+                piece = region[start + info.begin - lo : start + info.end - lo]
+                arr = piece.view(info.dtype.numpy).reshape(info.shape)
+                out[info.name] = arr if is_aligned(arr) else aligned_copy(arr)
+                self.bytes_loaded += info.nbytes
+        return out
+
+    def _host_block(self, reader: TensorReader, info: TensorInfo,
+                    key: tuple[tuple[int, int, int], ...], target: np.dtype) -> np.ndarray:
+        """One shard (a strided block of the tensor) as a host array, reading only its
+        byte ranges: a view when it is one aligned range of a read-only mapping, else one
+        copy (positioned reads locally, merged range requests remotely)."""
+        dt = info.dtype
+        if dt.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+            # Sub-byte elements do not map to byte ranges shard by shard; unpack the
+            # tensor once and cut the block out of it.
+            full = self._host_full(reader, info, target, True, None)
+            return np.ascontiguousarray(full[tuple(slice(*k) for k in key)])
+        runs, block_shape = plan_runs(info.shape, list(key))
+        itemsize = dt.itemsize
+        base = reader.header.data_start + info.begin
+        self.bytes_loaded += sum(b - a for a, b in runs) * itemsize
+        buf = reader.buffer
+        if buf is not None and buf.readonly and len(runs) == 1 and target == dt.numpy:
+            view = np.frombuffer(buf, dt.numpy, runs[0][1] - runs[0][0],
+                                 base + runs[0][0] * itemsize).reshape(block_shape)
+            if is_aligned(view):
+                self.aliased += 1
+                return view
+        out = aligned_empty(block_shape, dt.numpy)
+        flat = out.reshape(-1).view(np.uint8)
+        pos = 0
+        spans = [(base + a * itemsize, base + b * itemsize) for a, b in runs]
+        if buf is None and not reader.source.positioned:
+            for chunk in reader.ranges(spans, info.name):
+                n = len(chunk)
+                flat[pos : pos + n] = np.frombuffer(chunk, np.uint8)
+                pos += n
+        else:
+            for a, b in spans:
+                n = b - a
+                if reader.source.positioned:
+                    reader.source.readinto(a, _dtypes.as_memoryview(flat[pos : pos + n]),
+                                           f"tensor {info.name!r}")
+                else:
+                    assert buf is not None
+                    flat[pos : pos + n] = np.frombuffer(buf, np.uint8, n, a)
+                pos += n
+        return out if target == dt.numpy else cast_aligned(out, target)
+
+    # -- the Output interface
+    def check_names(self, infos: list[TensorInfo], sharding: Any, where: str) -> None:
+        """A ``sharding=`` mapping (this call's, else the output's) may only name
+        tensors of ``infos``."""
+        check_sharding_names(self.sharding if sharding is None else sharding, infos, where)
+
+    def convert(self, reader: TensorReader, arr: Any, info: TensorInfo) -> jax.Array:
+        """A NumPy array cut from tensor ``info`` (a slice; a NumPy scalar for one
+        element) -> jax.Array on the device."""
+        arr = np.asarray(arr)
+        target = self._check_dtype(reader, info)
+        device, committed = self._target()
+        cpu = device.platform == "cpu"
+        if arr.dtype != target:
+            arr = cast_aligned(arr, target)
+        elif cpu and not is_aligned(arr):
+            arr = aligned_copy(arr)
+        elif cpu and arr.flags.writeable and not arr.flags.owndata:
+            buf = reader.buffer
+            if buf is not None and not buf.readonly:
+                arr = aligned_copy(arr)  # a view of a caller's writable buffer
+        return placement().single(arr, device, committed)
+
+    def load_tensor(self, reader: TensorReader, info: TensorInfo) -> jax.Array:
+        """The whole tensor ``info`` as a jax.Array (placed or sharded)."""
+        sharding = self._sharding_for(self.sharding, info)
+        if sharding is not None:
+            return self._load_sharded(reader, info, sharding)
+        target = self._check_dtype(reader, info)
+        device, committed = self._target()
+        cpu = device.platform == "cpu"
+        host = self._host_full(reader, info, target, cpu,
+                               aliasable_address(reader) if cpu else None)
+        return placement().single(host, device, committed)
+
+    def load_all(self, reader: TensorReader, infos: list[TensorInfo], *,
+                 sharding: Any = None, check_names: bool = True) -> dict[str, jax.Array]:
+        """Every tensor in ``infos``; unsharded tensors are placed in one batch per
+        device. One warning at most names every narrowed 64-bit tensor. ``sharding``
+        replaces the output's own for this call."""
+        spec = self.sharding if sharding is None else sharding
+        self._check_spec(spec)
+        if check_names:
+            check_sharding_names(spec, infos, "file")
+        self._narrowed = [] if not self._warned else None
+        try:
+            device, committed = self._target()
+            cpu = device.platform == "cpu"
+            out: dict[str, Any] = {}
+            plain: list[tuple[TensorInfo, np.dtype]] = []
+            targets: dict[str, np.dtype] = {}
+            for info in infos:
+                shard_spec = self._sharding_for(spec, info) if spec is not None else None
+                if shard_spec is not None:
+                    out[info.name] = self._load_sharded(reader, info, shard_spec)
+                else:
+                    out[info.name] = None  # keeps file order
+                    plain.append((info, self._check_dtype(reader, info, targets)))
+            hosts = self._hosts(reader, plain, cpu)
+            for (info, _), arr in zip(plain, placement().many(hosts, device, committed),
+                                      strict=True):
+                out[info.name] = arr
+        finally:
+            self._flush_warning()
+        return out
+
+    def _hosts(self, reader: TensorReader, plain: list[tuple[TensorInfo, np.dtype]],
+               cpu: bool) -> list[np.ndarray]:
+        """Host arrays for tensors placed whole (``plain``: info and the dtype JAX holds).
+        On CPU, the "alias" route of :func:`host_route` is taken inline for every tensor
+        it applies to (this loop is the hot path of a zero-copy load: one ndarray view per
+        tensor, nothing else); every other tensor takes :meth:`_host_full`, after
+        :meth:`_copy_runs` has read runs of unaligned neighbours in one go."""
+        address = aliasable_address(reader) if cpu else None
+        hosts: list[np.ndarray | None] = []
+        rest: list[int] = []
+        if address is None:
+            hosts, rest = [None] * len(plain), list(range(len(plain)))
+        else:
+            buf, offset0 = reader.buffer, reader.header.data_start
+            make = np.ndarray
+            viewable: dict[str, bool] = {}
+            nbytes = aliased = 0
+            for info, target in plain:
+                dt, begin = info.dtype, info.begin
+                ok = viewable.get(dt.code)
+                if ok is None:
+                    ok = viewable[dt.code] = not dt.packed and target == dt.numpy
+                if (ok and begin != info.end and (address + begin) % ALIGNMENT == 0
+                        and len(info.shape) <= VIEW_MAX_NDIM):
+                    hosts.append(make(info.shape, target, buf, offset0 + begin))
+                    nbytes += info.end - begin
+                    aliased += 1
+                else:
+                    rest.append(len(hosts))
+                    hosts.append(None)
+            self.bytes_loaded += nbytes
+            self.aliased += aliased
+        if rest:
+            todo = [plain[k] for k in rest]
+            copied = (self._copy_runs(reader, [i for i, t in todo if t == i.dtype.numpy], cpu,
+                                      address) if cpu else {})
+            for k, (info, target) in zip(rest, todo, strict=True):
+                host = copied.get(info.name)
+                hosts[k] = (host if host is not None
+                            else self._host_full(reader, info, target, cpu, address))
+        return hosts  # type: ignore[return-value]  # every None was filled above
+
+    def _load_sharded(self, reader: TensorReader, info: TensorInfo, sharding: Any) -> jax.Array:
+        target = self._check_dtype(reader, info)
+        shape = info.shape
+        try:
+            check = getattr(sharding, "check_compatible_aval", None)
+            if check is not None:  # rank and divisibility, as jax.device_put checks them
+                check(shape)
+            sharding.shard_shape(shape)
+            indices = sharding.addressable_devices_indices_map(shape)
+        except (ValueError, TypeError, AssertionError, IndexError) as exc:
+            raise SafecodecError(
+                f"tensor {info.name!r} with shape {list(shape)} cannot be laid out with "
+                f"{sharding}: {exc}"
+            ) from None
+        devices = list(getattr(sharding, "_addressable_device_assignment", None) or indices)
+        blocks: dict[tuple[tuple[int, int, int], ...], np.ndarray] = {}
+        shards = []
+        full_key = tuple((0, d, 1) for d in shape)
+        address = aliasable_address(reader)
+        for d in devices:
+            key = index_key(indices[d], shape)
+            host = blocks.get(key)
+            if host is None:  # identical (replicated) shards are read once
+                if key == full_key:
+                    cpu = d.platform == "cpu"
+                    host = self._host_full(reader, info, target, cpu, address if cpu else None)
+                else:
+                    host = self._host_block(reader, info, key, target)
+                blocks[key] = host
+            shards.append(host)
+        return placement().sharded(shape, target, sharding, shards, devices)
