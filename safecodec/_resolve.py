@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import _source
 from ._errors import RemoteIOError, SafecodecError
 from ._shardindex import INDEX_SUFFIX, pick_index
-from . import _source
 from ._source import BufferSource, FileSource, MappedSource
 
 __all__ = [
