@@ -232,7 +232,9 @@ class Header:
 #: Metadata keys starting with this belong to safecodec (checksums, tree structure) and
 #: are hidden from :attr:`Header.metadata` and ``safe_open(...).metadata()``.
 RESERVED_PREFIX: Final = "safecodec."
-_TREE_KEY: Final = "safecodec.tree"
+#: The metadata key holding a saved tree's recorded structure (JSON; see ``_tree_record``).
+TREE_KEY: Final = "safecodec.tree"
+_TREE_KEY: Final = TREE_KEY
 
 
 def visible_metadata(raw: dict[str, str] | None) -> dict[str, str] | None:
