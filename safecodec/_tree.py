@@ -650,6 +650,8 @@ class _TemplateFill:
                 f"{render_path(path)}: template expects {_describe(shape, dtype)}, file has {what}")
             return x
         info = self.loader.tensor_info(e.name, path)
+        if e.leaf is not None:
+            rec.check_leaf_tensor(e.leaf, info.shape, info.dtype.numpy, path)
         self.loader.used.add(e.name)
         file_dtype = info.dtype.numpy
         is_py = level.leaf in _PY_SCALARS

@@ -352,7 +352,8 @@ class _Decoder:
             ok = _recordable(key) and (k != "a" or isinstance(key, str)) and (
                 k != "i" or (isinstance(key, int) and not isinstance(key, bool)))
             if not ok:
-                raise _fault(path, f"key {key!r} cannot be a {'attribute' if k == 'a' else 'key'} here", obj)
+                what = {"a": "an attribute name", "i": "an index"}.get(k, "a key")
+                raise _fault(path, f"{key!r} cannot be {what}", obj)
             mkey = match_key(((k, key),))
             if mkey in seen:
                 raise _fault(path, f"key {key!r} appears twice", obj)
@@ -415,11 +416,12 @@ def check_leaf_tensor(leaf: Leaf, shape: Sequence[int], dtype: np.dtype[Any], pa
 
 @dataclass(frozen=True)
 class PathEntry:
-    """What a record holds at one path: ``kind`` "leaf" (tensor ``name``), "skip",
-    "none" or "empty" (an empty container)."""
+    """What a record holds at one path: ``kind`` "leaf" (tensor ``name``, its ``leaf``
+    node), "skip", "none" or "empty" (an empty container)."""
 
     kind: str
     name: str = ""
+    leaf: Leaf | None = None
 
 
 class _Entries(RecordVisitor[None]):
@@ -430,7 +432,7 @@ class _Entries(RecordVisitor[None]):
         self.out[match_key(path)] = PathEntry("none")
 
     def leaf(self, path: Path, leaf: Leaf, var: Var | None) -> None:
-        self.out[match_key(path)] = PathEntry("leaf", leaf.name)
+        self.out[match_key(path)] = PathEntry("leaf", leaf.name, leaf)
 
     def skip(self, path: Path, skip: Skip) -> None:
         self.out[match_key(path)] = PathEntry("skip")
