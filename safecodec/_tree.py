@@ -38,7 +38,7 @@ import numpy as np
 from . import _tree_record as rec
 from ._dtypes import caller_stacklevel, code_for_numpy
 from ._errors import DtypeError, SafecodecError, TreeStructureError
-from ._header import RESERVED_PREFIX, TREE_KEY
+from ._header import RESERVED_PREFIX, TREE_KEY, visible_metadata
 from ._pytree import (
     ARRAY_LIKE,
     CONTAINERS,
@@ -305,8 +305,6 @@ def split_metadata(metadata: Mapping[str, str] | None) -> tuple[dict[str, str] |
     User metadata is None when the file has none, or when the recorded structure says the
     user gave none (safecodec always writes ``__metadata__`` to hold the structure).
     """
-    from ._header import visible_metadata
-
     if metadata is None:
         return None, {}
     own = {k: v for k, v in metadata.items() if k.startswith(RESERVED_PREFIX)}

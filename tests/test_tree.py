@@ -494,7 +494,8 @@ def _places(obj, out, parent=None, key=None):
 
 
 def _mutate(record, edits):
-    for where, what, value in edits:
+    for where, what, drawn in edits:
+        value = json.loads(json.dumps(drawn))  # a fresh copy: no value shared between edits
         places = _places(record["tree"], [])
         parent, key = places[where % len(places)]
         if parent is None:
