@@ -515,7 +515,7 @@ def test_hypothesis_mutated_records_raise_only_tree_structure_error():
     from hypothesis import given, settings
 
     tree = {"w": np.arange(3, dtype=np.float32), "n": [1, 2.5, True, None], "t": (np.uint8(3), {}),
-            "e": [], Point(1, 2)._fields[0]: Point(np.ones(2, np.int32), None)}
+            "e": [], "p": Point(np.ones(2, np.int32), None)}
     data = sc.save_tree(tree)
     header = sc.read_header(data)
     record = json.loads(header.raw_metadata[TREE_KEY])
