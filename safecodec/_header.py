@@ -236,7 +236,7 @@ class Header:
 #: Metadata keys starting with this belong to safecodec (checksums, tree structure) and
 #: are hidden from :attr:`Header.metadata` and ``safe_open(...).metadata()``.
 RESERVED_PREFIX: Final = "safecodec."
-#: The metadata key holding a tree's structure record (:mod:`safecodec._tree`).
+#: The metadata key holding a saved tree's recorded structure (JSON; see ``_tree_record``).
 TREE_KEY: Final = RESERVED_PREFIX + "tree"
 #: The metadata key holding per-tensor checksums (:mod:`safecodec._integrity`).
 CHECKSUM_KEY: Final = RESERVED_PREFIX + "checksums"

@@ -11,32 +11,20 @@ Names stay ``.``-joined, so files interchange with
 
 from __future__ import annotations
 
-import functools
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
-from ._errors import SafecodecError, TreeStructureError
-from ._tree import (
-    MAX_TREE_DEPTH,
-    OBJAX_TYPE_SEPARATOR,
-    TREE_KEY,
-    Path,
-    _children_of,
-    _join,
-    _Loader,
-    _open,
-    _parse_record,
-    flatten_tree,
-    load_tree,
-    split_metadata,
-)
+from ._errors import SafecodecError
+from ._objax_vars import to_var_collection
+from ._tree import flatten_tree, load_leaves, load_tree
 
-__all__ = ["deserialize", "serialize"]
+__all__ = ["deserialize", "load_var_collection", "serialize"]
 
 
 def _is_objax_module(x: Any) -> bool:
-    mod = __import__("sys").modules.get("objax")
+    mod = sys.modules.get("objax")  # an objax Module cannot exist unless objax was imported
     return mod is not None and isinstance(x, mod.Module)
 
 
@@ -133,9 +121,9 @@ def deserialize(
     if freeze_dict and to_var_collection:
         raise SafecodecError("choose one of freeze_dict=True and to_var_collection=True")
     if to_var_collection:
-        params, md = _load_var_collection(path_or_buf, fs)
+        params, md = load_var_collection(path_or_buf, fs)
     elif not requires_unflattening:
-        items, md = _flat_items(path_or_buf, fs)
+        items, md = load_leaves(path_or_buf, fs=fs)
         params = {name: value for name, value, _ in items}
     else:
         params, md = load_tree(path_or_buf, framework="jax", fs=fs, with_metadata=True)
@@ -153,55 +141,13 @@ def deserialize(
     return params
 
 
-def _record_leaves(node: Any, path: Path, var_type: str | None,
-                   out: list[tuple[str, str, str | None]], depth: int = 0) -> None:
-    """(tensor name, ``.``-joined path, variable type) for each stored leaf, in order."""
-    if depth > MAX_TREE_DEPTH + 16:
-        raise TreeStructureError(
-            f"the recorded tree structure is nested deeper than {MAX_TREE_DEPTH} levels")
-    if node is None or not isinstance(node, dict):
-        return
-    if "leaf" in node:
-        out.append((str(node["leaf"]), _join(path), var_type))
-    elif "var" in node:
-        _record_leaves(node.get("value"), path, str(node["var"]), out, depth + 1)
-    elif "skip" not in node:
-        for elem, child in _children_of(node, path):
-            _record_leaves(child, (*path, elem), var_type, out, depth + 1)
+def load_var_collection(source: Any, fs: Any = None) -> tuple[Any, dict[str, str] | None]:
+    """An Objax ``VarCollection`` (keys and order as saved, variable types restored,
+    ``TrainVar`` where the file does not say) and the user metadata.
 
-
-def _flat_items(source: Any, fs: Any) -> tuple[list[tuple[str, Any, str | None]], dict[str, str] | None]:
-    """``[(key, jax array, objax type or None)]`` in saved order, and the user metadata.
-
-    Keys are ``.``-joined paths (which are the tensor names unless names had to be
-    disambiguated), without safejax's ``::Type`` suffix.
+    Raises:
+        TreeStructureError: A variable type cannot be rebuilt (TrainRef...), or the
+            recorded structure is inconsistent.
     """
-    with _open(source, fs=fs, copy=False, jax=True) as handle:
-        user_md, own = split_metadata(handle.header.raw_metadata)
-        triples: list[tuple[str, str, str | None]] = []
-        if TREE_KEY in own:
-            _record_leaves(_parse_record(own[TREE_KEY]), (), None, triples)
-        else:
-            for name in handle.header.tensors:
-                key, sep, kind = name.rpartition(OBJAX_TYPE_SEPARATOR)
-                triples.append((name, key, kind) if sep else (name, name, None))
-        loader = _Loader(handle)
-        values: dict[int, Any] = {}
-        for i, (name, _, _) in enumerate(triples):
-            loader.to_jax(name, None, functools.partial(values.__setitem__, i))
-        extra = [n for n in handle.header.tensors if n not in loader.used]
-        if extra:
-            raise TreeStructureError(
-                f"the file holds {len(extra)} tensor(s) its recorded tree structure does not "
-                f"mention ({', '.join(map(repr, extra[:10]))})"
-            )
-        loader.finish()
-    return [(key, values[i], kind) for i, (_, key, kind) in enumerate(triples)], user_md
-
-
-def _load_var_collection(source: Any, fs: Any) -> tuple[Any, dict[str, str] | None]:
-    """An Objax VarCollection (types restored, saved order) and the user metadata."""
-    from .objax import to_var_collection
-
-    items, md = _flat_items(source, fs)
-    return to_var_collection([(k, v, t or "TrainVar") for k, v, t in items]), md
+    items, md = load_leaves(source, fs=fs)
+    return to_var_collection((k, v, t or "TrainVar") for k, v, t in items), md

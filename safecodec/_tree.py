@@ -6,14 +6,12 @@ joined with ``.`` (``{"params": {"Dense_0": {"kernel": w}}}`` gives
 ``safetensors.flax.save_file(flax.traverse_util.flatten_dict(params, sep="."))`` writes,
 so files go both ways between the two.
 
-Names alone lose information (lists, tuples, ``None``, empty containers, integer keys,
-keys that contain ``.``, scalars), so the structure is also recorded, as JSON, in the
-file's metadata under the key :data:`TREE_KEY`. Every metadata key that starts with
-:data:`RESERVED_PREFIX` belongs to safecodec: user metadata may not use it, and readers
-here hide it, so metadata comes back exactly as the user wrote it.
+Names alone lose information, so the structure is also recorded, as JSON, in the file's
+metadata under the key :data:`TREE_KEY` (the format: :mod:`safecodec._tree_record`).
+Every metadata key that starts with :data:`RESERVED_PREFIX` belongs to safecodec: user
+metadata may not use it, and readers here hide it, so metadata comes back exactly as the
+user wrote it.
 
-The recorded structure is data, never code: it names container kinds (dict, list, tuple,
-custom node) and keys, plus the *name* of each custom node's class for information only.
 Loading without a template gives dicts for custom nodes (namedtuples, dataclasses,
 Equinox modules, NNX states...); nothing in a file ever makes safecodec import or
 instantiate a class. To get the original types back, pass ``like=`` a template of the
@@ -23,26 +21,13 @@ Leaves that are not arrays or scalars (an Equinox module's activation function, 
 arbitrary objects) are not stored; their paths are recorded. ``like=`` supplies them on
 load; without it they come back as ``None`` with one :class:`SkippedLeavesWarning`.
 
-Recorded structure, version 1 (``{"version": 1, "metadata": bool, "tree": NODE}``)::
-
-    NODE := null                                      None
-          | {"leaf": NAME, "kind": KIND}              a stored array or scalar
-          | {"skip": TYPE_NAME}                       a leaf that was not stored
-          | {"dict": [[KEY, NODE], ...]}              dict, insertion order
-          | {"list": [NODE, ...]} | {"tuple": [NODE, ...]}
-          | {"node": TYPE_NAME, "fields": [[K, KEY, NODE], ...]}   any other container;
-                                                      K: "k" key, "i" index, "a" attribute
-          | {"var": TYPE_NAME, "value": NODE}         a variable wrapper (NNX Variable,
-                                                      Objax variable): adds no name part
-    KIND := "array" | "numpy" | "int" | "float" | "bool" | "complex" | "key:<jax PRNG impl>"
-    KEY  := JSON string, integer, boolean, null or finite number
+What a live object is comes from :func:`safecodec._pytree.split` (one type cascade);
+the record is read and written by :mod:`safecodec._tree_record` (one walker); files are
+opened through the routers of :mod:`safecodec._api` only.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -50,35 +35,48 @@ from typing import Any, Final
 
 import numpy as np
 
+from . import _tree_record as rec
 from ._dtypes import caller_stacklevel, code_for_numpy
 from ._errors import DtypeError, SafecodecError, TreeStructureError
+from ._header import RESERVED_PREFIX, TREE_KEY, visible_metadata
+from ._pytree import (
+    ARRAY_LIKE,
+    CONTAINERS,
+    KEY,
+    LEAF,
+    NONE,
+    SPEC,
+    VAR,
+    Level,
+    is_jax_array,
+    jax_module,
+    leaf_spec,
+    split,
+    type_name,
+)
+from ._tree_record import MAX_TREE_DEPTH, OBJAX_TYPE_SEPARATOR, check_key
+from ._treepath import Path, join_path, match_key, render_path
 
 __all__ = [
+    "MAX_TREE_DEPTH",
     "RESERVED_PREFIX",
     "TREE_KEY",
     "SkippedLeavesWarning",
+    "flatten_tree",
+    "iter_names",
+    "load_leaves",
     "load_tree",
     "save_tree",
     "split_metadata",
+    "unflatten_names",
 ]
-
-#: Metadata keys starting with this belong to safecodec (hidden from user metadata on read).
-RESERVED_PREFIX: Final = "safecodec."
-#: The metadata key holding the recorded tree structure (JSON).
-TREE_KEY: Final = "safecodec.tree"
-#: Version of the recorded structure; readers refuse versions they do not know.
-TREE_VERSION: Final = 1
-#: Suffix separator safejax appended to Objax variable names (``name::TrainVar``).
-OBJAX_TYPE_SEPARATOR: Final = "::"
 
 _JAX_FRAMEWORKS: Final = frozenset({"jax", "flax"})
 _NUMPY_FRAMEWORKS: Final = frozenset({"numpy", "np"})
 # How many problems a TreeStructureError lists before summarising the rest.
 _MAX_LISTED: Final = 200
-#: Deepest tree recorded. Each level is about three JSON levels in the record, and the
-#: record is read back recursively, so this keeps reading far from Python's recursion
-#: limit: no file can make load_tree raise RecursionError.
-MAX_TREE_DEPTH: Final = 200
+# Leaf kinds that are Python scalars (rebuilt with their own type from a 0-d tensor).
+_PY_SCALARS: Final = frozenset({"int", "float", "bool", "complex"})
 
 
 class SkippedLeavesWarning(UserWarning):
@@ -86,165 +84,12 @@ class SkippedLeavesWarning(UserWarning):
     as ``None`` (pass ``like=`` to supply them)."""
 
 
-# ----------------------------------------------------------------------------- paths
-
-# A path element: (kind, key). kind "k" mapping key, "i" sequence index, "a" attribute.
-PathElem = tuple[str, Any]
-Path = tuple[PathElem, ...]
-
-
-def render_path(path: Path) -> str:
-    """A path as Python-like text: ``['params']['Dense_0'].kernel[0]``; ``<root>`` if empty."""
-    if not path:
-        return "<root>"
-    out = []
-    for kind, key in path:
-        out.append(f".{key}" if kind == "a" else f"[{key!r}]")
-    return "".join(out)
-
-
-def _join(path: Path) -> str:
-    """The tensor name of a path: keys joined with ``.`` (flax ``flatten_dict`` style)."""
-    return ".".join(str(key) for _, key in path)
-
-
-def _match_key(path: Path) -> tuple[Any, ...]:
-    """Keys only (kinds ignored), so a template's attribute ``weight`` matches a saved dict
-    key ``'weight'``. bool keys are kept apart from int keys 0/1."""
-    return tuple((type(k) is bool, k) for _, k in path)
-
-
-# ----------------------------------------------------------------------------- leaf kinds
-
-
-def _jax() -> Any:
-    """The jax module if it has been imported (a jax object cannot exist otherwise)."""
-    return sys.modules.get("jax")
-
-
-def _is_jax_array(x: Any) -> bool:
-    jax = _jax()
-    return jax is not None and isinstance(x, jax.Array)
-
-
-def _is_shape_dtype_struct(x: Any) -> bool:
-    jax = _jax()
-    return jax is not None and isinstance(x, jax.ShapeDtypeStruct)
-
-
-def _is_prng_key(x: Any) -> bool:
-    jax = _jax()
-    if jax is None or not hasattr(x, "dtype"):
-        return False
-    try:
-        return bool(jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key))
-    except TypeError:
-        return False
-
-
-def _scalar_kind(x: Any) -> str | None:
-    """The leaf kind of a stored scalar/array, or None when ``x`` is not storable."""
-    if isinstance(x, np.ndarray):
-        return "array"
-    if isinstance(x, np.generic):
-        return "numpy"
-    if isinstance(x, bool):
-        return "bool"
-    if isinstance(x, int):
-        return "int"
-    if isinstance(x, float):
-        return "float"
-    if isinstance(x, complex):
-        return "complex"
-    if _is_jax_array(x):
-        return "array"
-    return None
-
-
-# ----------------------------------------------------------------------------- framework hooks
-
-
-def _objax_var_types() -> tuple[type, ...]:
-    mod = sys.modules.get("objax.variable")
-    if mod is None:
-        return ()
-    return (mod.BaseVar,)
-
-
-def _nnx_variable_type() -> type | None:
-    mod = sys.modules.get("flax.nnx")
-    if mod is None:
-        return None
-    return getattr(mod, "Variable", None)
-
-
-def _is_nnx_variable(x: Any) -> bool:
-    var = _nnx_variable_type()
-    return var is not None and isinstance(x, var)
-
-
-def _is_objax_var(x: Any) -> bool:
-    types = _objax_var_types()
-    return bool(types) and isinstance(x, types)
-
-
-def _custom_children(x: Any) -> tuple[list[tuple[PathElem, Any]], Any] | None:
-    """One level of a registered JAX pytree node: ``([(elem, child)], treedef)``, or None
-    when ``x`` is a leaf for JAX (or jax was never imported)."""
-    jax = _jax()
-    if jax is None:
-        return None
-    tu = jax.tree_util
-    pairs, treedef = tu.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-    if treedef.num_nodes == 1 and treedef.num_leaves == 1:
-        return None  # x itself is a leaf
-    out: list[tuple[PathElem, Any]] = []
-    for keypath, child in pairs:
-        if len(keypath) != 1:  # pragma: no cover - one level only
-            raise TreeStructureError(f"unexpected key path {keypath!r} flattening {type(x).__name__}")
-        out.append((_elem_of(keypath[0]), child))
-    return out, treedef
-
-
-def _elem_of(entry: Any) -> PathElem:
-    """A JAX key entry as a path element."""
-    tu = _jax().tree_util
-    if isinstance(entry, tu.GetAttrKey):
-        return ("a", entry.name)
-    if isinstance(entry, tu.DictKey):
-        return ("k", entry.key)
-    if isinstance(entry, tu.SequenceKey):
-        return ("i", entry.idx)
-    if isinstance(entry, tu.FlattenedIndexKey):
-        return ("i", entry.key)
-    return ("k", str(entry))
-
-
-def _type_name(x: Any) -> str:
-    t = type(x)
-    return f"{t.__module__}.{t.__qualname__}"
-
-
-def _check_key(key: Any, path: Path) -> Any:
-    """Dict keys must survive JSON exactly: str, int, bool, None or a finite float."""
-    if key is None or isinstance(key, str | bool | int):
-        return key
-    if isinstance(key, float) and math.isfinite(key):
-        return key
-    if isinstance(key, np.integer):
-        return int(key)
-    raise TreeStructureError(
-        f"dict key {key!r} ({type(key).__name__}) at {render_path(path)} cannot be recorded; "
-        "use str, int, bool, None or finite float keys"
-    )
-
-
 # ----------------------------------------------------------------------------- flatten (save)
 
 
 @dataclass
 class _Flat:
-    """A tree split into tensors and its recorded structure."""
+    """A tree split into tensors; the record itself is returned by :func:`_encode`."""
 
     leaves: list[tuple[Path, Any, str]] = field(default_factory=list)  # path, value, kind
     names: list[str] = field(default_factory=list)  # filled by _assign_names
@@ -252,75 +97,59 @@ class _Flat:
     var_types: dict[int, str] = field(default_factory=dict)  # leaf index -> objax type
 
 
-def _encode(x: Any, path: Path, flat: _Flat, var_type: str | None = None) -> Any:
-    """Record ``x`` (recursively) and collect its storable leaves; returns the JSON node."""
-    if x is None:
-        return None
+def _store_leaf(x: Any, level: Level, path: Path, flat: _Flat, var_type: str | None) -> rec.Node:
+    """Collect one leaf's tensor; its record node (unnamed until _assign_names)."""
+    kind, value = level.leaf, x
+    if kind == SPEC:
+        return rec.Skip(type_name(x))  # a template's slot holds no data
+    if kind == KEY:
+        jax = jax_module()
+        kind = f"{rec.KEY_KIND_PREFIX}{jax.random.key_impl(x)}"
+        value = jax.random.key_data(x)
+    elif kind in _PY_SCALARS:
+        if isinstance(x, int) and not -(2**63) <= x < 2**64:
+            raise DtypeError(
+                f"leaf {render_path(path)} is the int {x}, too large for int64 or uint64; "
+                "store it as a string in metadata instead"
+            )
+        value = np.asarray(x)
+    elif kind == ARRAY_LIKE:
+        try:
+            value = np.asarray(x)
+        except Exception as exc:
+            raise DtypeError(
+                f"leaf {render_path(path)}: cannot convert {type(x).__name__} to an array ({exc})"
+            ) from exc
+        kind = "array"
+    code_for_numpy(np.dtype(value.dtype), render_path(path))  # refuses with the path and the cast
+    if var_type is not None:
+        flat.var_types[len(flat.leaves)] = var_type
+    flat.leaves.append((path, value, kind))
+    return rec.Leaf("", kind)
+
+
+def _encode(x: Any, path: Path, flat: _Flat, var_type: str | None = None) -> rec.Node:
+    """Record ``x`` (recursively) and collect its storable leaves, in walk order."""
     if len(path) > MAX_TREE_DEPTH:
         raise TreeStructureError(
             f"the tree is nested deeper than {MAX_TREE_DEPTH} levels at "
             f"{render_path(path[:8])}...; flatten it first"
         )
-    kind = _scalar_kind(x)
-    if kind is not None or _is_prng_key(x):
-        value = x
-        if _is_prng_key(x):
-            jax = _jax()
-            kind = f"key:{jax.random.key_impl(x)}"
-            value = jax.random.key_data(x)
-        elif kind in ("int", "float", "bool", "complex"):
-            value = np.asarray(x) if not isinstance(x, int) or -(2**63) <= x < 2**64 else None
-            if value is None:
-                raise DtypeError(
-                    f"leaf {render_path(path)} is the int {x}, too large for int64 or uint64; "
-                    "store it as a string in metadata instead"
-                )
-        dtype = np.dtype(value.dtype)
-        code_for_numpy(dtype, render_path(path))  # refuses with the path and the cast to use
-        index = len(flat.leaves)
-        flat.leaves.append((path, value, str(kind)))
-        if var_type is not None:
-            flat.var_types[index] = var_type
-        return {"leaf": index, "kind": kind}
-    t = type(x)
-    if t is dict:
-        return {"dict": [[_check_key(k, path), _encode(v, (*path, ("k", k)), flat)]
-                         for k, v in x.items()]}
-    if t is list:
-        return {"list": [_encode(v, (*path, ("i", i)), flat) for i, v in enumerate(x)]}
-    if t is tuple:
-        return {"tuple": [_encode(v, (*path, ("i", i)), flat) for i, v in enumerate(x)]}
-    if _is_objax_var(x):
-        return {"var": t.__name__, "value": _encode(x.value, path, flat, t.__name__)}
-    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple, registered or not
-        return {"node": _type_name(x), "fields": [
-            ["a", f, _encode(getattr(x, f), (*path, ("a", f)), flat)] for f in x._fields]}
-    custom = _custom_children(x)
-    if custom is not None:
-        children, _ = custom
-        if _is_nnx_variable(x) and len(children) == 1:
-            # The wrapped array takes the variable's own path: "layers.0.kernel".
-            return {"var": t.__name__, "value": _encode(children[0][1], path, flat)}
-        return {"node": _type_name(x), "fields": [
-            [k, _check_key(key, path), _encode(child, (*path, (k, key)), flat)]
-            for (k, key), child in children]}
-    if isinstance(x, Mapping):  # mappings jax does not know about (jax not imported)
-        return {"node": _type_name(x), "fields": [
-            ["k", _check_key(k, path), _encode(v, (*path, ("k", k)), flat)] for k, v in x.items()]}
-    if _is_shape_dtype_struct(x) or hasattr(x, "__array__"):
-        dtype = getattr(x, "dtype", None)
-        if dtype is not None and not _is_shape_dtype_struct(x):
-            try:
-                arr = np.asarray(x)
-            except Exception as exc:
-                raise DtypeError(
-                    f"leaf {render_path(path)}: cannot convert {t.__name__} to an array ({exc})"
-                ) from exc
-            code_for_numpy(arr.dtype, render_path(path))
-            index = len(flat.leaves)
-            flat.leaves.append((path, arr, "array"))
-            return {"leaf": index, "kind": "array"}
-    return {"skip": _type_name(x)}
+    level = split(x)
+    if level.kind == NONE:
+        return None
+    if level.kind == LEAF:
+        return _store_leaf(x, level, path, flat, var_type)
+    if level.kind == VAR:
+        inner = level.type_name if level.objax else None
+        return rec.Var(level.type_name, _encode(level.children[0][1], path, flat, inner))
+    if level.kind in CONTAINERS:
+        children = []
+        for (k, key), child in level.children:
+            elem = (k, check_key(key, path))
+            children.append((elem, _encode(child, (*path, elem), flat)))
+        return rec.Container(level.kind, tuple(children), level.type_name)
+    return rec.Skip(level.type_name)
 
 
 def _valid_name(name: str) -> bool:
@@ -339,7 +168,7 @@ def _assign_names(flat: _Flat) -> None:
     joined path plus ``~N``. The recorded structure maps paths to names either way."""
     wanted = []
     for i, (path, _, _) in enumerate(flat.leaves):
-        name = _join(path)
+        name = join_path(path)
         if flat.type_suffix and i in flat.var_types:
             name = f"{name}{OBJAX_TYPE_SEPARATOR}{flat.var_types[i]}"
         wanted.append(name)
@@ -370,26 +199,6 @@ def _assign_names(flat: _Flat) -> None:
         used.add(f"{base}~{n}")
     flat.names = names
 
-
-def _name_nodes(node: Any, names: list[str]) -> Any:
-    """Replace leaf indices by tensor names in a recorded node (in place, returns node)."""
-    if isinstance(node, dict):
-        if "leaf" in node:
-            node["leaf"] = names[node["leaf"]]
-        elif "dict" in node:
-            for pair in node["dict"]:
-                _name_nodes(pair[1], names)
-        elif "list" in node or "tuple" in node:
-            for child in node["list"] if "list" in node else node["tuple"]:
-                _name_nodes(child, names)
-        elif "fields" in node:
-            for triple in node["fields"]:
-                _name_nodes(triple[2], names)
-        elif "value" in node:
-            _name_nodes(node["value"], names)
-    return node
-
-
 def flatten_tree(
     tree: Any, metadata: Mapping[str, str] | None = None, *, objax_type_suffix: bool = False
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -403,13 +212,11 @@ def flatten_tree(
     """
     user = _check_user_metadata(metadata)
     flat = _Flat(type_suffix=objax_type_suffix)
-    node = _encode(tree, (), flat)
+    root = _encode(tree, (), flat)
     _assign_names(flat)
-    record = {"version": TREE_VERSION, "metadata": metadata is not None,
-              "tree": _name_nodes(node, flat.names)}
     tensors = {name: value for name, (_, value, _) in zip(flat.names, flat.leaves, strict=True)}
     md = dict(user or {})
-    md[TREE_KEY] = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    md[TREE_KEY] = rec.encode_record(rec.name_leaves(root, flat.names), metadata is not None)
     return tensors, md
 
 
@@ -487,6 +294,8 @@ def save_tree(
     return None
 
 
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -496,87 +305,11 @@ def split_metadata(metadata: Mapping[str, str] | None) -> tuple[dict[str, str] |
     User metadata is None when the file has none, or when the recorded structure says the
     user gave none (safecodec always writes ``__metadata__`` to hold the structure).
     """
-    from ._header import visible_metadata
-
     if metadata is None:
         return None, {}
     own = {k: v for k, v in metadata.items() if k.startswith(RESERVED_PREFIX)}
     return visible_metadata(dict(metadata)), own
 
-
-def _parse_record(text: str) -> Any:
-    try:
-        record = json.loads(text)
-    except ValueError as exc:
-        raise TreeStructureError(f"the recorded tree structure ({TREE_KEY!r}) is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise TreeStructureError(
-            f"the recorded tree structure is nested deeper than {MAX_TREE_DEPTH} levels") from None
-    if not isinstance(record, dict) or "tree" not in record:
-        raise TreeStructureError(f"the recorded tree structure ({TREE_KEY!r}) has no 'tree' entry")
-    version = record.get("version")
-    if version != TREE_VERSION:
-        raise TreeStructureError(
-            f"the recorded tree structure has version {version!r}; this safecodec reads "
-            f"version {TREE_VERSION}; upgrade safecodec"
-        )
-    return record["tree"]
-
-
-@dataclass
-class _Entry:
-    """What a file holds at one path."""
-
-    kind: str  # "leaf", "skip", "none", "empty"
-    name: str = ""
-    leaf_kind: str = "array"
-    type_name: str = ""
-
-
-def _bad_node(node: Any, path: Path) -> TreeStructureError:
-    return TreeStructureError(
-        f"the recorded tree structure is inconsistent at {render_path(path)}: {json.dumps(node)[:120]}"
-    )
-
-
-def _walk_record(node: Any, path: Path, out: dict[tuple[Any, ...], _Entry], depth: int = 0) -> None:
-    """Collect path -> entry for every leaf, skipped leaf and None of a recorded tree."""
-    if depth > MAX_TREE_DEPTH + 16:  # + a few variable wrappers, which add no level
-        raise TreeStructureError(
-            f"the recorded tree structure is nested deeper than {MAX_TREE_DEPTH} levels")
-    if node is None:
-        out[_match_key(path)] = _Entry("none")
-        return
-    if not isinstance(node, dict):
-        raise _bad_node(node, path)
-    if "leaf" in node:
-        if not isinstance(node["leaf"], str):
-            raise _bad_node(node, path)
-        out[_match_key(path)] = _Entry("leaf", node["leaf"], str(node.get("kind", "array")))
-    elif "skip" in node:
-        out[_match_key(path)] = _Entry("skip", type_name=str(node["skip"]))
-    elif "var" in node:
-        _walk_record(node.get("value"), path, out, depth + 1)
-    else:
-        for elem, child in _children_of(node, path):
-            _walk_record(child, (*path, elem), out, depth + 1)
-        if not _children_of(node, path):
-            out[_match_key(path)] = _Entry("empty")
-
-
-def _children_of(node: dict[str, Any], path: Path) -> list[tuple[PathElem, Any]]:
-    try:
-        if "dict" in node:
-            return [(("k", k), c) for k, c in node["dict"]]
-        if "list" in node:
-            return [(("i", i), c) for i, c in enumerate(node["list"])]
-        if "tuple" in node:
-            return [(("i", i), c) for i, c in enumerate(node["tuple"])]
-        if "fields" in node:
-            return [((str(k), key), c) for k, key, c in node["fields"]]
-    except (TypeError, ValueError):
-        pass
-    raise _bad_node(node, path)
 
 
 class _Loader:
@@ -621,6 +354,20 @@ class _Loader:
         for setter, name, _ in self.jax_requests:
             setter(arrays[name])
 
+    def tensor_info(self, name: str, path: Path) -> Any:
+        """The header entry of a tensor the record names at ``path``.
+
+        Raises:
+            TreeStructureError: The file has no such tensor.
+        """
+        info = self.handle.header.tensors.get(name) if name in self.handle else None
+        if info is None:
+            raise TreeStructureError(
+                f"the recorded tree structure refers to tensor {name!r}, which is not in the file"
+                f" (at {render_path(path)})"
+            )
+        return info
+
 
 def _open(source: Any, *, fs: Any, copy: bool, jax: bool,
           storage_options: dict[str, Any] | None = None) -> Any:
@@ -631,28 +378,22 @@ def _open(source: Any, *, fs: Any, copy: bool, jax: bool,
                      storage_options=storage_options)
 
 
+def _is_jax_slot(x: Any, level: Level) -> bool:
+    """A template leaf that asks for a jax.Array (array, ShapeDtypeStruct, PRNG key)."""
+    return level.kind == LEAF and (level.leaf in (KEY, SPEC) or is_jax_array(x))
+
+
 def _template_has_jax(like: Any) -> bool:
-    """Whether a template holds jax arrays, ShapeDtypeStructs or PRNG keys (walked the
-    way :class:`_TemplateFill` walks it, Objax variables and plain Mappings included)."""
-    if _jax() is None:
+    """Whether a template holds jax arrays, ShapeDtypeStructs or PRNG keys."""
+    if jax_module() is None:
         return False
     stack = [like]
     while stack:
         x = stack.pop()
-        if _is_jax_array(x) or _is_shape_dtype_struct(x) or _is_prng_key(x):
+        level = split(x)
+        if _is_jax_slot(x, level):
             return True
-        if x is None or isinstance(x, np.ndarray | np.generic | str | bytes | int | float | complex):
-            continue
-        if type(x) in (dict, list, tuple):
-            stack.extend(x.values() if type(x) is dict else x)
-        elif _is_objax_var(x):
-            stack.append(x.value)
-        else:
-            custom = _custom_children(x)
-            if custom is not None:
-                stack.extend(child for _, child in custom[0])
-            elif isinstance(x, Mapping):
-                stack.extend(x.values())
+        stack.extend(child for _, child in level.children)
     return False
 
 
@@ -668,20 +409,14 @@ def _want_jax(framework: str | None) -> bool | None:
     raise SafecodecError(f"unsupported framework {framework!r}; use 'numpy' or 'jax'")
 
 
+
 def _restore_leaf(arr: np.ndarray, kind: str) -> Any:
-    """A stored leaf in its original Python/NumPy form (numpy outputs)."""
-    if kind == "array":
-        return arr
+    """A stored leaf in its original Python/NumPy form (numpy outputs); the record was
+    checked against the tensor (:func:`~safecodec._tree_record.check_leaf_tensor`)."""
     if kind == "numpy":
         return arr[()]
-    if kind == "int":
-        return int(arr)
-    if kind == "float":
-        return float(arr)
-    if kind == "bool":
-        return bool(arr)
-    if kind == "complex":
-        return complex(arr)
+    if kind in _PY_SCALARS:
+        return {"int": int, "float": float, "bool": bool, "complex": complex}[kind](arr[()])
     return arr
 
 
@@ -714,44 +449,63 @@ def _resolve(x: Any) -> Any:
     return x
 
 
-def _build_plain(node: Any, path: Path, loader: _Loader, jax_out: bool, skipped: list[Path],
-                 depth: int = 0) -> Any:
-    """Rebuild a recorded tree with builtin containers (custom nodes become dicts)."""
-    if depth > MAX_TREE_DEPTH + 16:  # + a few variable wrappers, which add no level
+class _Deferred:
+    """A container to build once every leaf (jax conversions included) is ready."""
+
+    __slots__ = ("build",)
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self.build = build
+
+
+class _PlainBuilder(rec.RecordVisitor[Any]):
+    """Rebuilds a record with builtin containers (custom nodes become dicts)."""
+
+    def __init__(self, loader: _Loader, jax_out: bool) -> None:
+        self.loader = loader
+        self.jax_out = jax_out
+        self.skipped: list[Path] = []
+
+    def none(self, path: Path) -> Any:
+        return None
+
+    def skip(self, path: Path, skip: rec.Skip) -> Any:
+        self.skipped.append(path)
+        return None
+
+    def leaf(self, path: Path, leaf: rec.Leaf, var: rec.Var | None) -> Any:
+        info = self.loader.tensor_info(leaf.name, path)
+        rec.check_leaf_tensor(leaf, info.shape, info.dtype.numpy, path)
+        is_key = leaf.kind.startswith(rec.KEY_KIND_PREFIX)
+        if not (self.jax_out and (is_key or leaf.kind == "array")):
+            return _restore_leaf(self.loader.numpy(leaf.name), leaf.kind)
+        slot = _Slot()
+        impl = leaf.kind[len(rec.KEY_KIND_PREFIX):] if is_key else None
+
+        def setter(value: Any) -> None:
+            slot.value = value if impl is None else _wrap_key(value, impl, leaf, path)
+
+        self.loader.to_jax(leaf.name, None, setter)
+        return slot
+
+    def container(self, path: Path, node: rec.Container, children: list[tuple[Any, Any]]) -> Any:
+        if node.kind == "list":
+            return [v for _, v in children]
+        if node.kind == "tuple":
+            return tuple(v for _, v in children)
+        return {key: v for (_, key), v in children}
+
+
+def _wrap_key(data: Any, impl: str, leaf: rec.Leaf, path: Path) -> Any:
+    """A PRNG key array from its raw data; a file naming an implementation JAX does not
+    have, or data of the wrong shape for it, is a record fault."""
+    try:
+        return jax_module().random.wrap_key_data(data, impl=impl)
+    except Exception as exc:  # whatever JAX raises for an unknown impl or a bad shape
         raise TreeStructureError(
-            f"the recorded tree structure is nested deeper than {MAX_TREE_DEPTH} levels")
-    if node is None:
-        return None
-    if not isinstance(node, dict):
-        raise _bad_node(node, path)
-    if "leaf" in node:
-        name = node["leaf"]
-        kind = str(node.get("kind", "array"))
-        if not isinstance(name, str):
-            raise _bad_node(node, path)
-        if jax_out and (kind.startswith("key:") or kind == "array"):
-            slot = _Slot()
-            impl = kind[4:] if kind.startswith("key:") else None
-
-            def setter(value: Any, slot: _Slot = slot, impl: str | None = impl) -> None:
-                slot.value = _jax().random.wrap_key_data(value, impl=impl) if impl else value
-
-            loader.to_jax(name, None, setter)
-            return slot
-        return _restore_leaf(loader.numpy(name), kind)
-    if "skip" in node:
-        skipped.append(path)
-        return None
-    if "var" in node:
-        return _build_plain(node.get("value"), path, loader, jax_out, skipped, depth + 1)
-    children = _children_of(node, path)
-    built = [(elem, _build_plain(c, (*path, elem), loader, jax_out, skipped, depth + 1))
-             for elem, c in children]
-    if "list" in node:
-        return [v for _, v in built]
-    if "tuple" in node:
-        return tuple(v for _, v in built)
-    return {key: v for (_, key), v in built}
+            f"the recorded tree structure is inconsistent at {render_path(path)}: tensor "
+            f"{leaf.name!r} cannot be a {leaf.kind!r} key ({type(exc).__name__}: {exc})"[:400]
+        ) from None
 
 
 def unflatten_names(names: list[str], get: Callable[[str], Any]) -> dict[str, Any]:
@@ -824,87 +578,51 @@ def _describe(shape: tuple[int, ...], dtype: Any) -> str:
     return f"{np.dtype(dtype).name}{list(shape)}"
 
 
-def _template_spec(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
-    """Expected (shape, dtype) of a template leaf, or None when it is not an array slot."""
-    if _is_prng_key(x):
-        jax = _jax()
-        data = jax.eval_shape(jax.random.key_data, x)
-        return tuple(data.shape), np.dtype(data.dtype)
-    if isinstance(x, np.ndarray | np.generic) or _is_jax_array(x) or _is_shape_dtype_struct(x):
-        return tuple(x.shape), np.dtype(x.dtype)
-    if isinstance(x, bool | int | float):
-        return (), np.asarray(x).dtype
-    return None
 
 
-def _scalar_dtype_ok(template: Any, file_dtype: np.dtype) -> bool:
+def _scalar_dtype_ok(kind: str, file_dtype: np.dtype[Any]) -> bool:
     """Python scalars in a template accept any file dtype of the same kind."""
-    if isinstance(template, bool):
-        return file_dtype.kind == "b"
-    if isinstance(template, int):
-        return file_dtype.kind in "iu"
-    return file_dtype.kind == "f"
+    return file_dtype.kind in rec.SCALAR_DTYPE_KINDS[kind]
 
 
 class _TemplateFill:
     """Rebuilds a template tree with leaves from a file, checking as it goes."""
 
-    def __init__(self, loader: _Loader, entries: dict[tuple[Any, ...], _Entry] | None,
+    def __init__(self, loader: _Loader, entries: dict[tuple[Any, ...], rec.PathEntry] | None,
                  names_by_join: set[str], want_jax: bool | None) -> None:
         self.loader = loader
         self.entries = entries  # None: the file has no recorded structure
         self.names_by_join = names_by_join
         self.want_jax = want_jax
         self.problems = _Problems()
-        self.seen: set[tuple[Any, ...]] = set()
 
-    def entry(self, path: Path) -> _Entry | None:
+    def entry(self, path: Path) -> rec.PathEntry | None:
         if self.entries is not None:
-            key = _match_key(path)
-            self.seen.add(key)
-            return self.entries.get(key)
-        name = _join(path)
-        return _Entry("leaf", name) if name in self.names_by_join else None
+            return self.entries.get(match_key(path))
+        name = join_path(path)
+        return rec.PathEntry("leaf", name) if name in self.names_by_join else None
 
     def fill(self, x: Any, path: Path) -> Any:
-        if x is None:
+        level = split(x)
+        if level.kind == NONE:
             e = self.entry(path)
             if e is not None and e.kind == "leaf":
                 self._unexpected_at(path, e)
             return None
-        spec = _template_spec(x)
-        if spec is not None:
-            return self._leaf(x, spec, path)
-        t = type(x)
-        if t is dict:
-            self._empty(x, path)
-            return {k: self.fill(v, (*path, ("k", k))) for k, v in x.items()}
-        if t is list:
-            self._empty(x, path)
-            return [self.fill(v, (*path, ("i", i))) for i, v in enumerate(x)]
-        if t is tuple:
-            self._empty(x, path)
-            return tuple(self.fill(v, (*path, ("i", i))) for i, v in enumerate(x))
-        if _is_objax_var(x):
-            from .objax import rebuild_variable
+        if level.kind == LEAF:
+            return self._leaf(x, level, path)
+        rebuild = level.rebuild
+        if level.kind == VAR and rebuild is not None:
+            vals = [self.fill(level.children[0][1], path)]
+        elif level.kind in CONTAINERS and rebuild is not None:
+            vals = [self.fill(child, (*path, elem)) for elem, child in level.children]
+        else:
+            return self._opaque(x, path)
+        where = render_path(path)
+        return _Deferred(lambda: rebuild([_resolve(v) for v in vals], where))
 
-            value = self.fill(x.value, path)
-            return _Deferred(lambda: rebuild_variable(x, _resolve(value), render_path(path)))
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            fields = [self.fill(getattr(x, f), (*path, ("a", f))) for f in x._fields]
-            return _Deferred(lambda: t(*[_resolve(v) for v in fields]))
-        custom = _custom_children(x)
-        if custom is not None:
-            children, treedef = custom
-            if _is_nnx_variable(x) and len(children) == 1:
-                vals = [self.fill(children[0][1], path)]
-            else:
-                vals = [self.fill(child, (*path, elem)) for elem, child in children]
-            return _Deferred(lambda: treedef.unflatten([_resolve(v) for v in vals]))
-        if isinstance(x, Mapping):
-            vals2 = {k: self.fill(v, (*path, ("k", k))) for k, v in x.items()}
-            return _Deferred(lambda: _rebuild_mapping(x, {k: _resolve(v) for k, v in vals2.items()}))
-        # A non-array leaf: the template supplies it.
+    def _opaque(self, x: Any, path: Path) -> Any:
+        """A non-array leaf: the template supplies it."""
         e = self.entry(path)
         if e is not None and e.kind == "leaf":
             info = self.loader.handle.header.tensors.get(e.name)
@@ -914,64 +632,55 @@ class _TemplateFill:
             self.loader.used.add(e.name)
         return x
 
-    def _empty(self, x: Any, path: Path) -> None:
-        if not x:  # an empty container has no leaves; note that its path was consumed
-            self.entry(path)
-
-    def _unexpected_at(self, path: Path, e: _Entry) -> None:
-        self.loader.used.add(e.name or "")
+    def _unexpected_at(self, path: Path, e: rec.PathEntry) -> None:
+        self.loader.used.add(e.name)
         info = self.loader.handle.header.tensors.get(e.name)
         desc = _describe(info.shape, info.dtype.numpy) if info else "?"
         self.problems.mismatched.append(
             f"{render_path(path)}: template holds None, file has tensor {e.name!r} {desc}")
 
-    def _leaf(self, x: Any, spec: tuple[tuple[int, ...], np.dtype], path: Path) -> Any:
+    def _leaf(self, x: Any, level: Level, path: Path) -> Any:
         e = self.entry(path)
-        shape, dtype = spec
+        shape, dtype = leaf_spec(x, level)
         if e is None or e.kind != "leaf":
             what = "nothing" if e is None else ("a leaf that was not stored" if e.kind == "skip" else e.kind)
             self.problems.missing.append(
                 f"{render_path(path)}: template expects {_describe(shape, dtype)}, file has {what}")
             return x
-        info = self.loader.handle.header.tensors.get(e.name)
-        if info is None:
-            raise TreeStructureError(
-                f"the recorded tree structure refers to tensor {e.name!r}, which is not in the file")
+        info = self.loader.tensor_info(e.name, path)
+        if e.leaf is not None:
+            rec.check_leaf_tensor(e.leaf, info.shape, info.dtype.numpy, path)
         self.loader.used.add(e.name)
         file_dtype = info.dtype.numpy
-        is_py = isinstance(x, bool | int | float) and not isinstance(x, np.generic)
-        dtype_ok = _scalar_dtype_ok(x, file_dtype) if is_py else file_dtype == dtype
+        is_py = level.leaf in _PY_SCALARS
+        dtype_ok = _scalar_dtype_ok(level.leaf, file_dtype) if is_py else file_dtype == dtype
         if tuple(info.shape) != shape or not dtype_ok:
             self.problems.mismatched.append(
                 f"{render_path(path)}: template {_describe(shape, dtype)}, file {e.name!r} "
                 f"{_describe(info.shape, file_dtype)}")
             return x
-        jax_leaf = _is_jax_array(x) or _is_shape_dtype_struct(x) or _is_prng_key(x)
+        jax_leaf = _is_jax_slot(x, level)
         to_jax = self.want_jax if self.want_jax is not None else jax_leaf
-        if _is_prng_key(x) and self.loader.handle.framework == "jax":
+        if level.leaf == KEY and self.loader.handle.framework == "jax":
             # A key array knows its implementation; a ShapeDtypeStruct only through its dtype.
-            impl = (_jax().random.key_impl(x) if _is_jax_array(x)
+            impl = (jax_module().random.key_impl(x) if is_jax_array(x)
                     else getattr(x.dtype, "_impl", None))
             slot = _Slot()
 
             def set_key(v: Any) -> None:
-                slot.value = _jax().random.wrap_key_data(v, impl=impl)
+                slot.value = jax_module().random.wrap_key_data(v, impl=impl)
 
             self.loader.to_jax(e.name, getattr(x, "sharding", None), set_key)
             return slot
         if to_jax and not is_py:
             slot = _Slot()
             sharding = getattr(x, "sharding", None) if jax_leaf else None
-
-            def set_value(v: Any) -> None:
-                slot.value = v
-
-            self.loader.to_jax(e.name, sharding, set_value)
+            self.loader.to_jax(e.name, sharding, slot.set)
             return slot
         arr = self.loader.numpy(e.name)
         if is_py:
             return type(x)(arr[()])
-        if isinstance(x, np.generic):
+        if level.leaf == "numpy":
             return arr[()]
         return arr
 
@@ -980,23 +689,6 @@ class _TemplateFill:
         for name, info in header.tensors.items():
             if name not in self.loader.used:
                 self.problems.unexpected.append(f"{name!r} {_describe(info.shape, info.dtype.numpy)}")
-
-
-class _Deferred:
-    """A container to build once every leaf (jax conversions included) is ready."""
-
-    __slots__ = ("build",)
-
-    def __init__(self, build: Callable[[], Any]) -> None:
-        self.build = build
-
-
-def _rebuild_mapping(template: Mapping[Any, Any], values: dict[Any, Any]) -> Any:
-    """A Mapping of the template's type with new values (VarCollection, OrderedDict...)."""
-    try:
-        return type(template)(values)  # type: ignore[call-arg]
-    except Exception:
-        return values
 
 
 # ----------------------------------------------------------------------------- load_tree
@@ -1064,16 +756,12 @@ def load_tree(
                storage_options=storage_options) as handle:
         header = handle.header
         user_md, own = split_metadata(header.raw_metadata)
-        has_record = TREE_KEY in own
-        record = _parse_record(own[TREE_KEY]) if has_record else None
+        root = rec.decode_record(own[TREE_KEY]) if TREE_KEY in own else None
         loader = _Loader(handle)
         if like is None:
-            tree = _load_plain(handle, record, has_record, loader, bool(want_jax))
+            tree = _load_plain(handle, root, TREE_KEY in own, loader, bool(want_jax))
         else:
-            entries: dict[tuple[Any, ...], _Entry] | None = None
-            if has_record:
-                entries = {}
-                _walk_record(record, (), entries)
+            entries = rec.path_entries(root) if TREE_KEY in own else None
             filler = _TemplateFill(loader, entries, set(header.tensors), want_jax)
             built = filler.fill(like, ())
             filler.report_unused()
@@ -1083,15 +771,13 @@ def load_tree(
     return (tree, user_md) if with_metadata else tree
 
 
-def _load_plain(handle: Any, record: Any, has_record: bool, loader: _Loader, jax_out: bool) -> Any:
+def _load_plain(handle: Any, root: rec.Node, has_record: bool, loader: _Loader, jax_out: bool) -> Any:
     skipped: list[Path] = []
     if not has_record:
         names = list(handle.header.tensors)
         if jax_out:
-            slots: dict[str, _Slot] = {}
-
             def get(name: str) -> _Slot:
-                slot = slots[name] = _Slot()
+                slot = _Slot()
                 loader.to_jax(name, None, slot.set)
                 return slot
 
@@ -1099,7 +785,9 @@ def _load_plain(handle: Any, record: Any, has_record: bool, loader: _Loader, jax
         else:
             tree = unflatten_names(names, loader.numpy)
     else:
-        tree = _build_plain(record, (), loader, jax_out, skipped)
+        builder = _PlainBuilder(loader, jax_out)
+        tree = rec.walk(root, builder)
+        skipped = builder.skipped
         extra = [n for n in handle.header.tensors if n not in loader.used]
         if extra:
             raise TreeStructureError(
@@ -1121,10 +809,44 @@ def _load_plain(handle: Any, record: Any, has_record: bool, loader: _Loader, jax
     return tree
 
 
+def load_leaves(source: Any, *, fs: Any = None) -> tuple[list[tuple[str, Any, str | None]], dict[str, str] | None]:
+    """Every stored leaf of a file as ``(key, jax.Array, Objax type or None)``, in saved
+    order, and the user metadata.
+
+    Keys are the ``.``-joined paths (the tensor names unless names had to be
+    disambiguated), without safejax's ``::Type`` suffix; the type comes from the recorded
+    structure, or from that suffix in files written by safejax.
+
+    Raises:
+        TreeStructureError: The recorded structure is inconsistent or misses tensors.
+        SafecodecError: Not a valid safetensors file.
+    """
+    with _open(source, fs=fs, copy=False, jax=True) as handle:
+        user_md, own = split_metadata(handle.header.raw_metadata)
+        triples: list[tuple[str, str, str | None]] = []
+        if TREE_KEY in own:
+            triples = rec.record_leaves(rec.decode_record(own[TREE_KEY]))
+        else:
+            for name in handle.header.tensors:
+                key, sep, kind = name.rpartition(OBJAX_TYPE_SEPARATOR)
+                triples.append((name, key, kind) if sep else (name, name, None))
+        loader = _Loader(handle)
+        slots = [_Slot() for _ in triples]
+        for (name, _, _), slot in zip(triples, slots, strict=True):
+            loader.to_jax(name, None, slot.set)
+        extra = [n for n in handle.header.tensors if n not in loader.used]
+        if extra:
+            raise TreeStructureError(
+                f"the file holds {len(extra)} tensor(s) its recorded tree structure does not "
+                f"mention ({', '.join(map(repr, extra[:10]))})"
+            )
+        loader.finish()
+    return [(key, slot.value, kind) for (_, key, kind), slot in zip(triples, slots, strict=True)], user_md
+
+
 def iter_names(tree: Any) -> Iterator[str]:
     """The tensor names :func:`save_tree` would give ``tree``'s leaves, in order."""
     flat = _Flat()
     _encode(tree, (), flat)
     _assign_names(flat)
     yield from flat.names
-

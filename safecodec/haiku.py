@@ -23,6 +23,7 @@ from typing import Any
 
 from ._errors import TreeStructureError
 from ._safejax import deserialize, serialize
+from ._tree import load_tree
 
 __all__ = ["deserialize", "load", "save", "serialize"]
 
@@ -50,8 +51,6 @@ def load(source: Any, *, with_state: bool = False, fs: Any = None) -> Any:
     Raises:
         TreeStructureError: ``with_state=True`` but the file was saved without state.
     """
-    from ._tree import load_tree
-
     tree = load_tree(source, framework="jax", fs=fs)
     if not with_state:
         return tree

@@ -27,13 +27,19 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 
 from ._errors import TreeStructureError
+from ._objax_vars import REBUILDABLE, rebuild_variable, to_var_collection
+from ._safejax import deserialize as _deserialize
+from ._safejax import load_var_collection
+from ._safejax import serialize as _serialize
+from ._tree import load_leaves
 
 __all__ = [
     "REBUILDABLE",
     "deserialize",
+    "deserialize_with_assignment",
     "load",
     "load_into",
     "rebuild_variable",
@@ -41,65 +47,6 @@ __all__ = [
     "serialize",
     "to_var_collection",
 ]
-
-#: Variable types that can be rebuilt from a value alone.
-REBUILDABLE: Final = ("TrainVar", "StateVar", "RandomState")
-
-
-def _variable_class(type_name: str, where: str) -> Any:
-    """The Objax class for a saved type name, from the fixed table only."""
-    from objax import variable
-
-    if type_name in REBUILDABLE:
-        return getattr(variable, type_name)
-    if type_name == "TrainRef":
-        raise TreeStructureError(
-            f"variable {where!r} is a TrainRef, a reference to a model's TrainVar, which "
-            "cannot be rebuilt on its own; load the model's variables and build the "
-            "optimizer from them"
-        )
-    raise TreeStructureError(
-        f"variable {where!r} has type {type_name!r}, which cannot be rebuilt; "
-        f"rebuildable types: {', '.join(REBUILDABLE)}"
-    )
-
-
-def rebuild_variable(template: Any, value: Any, where: str = "") -> Any:
-    """A new variable of ``template``'s type (and reduce function) holding ``value``.
-
-    Raises:
-        TreeStructureError: ``template`` is a TrainRef or a type that cannot be rebuilt.
-    """
-    type_name = type(template).__name__
-    cls = _variable_class(type_name, where)
-    return _make(cls, value, getattr(template, "_reduce", None), type_name)
-
-
-def _make(cls: Any, value: Any, reduce: Any, type_name: str) -> Any:
-    import jax.numpy as jnp
-
-    value = jnp.asarray(value) if not hasattr(value, "block_until_ready") else value
-    if type_name == "RandomState":
-        var = cls(0)
-        var.value = value
-        return var
-    if reduce is None:
-        return cls(value)
-    return cls(value, reduce)
-
-
-def to_var_collection(items: list[tuple[str, Any, str]]) -> Any:
-    """Build a ``VarCollection`` from ``(key, value, type name)`` triples, in order.
-
-    Raises:
-        TreeStructureError: A type that cannot be rebuilt (names the variable).
-    """
-    from objax import VarCollection
-
-    out = VarCollection()
-    for key, value, type_name in items:
-        out[key] = _make(_variable_class(type_name, key), value, None, type_name)
-    return out
 
 
 def _as_vars(obj: Any) -> Mapping[str, Any]:
@@ -121,8 +68,6 @@ def save(
     Returns:
         The bytes when ``path`` is None, else ``path``.
     """
-    from ._safejax import serialize as _serialize
-
     return _serialize(_as_vars(variables), metadata, include_objax_variables=False,
                       filename=path, fs=fs)
 
@@ -133,9 +78,7 @@ def load(source: Any, *, fs: Any = None) -> Any:
     Raises:
         TreeStructureError: A variable type cannot be rebuilt (TrainRef...).
     """
-    from ._safejax import _load_var_collection
-
-    return _load_var_collection(source, fs)[0]
+    return load_var_collection(source, fs)[0]
 
 
 def load_into(target: Any, source: Any, *, fs: Any = None) -> Any:
@@ -150,10 +93,8 @@ def load_into(target: Any, source: Any, *, fs: Any = None) -> Any:
     Raises:
         TreeStructureError: Missing, unexpected or mismatched variables.
     """
-    from ._safejax import _flat_items
-
     variables = _as_vars(target)
-    items, _ = _flat_items(source, fs)
+    items, _ = load_leaves(source, fs=fs)
     loaded = {key: value for key, value, _ in items}
     problems: list[str] = []
     # A VarCollection iterates over its variables, not its keys: .keys() is needed.
@@ -184,8 +125,6 @@ def load_into(target: Any, source: Any, *, fs: Any = None) -> Any:
 def serialize(params: Any, metadata: Mapping[str, str] | None = None, filename: Any = None,
               fs: Any = None) -> Any:
     """safejax's ``safejax.objax.serialize``: variable types in names (``::TrainVar``)."""
-    from ._safejax import serialize as _serialize
-
     return _serialize(_as_vars(params), metadata, include_objax_variables=True,
                       filename=filename, fs=fs)
 
@@ -193,6 +132,27 @@ def serialize(params: Any, metadata: Mapping[str, str] | None = None, filename: 
 def deserialize(path_or_buf: Any, fs: Any = None) -> Any:
     """safejax's ``safejax.objax.deserialize``: a ``VarCollection``, types restored
     (``(vars, metadata)`` for a path source whose file has user metadata)."""
-    from ._safejax import deserialize as _deserialize
-
     return _deserialize(path_or_buf, fs=fs, requires_unflattening=False, to_var_collection=True)
+
+
+def deserialize_with_assignment(filename: Any, model_vars: Any) -> None:
+    """safejax's ``safejax.objax.deserialize_with_assignment``: assign the variables
+    stored in ``filename`` to ``model_vars`` (a ``VarCollection``, e.g. ``model.vars()``,
+    or the Module itself) in place, so the model computes with them.
+
+    Stricter than safejax, on purpose: every variable of ``model_vars`` must be in the
+    file (safejax left missing ones unchanged), and shapes and dtypes must match; all
+    problems are reported in one error before anything is assigned.
+
+    Args:
+        filename: A local path, fsspec URL, or bytes (safejax accepted local paths only).
+        model_vars: The variables to assign to.
+
+    Returns:
+        None, as safejax; ``model_vars`` holds the file's values.
+
+    Raises:
+        TreeStructureError: Missing, unexpected or mismatched variables (a ``ValueError``,
+            as safejax raised).
+    """
+    load_into(model_vars, filename)

@@ -221,6 +221,53 @@ def test_objax_var_collection_model_outputs(tmp_path):
     assert all(a is not b for a, b in zip(again.values(), model.vars().values(), strict=True))
 
 
+def test_objax_deserialize_with_assignment_as_safejax(tmp_path):
+    objax = pytest.importorskip("objax")
+    import safecodec.objax as sco
+
+    def make(seed):
+        objax.random.DEFAULT_GENERATOR.seed(seed)
+        return objax.nn.Sequential([objax.nn.Linear(4, 8), objax.functional.relu,
+                                    objax.nn.BatchNorm0D(8), objax.nn.Linear(8, 2)])
+
+    model = make(0)
+    model(X, training=True)
+    expected = np.asarray(model(X, training=False))
+    path = tmp_path / "objax.safetensors"
+    sco.serialize(model.vars(), filename=str(path))  # safejax style: "::TrainVar" suffixes
+    fresh = make(1)
+    assert not np.array_equal(np.asarray(fresh(X, training=False)), expected)
+    fresh_vars = fresh.vars()
+    assert sco.deserialize_with_assignment(filename=str(path), model_vars=fresh_vars) is None
+    np.testing.assert_array_equal(np.asarray(fresh(X, training=False)), expected)
+
+    smaller = objax.nn.Sequential([objax.nn.Linear(4, 8)])
+    with pytest.raises(sc.TreeStructureError, match=r"0 missing, 6 unexpected, 0 mismatched"):
+        sco.deserialize_with_assignment(str(path), smaller.vars())
+    wider = objax.nn.Sequential([objax.nn.Linear(4, 9), objax.functional.relu,
+                                 objax.nn.BatchNorm0D(9), objax.nn.Linear(9, 2)])
+    before = [np.asarray(v.value).copy() for v in wider.vars().values()]
+    with pytest.raises(ValueError, match=r"mismatched \(model vs file\): '\(Sequential\)\[0\]\(Linear\).b': model float32\[9\], file float32\[8\]"):
+        sco.deserialize_with_assignment(str(path), wider.vars())
+    after = [np.asarray(v.value) for v in wider.vars().values()]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))  # nothing assigned
+
+
+def test_every_public_name_of_safejax_exists():
+    """safejax 0.4's public names (safejax, .flax, .haiku, .objax) all have a counterpart."""
+    import importlib
+
+    wanted = {"safecodec": ["serialize", "deserialize"],
+              "safecodec.flax": ["serialize", "deserialize"],
+              "safecodec.haiku": ["serialize", "deserialize"],
+              "safecodec.objax": ["serialize", "deserialize", "deserialize_with_assignment"]}
+    for module, names in wanted.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            assert callable(getattr(mod, name)), (module, name)
+            assert name in mod.__all__, (module, name)
+
+
 # ----------------------------------------------------------------------------- Equinox
 
 

@@ -372,3 +372,177 @@ def test_too_deep_trees_are_refused_on_save_and_load():
             sc.load_tree(sc.save({}, md))
         with pytest.raises(sc.TreeStructureError, match=r"nested deeper than|has no 'tree' entry"):
             sc.load_tree(sc.save({}, md), like={})
+
+
+# ----------------------------------------------------------------------------- hostile records
+
+def _hostile_file(tree_json, **record):
+    """A file with tensors w float32[3], s int64[], k uint32[2] and a crafted record."""
+    tensors = {"w": np.arange(3, dtype=np.float32), "s": np.array(7), "k": np.zeros(2, np.uint32)}
+    text = json.dumps({"version": 1, "metadata": False, "tree": tree_json, **record})
+    return sc.save(tensors, {TREE_KEY: text})
+
+
+def _all_three(**leaves):
+    """A dict node holding w, s, k, with the given node replacing each named one."""
+    nodes = {"w": {"leaf": "w", "kind": "array"}, "s": {"leaf": "s", "kind": "int"},
+             "k": {"leaf": "k", "kind": "array"}}
+    nodes.update(leaves)
+    return {"dict": [[key, node] for key, node in nodes.items()]}
+
+
+W, S, K = ({"leaf": n, "kind": "array"} for n in "wsk")
+
+# (id, record tree, message fragment, modes that must refuse it). Modes: "np" plain NumPy
+# load, "jax" plain JAX load, "flat" deserialize(requires_unflattening=False), "like" a
+# load with a template of the right structure.
+HOSTILE_RECORDS = [
+    ("list-dict-key", {"dict": [[["a"], W], ["s", S], ["k", K]]}, r"\['a'\] cannot be a key", "np jax flat like"),
+    ("object-dict-key", {"dict": [[{"a": 1}, W], ["s", S], ["k", K]]}, r"cannot be a key", "np jax flat like"),
+    ("list-field-key", {"node": "T", "fields": [["k", ["a"], W], ["k", "s", S], ["k", "k", K]]},
+     r"cannot be a key", "np jax flat like"),
+    ("int-attribute", {"node": "T", "fields": [["a", 3, W], ["k", "s", S], ["k", "k", K]]},
+     r"3 cannot be an attribute name", "np jax flat like"),
+    ("bool-index", {"node": "T", "fields": [["i", True, W], ["k", "s", S], ["k", "k", K]]},
+     r"True cannot be an index", "np jax flat like"),
+    ("bad-field-kind", {"node": "T", "fields": [["z", "w", W], ["k", "s", S], ["k", "k", K]]},
+     r"'fields' must be an array of", "np jax flat like"),
+    ("short-field", {"node": "T", "fields": [["k", W]]}, r"'fields' must be an array of", "np jax flat like"),
+    ("short-pair", {"dict": [["w"]]}, r"'dict' must be an array of \[key, node\] pairs", "np jax flat like"),
+    ("int-over-vector", _all_three(w={"leaf": "w", "kind": "int"}),
+     r"at \['w'\]: a 'int' leaf needs a 0-d tensor", "np jax like"),
+    ("bool-over-vector", _all_three(w={"leaf": "w", "kind": "bool"}),
+     r"at \['w'\]: a 'bool' leaf needs a 0-d tensor", "np jax like"),
+    ("numpy-over-vector", _all_three(w={"leaf": "w", "kind": "numpy"}),
+     r"at \['w'\]: a 'numpy' leaf needs a 0-d tensor", "np jax like"),
+    ("float-over-int", _all_three(s={"leaf": "s", "kind": "float"}),
+     r"at \['s'\]: a 'float' leaf needs a 0-d tensor of kind 'f'", "np jax like"),
+    ("bool-over-int", _all_three(s={"leaf": "s", "kind": "bool"}), r"of kind 'b'", "np jax like"),
+    ("unknown-key-impl", _all_three(k={"leaf": "k", "kind": "key:no_such_impl"}),
+     r"at \['k'\]: tensor 'k' cannot be a 'key:no_such_impl' key", "jax"),
+    ("key-impl-not-a-name", _all_three(k={"leaf": "k", "kind": "key:os.system"}),
+     r"unknown leaf kind 'key:os.system'", "np jax flat like"),
+    ("unknown-kind", _all_three(w={"leaf": "w", "kind": "pickle"}), r"unknown leaf kind 'pickle'", "np jax flat like"),
+    ("kind-not-text", _all_three(w={"leaf": "w", "kind": 5}), r"unknown leaf kind 5", "np jax flat like"),
+    ("name-not-text", _all_three(w={"leaf": 0, "kind": "array"}), r"'leaf' must be a string", "np jax flat like"),
+    ("missing-tensor", _all_three(w={"leaf": "nope", "kind": "array"}),
+     r"refers to tensor 'nope', which is not in the file", "np jax flat like"),
+    ("tensor-twice", {"list": [W, W, S, K]}, r"at \[1\]: tensor 'w' is recorded at two places", "np jax flat like"),
+    ("duplicate-key", {"dict": [["a", W], ["a", S], ["k", K]]}, r"key 'a' appears twice", "np jax flat like"),
+    ("int-float-same-key", {"dict": [[1, W], [1.0, S], ["k", K]]}, r"key 1.0 appears twice", "np jax flat like"),
+    ("infinite-key", {"dict": [[1e400, W], ["s", S], ["k", K]]}, r"inf cannot be a key", "np jax flat like"),
+    ("list-not-array", {"list": "abc"}, r"'list' must be an array of nodes", "np jax flat like"),
+    ("node-is-number", {"dict": [["w", 5]]}, r"at \['w'\]: a node must be null or an object", "np jax flat like"),
+    ("unknown-tag", {"pickle": "os.system"}, r"at <root>: unknown node kind", "np jax flat like"),
+    ("extra-keys", _all_three(w={"leaf": "w", "kind": "array", "exec": "x"}), r"has the keys", "np jax flat like"),
+    ("var-type-not-text", {"var": 1, "value": None}, r"'var' must be a string", "np jax flat like"),
+    ("skip-not-text", {"skip": ["x"]}, r"'skip' must be a string", "np jax flat like"),
+]
+
+
+@pytest.mark.parametrize(("tree_json", "fragment", "modes"),
+                         [pytest.param(t, f, m, id=i) for i, t, f, m in HOSTILE_RECORDS])
+def test_hostile_records_raise_tree_structure_error_naming_the_path(tree_json, fragment, modes):
+    data = _hostile_file(tree_json)
+    loads = {"np": lambda: sc.load_tree(data), "jax": lambda: sc.load_tree(data, framework="jax"),
+             "flat": lambda: sc.deserialize(data, requires_unflattening=False),
+             "like": lambda: sc.load_tree(data, like={"w": np.zeros(3, np.float32), "s": 0,
+                                                      "k": np.zeros(2, np.uint32)})}
+    for mode in modes.split():
+        if mode in ("jax", "flat"):
+            pytest.importorskip("jax")
+        with pytest.raises(sc.TreeStructureError, match=fragment):
+            loads[mode]()
+
+
+@pytest.mark.parametrize(("record", "fragment"), [
+    pytest.param({"version": True}, r"version True", id="bool-version"),
+    pytest.param({"version": "1"}, r"version '1'", id="text-version"),
+    pytest.param({"metadata": "yes"}, r"'metadata' entry must be true or false", id="metadata-not-bool"),
+])
+def test_hostile_record_envelopes(record, fragment):
+    with pytest.raises(sc.TreeStructureError, match=fragment):
+        sc.load_tree(_hostile_file(_all_three(), **record))
+
+
+def _mutations():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True),
+                        st.sampled_from(["w", "s", "k", "a", "array", "int", "bool", "key:rbg",
+                                         "dict", "list", "tuple", "node", "leaf", "var", "skip", "k", "i"]))
+    # Small containers come first: in a key's place they are what breaks naive readers.
+    small = st.sampled_from([[], {}, ["a"], [None], {"leaf": "w"}, {"dict": []}])
+    values = st.recursive(st.one_of(small, scalars), lambda kids: st.one_of(
+        st.lists(kids, max_size=3), st.dictionaries(st.sampled_from(
+            ["leaf", "kind", "dict", "list", "tuple", "node", "fields", "var", "value", "skip"]), kids, max_size=2)),
+        max_leaves=6)
+    # (which place, what to do, a new value)
+    return st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(["replace", "delete", "insert"]), values),
+                    min_size=1, max_size=4)
+
+
+def _places(obj, out, parent=None, key=None):
+    out.append((parent, key))
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _places(v, out, obj, k)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _places(v, out, obj, i)
+    return out
+
+
+def _mutate(record, edits):
+    for where, what, drawn in edits:
+        value = json.loads(json.dumps(drawn))  # a fresh copy: no value shared between edits
+        places = _places(record["tree"], [])
+        parent, key = places[where % len(places)]
+        if parent is None:
+            record["tree"] = value
+        elif what == "replace":
+            parent[key] = value
+        elif what == "delete":
+            del parent[key]
+        elif isinstance(parent, list):
+            parent.insert(key, value)
+        else:
+            parent[f"{key}x"] = value
+    return record
+
+
+def test_hypothesis_mutated_records_raise_only_tree_structure_error():
+    from hypothesis import given, settings
+
+    tree = {"w": np.arange(3, dtype=np.float32), "n": [1, 2.5, True, None], "t": (np.uint8(3), {}),
+            "e": [], "p": Point(np.ones(2, np.int32), None)}
+    data = sc.save_tree(tree)
+    header = sc.read_header(data)
+    record = json.loads(header.raw_metadata[TREE_KEY])
+    tensors = sc.load(data)
+    loaders = [lambda d: sc.load_tree(d), lambda d: sc.load_tree(d, like=tree)]
+    try:
+        import jax  # noqa: F401
+    except ImportError:  # pragma: no cover - jax is installed for the test suite
+        pass
+    else:
+        loaders.append(lambda d: sc.load_tree(d, framework="jax"))
+
+    @settings(max_examples=150)
+    @given(_mutations())
+    def check(edits):
+        mutated = _mutate(json.loads(json.dumps(record)), edits)
+        try:
+            text = json.dumps(mutated)
+        except ValueError:  # pragma: no cover - only JSON values are drawn
+            return
+        crafted = sc.save(tensors, {TREE_KEY: text})
+        for load in loaders:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    load(crafted)
+                except sc.TreeStructureError:
+                    pass
+
+    check()
