@@ -207,15 +207,72 @@ def test_many_threads_reading_one_handle(tmp_path, restore_flags, mapped):
 
 # ----------------------------------------------------------------------------- changed files
 
-def test_copy_mode_is_safe_against_later_truncation(tmp_path):
-    """A mapped reader may die of SIGBUS if another program truncates the file in place
-    (documented); ``copy=True`` reads with pread and never maps."""
-    path = tmp_path / "t.safetensors"
-    values = np.arange(4096, dtype=np.float64)
+# Load, then truncate the file or rewrite its data in place (same inode, same pages), in a
+# child process: an array that is still a view of the file then changes its values or
+# dies of SIGBUS, without taking pytest along.
+CHANGED_FILE = textwrap.dedent(
+    """
+    import os, sys, numpy as np, safecodec as sc, safecodec.numpy as scn
+    path, loader, change = sys.argv[1:]
+
+    def safe_open_copy():
+        with sc.safe_open(path, copy=True) as f:
+            return f.get_tensors()
+
+    LOADERS = {
+        "numpy-backend-pread": lambda: scn.load_file(path, backend="pread"),
+        "numpy-copy": lambda: scn.load_file(path, copy=True),
+        "load_file-copy": lambda: sc.load_file(path, copy=True),
+        "safe_open-copy": safe_open_copy,
+        "numpy-backend-mmap": lambda: scn.load_file(path, backend="mmap"),
+    }
+    values = np.arange(4096, dtype=np.float64)  # 32 KiB: several pages
     sc.save_file({"t": values}, path)
-    arrays = sc.load_file(path, copy=True)
+    arrays = LOADERS[loader]()
+    if change == "truncate":
+        os.truncate(path, 16)
+    else:
+        with open(path, "r+b") as fh:
+            fh.seek(sc.read_header(path).data_start)
+            fh.write((-values).tobytes())
+        assert np.array_equal(sc.load_file(path, copy=True)["t"], -values)  # it did change
+    print("kept" if np.array_equal(arrays["t"], values) else "changed", flush=True)
+    """
+)
+PRIVATE_LOADERS = ["numpy-backend-pread", "numpy-copy", "load_file-copy", "safe_open-copy"]
+
+
+def _after_change(tmp_path, loader: str, change: str) -> tuple[int, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHANGED_FILE, str(tmp_path / "t.safetensors"), loader, change],
+        capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert out.returncode in (0, -signal.SIGBUS), out.stderr[-3000:]
+    return out.returncode, out.stdout.strip()
+
+
+@pytest.mark.parametrize("change", ["rewrite-in-place", "truncate"])
+@pytest.mark.parametrize("loader", PRIVATE_LOADERS)
+def test_private_arrays_keep_their_bytes_when_the_file_changes_in_place(tmp_path, loader, change):
+    """backend="pread" and copy=True promise arrays that own their bytes (positioned reads,
+    never a mapping): whatever later happens to the file, they keep their values."""
+    assert _after_change(tmp_path, loader, change) == (0, "kept")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page-cache semantics")
+@pytest.mark.parametrize(("change", "expected"), [("rewrite-in-place", (0, "changed")),
+                                                  ("truncate", (-signal.SIGBUS, ""))])
+def test_mapped_arrays_do_see_the_change(tmp_path, change, expected):
+    """The contrast that keeps the test above honest: the same changes do reach the default
+    mmap views (unwritten pages of a private mapping share the page cache)."""
+    assert _after_change(tmp_path, "numpy-backend-mmap", change) == expected
+
+
+def test_copy_mode_reports_a_file_truncated_before_the_load(tmp_path):
+    path = tmp_path / "t.safetensors"
+    sc.save_file({"t": np.arange(4096, dtype=np.float64)}, path)
     os.truncate(path, 16)
-    assert np.array_equal(arrays["t"], values)
     with pytest.raises(sc.HeaderError, match="invalid header length"):
         sc.load_file(path, copy=True)
 
