@@ -4,6 +4,7 @@ underneath a reader."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,10 +87,19 @@ def test_verify_with_plain_reads(tensors, tmp_path, restore_flags):
 
 # ----------------------------------------------------------------------------- crash safety
 
+# The child stops at a known point instead of racing a timer: os.replace / os.rename (the
+# publication of a finished temporary) announce themselves and hang, so the child can never
+# finish before the parent kills it, whatever the machine's load.
 WRITER = textwrap.dedent(
     """
-    import sys, numpy as np, safecodec as sc
-    big = np.ones((64, 1 << 20), np.float32)  # 256 MiB: slow enough to be killed mid-write
+    import os, sys, time, numpy as np, safecodec as sc
+
+    def publish(*args, **kwargs):
+        print("publishing", flush=True)
+        time.sleep(3600)
+
+    os.replace = os.rename = publish
+    big = np.ones((16, 1 << 20), np.float32)  # 64 MiB
     print("ready", flush=True)
     sc.save_file({"big": big}, sys.argv[1])
     print("done", flush=True)
@@ -97,19 +107,58 @@ WRITER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
-def test_writer_killed_mid_write_leaves_the_previous_file(tmp_path, delay):
+def _temporaries(directory, pid: int) -> list[str]:
+    pattern = re.compile(rf"\.m\.safetensors\.{pid}\.[0-9a-f]{{8}}{re.escape(_writer.TMP_SUFFIX)}")
+    return [n for n in os.listdir(directory) if pattern.fullmatch(n)]
+
+
+def _wait_for_data_in_temporary(directory, path, before_stat, proc) -> None:
+    """Return once a temporary of ``proc`` holds data, or the target changed, or the child
+    exited (the caller's assertions then fail)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        for name in _temporaries(directory, proc.pid):
+            try:
+                if os.stat(os.path.join(directory, name)).st_size > 0:
+                    return
+            except FileNotFoundError:
+                pass
+        st = os.stat(path)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != before_stat:
+            return  # written in place: the caller's check of the target fails
+        time.sleep(0.001)
+    assert proc.poll() is None, "the writer exited before its temporary held data"
+    raise AssertionError("no temporary file with data appeared within 60 s")
+
+
+@pytest.mark.parametrize("point", ["temporary-holds-data", "before-rename"])
+def test_writer_killed_mid_write_leaves_the_previous_file(tmp_path, point):
     path = tmp_path / "m.safetensors"
     sc.save_file({"old": np.arange(10)}, path)
     before = path.read_bytes()
+    st = os.stat(path)
+    before_stat = (st.st_ino, st.st_size, st.st_mtime_ns)
     with subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
                           cwd=os.path.dirname(os.path.dirname(__file__))) as proc:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert path.read_bytes() == before  # never torn
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == b"ready"
+            if point == "before-rename":
+                # Everything written; only the rename is left. A writer that never renames
+                # (writes the target directly) says "done" here instead.
+                assert proc.stdout.readline().strip() == b"publishing"
+            else:
+                _wait_for_data_in_temporary(tmp_path, path, before_stat, proc)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    assert path.read_bytes() == before  # never torn, never replaced
+    left = _temporaries(tmp_path, proc.pid)
+    assert len(left) == 1, os.listdir(tmp_path)  # the data went to a temporary
+    assert os.path.getsize(tmp_path / left[0]) > 0
+    if point == "before-rename":
+        assert os.path.getsize(tmp_path / left[0]) > 64 << 20  # all of it
     sc.save_file({"new": np.arange(3)}, path)  # a later save cleans what the dead one left
     assert os.listdir(tmp_path) == ["m.safetensors"]
     assert list(sc.load_file(path)) == ["new"]
@@ -187,15 +236,72 @@ def test_many_threads_reading_one_handle(tmp_path, restore_flags, mapped):
 
 # ----------------------------------------------------------------------------- changed files
 
-def test_copy_mode_is_safe_against_later_truncation(tmp_path):
-    """A mapped reader may die of SIGBUS if another program truncates the file in place
-    (documented); ``copy=True`` reads with pread and never maps."""
-    path = tmp_path / "t.safetensors"
-    values = np.arange(4096, dtype=np.float64)
+# Load, then truncate the file or rewrite its data in place (same inode, same pages), in a
+# child process: an array that is still a view of the file then changes its values or
+# dies of SIGBUS, without taking pytest along.
+CHANGED_FILE = textwrap.dedent(
+    """
+    import os, sys, numpy as np, safecodec as sc, safecodec.numpy as scn
+    path, loader, change = sys.argv[1:]
+
+    def safe_open_copy():
+        with sc.safe_open(path, copy=True) as f:
+            return f.get_tensors()
+
+    LOADERS = {
+        "numpy-backend-pread": lambda: scn.load_file(path, backend="pread"),
+        "numpy-copy": lambda: scn.load_file(path, copy=True),
+        "load_file-copy": lambda: sc.load_file(path, copy=True),
+        "safe_open-copy": safe_open_copy,
+        "numpy-backend-mmap": lambda: scn.load_file(path, backend="mmap"),
+    }
+    values = np.arange(4096, dtype=np.float64)  # 32 KiB: several pages
     sc.save_file({"t": values}, path)
-    arrays = sc.load_file(path, copy=True)
+    arrays = LOADERS[loader]()
+    if change == "truncate":
+        os.truncate(path, 16)
+    else:
+        with open(path, "r+b") as fh:
+            fh.seek(sc.read_header(path).data_start)
+            fh.write((-values).tobytes())
+        assert np.array_equal(sc.load_file(path, copy=True)["t"], -values)  # it did change
+    print("kept" if np.array_equal(arrays["t"], values) else "changed", flush=True)
+    """
+)
+PRIVATE_LOADERS = ["numpy-backend-pread", "numpy-copy", "load_file-copy", "safe_open-copy"]
+
+
+def _after_change(tmp_path, loader: str, change: str) -> tuple[int, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHANGED_FILE, str(tmp_path / "t.safetensors"), loader, change],
+        capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert out.returncode in (0, -signal.SIGBUS), out.stderr[-3000:]
+    return out.returncode, out.stdout.strip()
+
+
+@pytest.mark.parametrize("change", ["rewrite-in-place", "truncate"])
+@pytest.mark.parametrize("loader", PRIVATE_LOADERS)
+def test_private_arrays_keep_their_bytes_when_the_file_changes_in_place(tmp_path, loader, change):
+    """backend="pread" and copy=True promise arrays that own their bytes (positioned reads,
+    never a mapping): whatever later happens to the file, they keep their values."""
+    assert _after_change(tmp_path, loader, change) == (0, "kept")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page-cache semantics")
+@pytest.mark.parametrize(("change", "expected"), [("rewrite-in-place", (0, "changed")),
+                                                  ("truncate", (-signal.SIGBUS, ""))])
+def test_mapped_arrays_do_see_the_change(tmp_path, change, expected):
+    """The contrast that keeps the test above honest: the same changes do reach the default
+    mmap views (unwritten pages of a private mapping share the page cache)."""
+    assert _after_change(tmp_path, "numpy-backend-mmap", change) == expected
+
+
+def test_copy_mode_reports_a_file_truncated_before_the_load(tmp_path):
+    path = tmp_path / "t.safetensors"
+    sc.save_file({"t": np.arange(4096, dtype=np.float64)}, path)
     os.truncate(path, 16)
-    assert np.array_equal(arrays["t"], values)
     with pytest.raises(sc.HeaderError, match="invalid header length"):
         sc.load_file(path, copy=True)
 

@@ -23,6 +23,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 import safecodec as sc  # noqa: E402
 import safecodec.flax as scf  # noqa: E402
 import safecodec.jax as scj  # noqa: E402
+from _placement import FORCE_PUBLIC, fast_path_required, missing_fast_path  # noqa: E402
 from safecodec import _jax_put  # noqa: E402
 from safecodec.jax import PrecisionWarning  # noqa: E402
 
@@ -37,8 +38,36 @@ def put(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setattr(_jax_put, "PUT", _jax_put.PublicPut())
     else:
         if not isinstance(_jax_put.placement(), _jax_put.InternalPut):
-            pytest.skip("the internal placement path failed its self-check on this JAX")
+            missing_fast_path("the internal placement path failed its self-check")
     return request.param
+
+
+def test_fast_placement_path_is_selected_and_used(monkeypatch):
+    """On the supported JAX versions the private fast path passes its self-check, is the
+    one selected, and is the one a load goes through (the [internal] variants rely on it)."""
+    if not fast_path_required():
+        pytest.skip(f"jax {jax.__version__} is older than the supported versions")
+    monkeypatch.delenv(FORCE_PUBLIC, raising=False)
+    InternalPut = _jax_put.InternalPut
+    InternalPut()  # the private API exists (an exception here names what changed)
+    selected = _jax_put._select_put()
+    assert isinstance(selected, InternalPut), f"fell back to {type(selected).__name__}"
+    assert selected.name == "xla_client.batched_device_put"
+    calls = []
+    real = selected._put
+
+    def counting(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(selected, "_put", counting)
+    monkeypatch.setattr(_jax_put, "PUT", selected)
+    model = _model()
+    out = scj.load(sc.save(model))
+    assert isinstance(_jax_put.placement(), InternalPut)
+    assert len(calls) >= 1
+    assert {tuple(c.shape) for c in calls} <= {v.shape for v in model.values()}
+    assert all(np.array_equal(np.asarray(out[k]), v) for k, v in model.items())
 
 
 def _mapping_range(handle: sc.SafeOpen) -> tuple[int, int]:

@@ -73,9 +73,8 @@ def test_numpy_load_file_backend_like_the_wheel(tmp_path):
     path = tmp_path / "b.safetensors"
     scn.save_file({"x": np.arange(4.0)}, path)
     assert scn.load_file(path, backend="mmap")["x"].tolist() == [0, 1, 2, 3]
-    private = scn.load_file(path, backend="pread")["x"]
-    assert private.flags.owndata or not isinstance(private.base, memoryview)
-    assert private.tolist() == [0, 1, 2, 3]
+    # that pread arrays are private is tested by behaviour in test_hardening.py
+    assert scn.load_file(path, backend="pread")["x"].tolist() == [0, 1, 2, 3]
     with pytest.raises(sc.SafecodecError, match="backend"):
         scn.load_file(path, backend="tape")
 

@@ -288,3 +288,59 @@ def _writable_tensors(draw: st.DrawFn) -> dict[str, np.ndarray]:
 def test_random_files_match_reference_bytes(tensors, metadata) -> None:
     assume(tensors or metadata != {})  # the wheel's documented bug, tested above
     assert sc.save(tensors, metadata, alignment=8) == reference_bytes(tensors, metadata)
+
+
+# ----------------------------------------------------------------------------- packed, by hand
+# Expected bytes worked out by hand from the format rules (docs/format.md, safecodec/_packed.py
+# docstring), not produced by safecodec: elements in C order; F4 packs element 2i in the LOW
+# nibble of byte i and 2i+1 in the high nibble; F6 packs four elements into a 24-bit
+# little-endian group, element k at bits 6k..6k+5 (first element lowest).
+#
+# float4_e2m1fn (sign, 2 exponent bits with bias 1, 1 mantissa bit):
+#   0.5 = 0.001 subnormal -> 0x1   1.0 = 0.01.0 -> 0x2   1.5 = 0.01.1 -> 0x3
+#  -2.0 = 1.10.0          -> 0xC   6.0 = 0.11.1 -> 0x7  -0.5 = 1.00.1 -> 0x9
+#   [[0.5, 1.0, 1.5], [-2.0, 6.0, -0.5]] -> bytes 0x21, 0xC3, 0x97
+F4_HAND = (
+    (56).to_bytes(8, "little")  # the header below is 56 bytes: a multiple of 8, no padding
+    + b'{"f4":{"dtype":"F4","shape":[2,3],"data_offsets":[0,3]}}'
+    + b"\x21\xc3\x97"
+)
+F4_VALUES = [[0.5, 1.0, 1.5], [-2.0, 6.0, -0.5]]
+
+# float6_e2m3fn (sign, 2 exponent bits with bias 1, 3 mantissa bits):
+#   1.0 = 0.01.000 -> 0x08  -0.125 = 1.00.001 -> 0x21  7.5 = 0.11.111 -> 0x1F  3.0 = 0.10.100 -> 0x14
+#   g = 0x08 | 0x21<<6 | 0x1F<<12 | 0x14<<18 = 0x51F848 -> bytes 0x48, 0xF8, 0x51
+# float6_e3m2fn (sign, 3 exponent bits with bias 3, 2 mantissa bits):
+#   28.0 = 0.111.11 -> 0x1F  -0.0625 = 1.000.01 -> 0x21  1.0 = 0.011.00 -> 0x0C  0.25 = 0.001.00 -> 0x04
+#   g = 0x1F | 0x21<<6 | 0x0C<<12 | 0x04<<18 = 0x10C85F -> bytes 0x5F, 0xC8, 0x10
+# Order in the file: F6_E3M2 before F6_E2M3; the 115-byte header is padded to 120.
+F6_HAND = (
+    (120).to_bytes(8, "little")
+    + b'{"b":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[0,3]},'
+    + b'"a":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[3,6]}}'
+    + b"     "
+    + b"\x5f\xc8\x10"
+    + b"\x48\xf8\x51"
+)
+F6_VALUES = {"a": (ml_dtypes.float6_e2m3fn, [1.0, -0.125, 7.5, 3.0]),
+             "b": (ml_dtypes.float6_e3m2fn, [28.0, -0.0625, 1.0, 0.25])}
+
+
+def test_f4_hand_packed_bytes_written_and_read() -> None:
+    arr = np.array(F4_VALUES, ml_dtypes.float4_e2m1fn)
+    assert sc.save({"f4": arr}, alignment=8) == F4_HAND
+    got = sc.load(F4_HAND)["f4"]
+    assert got.dtype == ml_dtypes.float4_e2m1fn and got.shape == (2, 3)
+    assert got.astype(np.float32).tolist() == F4_VALUES
+    raw = sc.load(F4_HAND, unpack=False)["f4"]
+    assert np.ascontiguousarray(raw).tobytes() == b"\x21\xc3\x97"
+
+
+def test_f6_hand_packed_bytes_written_and_read() -> None:
+    tensors = {name: np.array(values, dt) for name, (dt, values) in F6_VALUES.items()}
+    assert sc.save(tensors, alignment=8) == F6_HAND
+    got = sc.load(F6_HAND)
+    assert list(got) == ["b", "a"]  # file order
+    for name, (dt, values) in F6_VALUES.items():
+        assert got[name].dtype == dt and got[name].shape == (4,)
+        assert got[name].astype(np.float32).tolist() == values
