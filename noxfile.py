@@ -2,57 +2,162 @@
 
 Every session forwards ``session.posargs``; dependencies are declared once, in
 pyproject.toml's extras.
+
+Interpreters: each of ``PYTHONS`` is looked up on ``PATH`` first, then in pyenv's
+``versions/`` folders (``$PYENV_ROOT``, ``~/.pyenv``, ``/root/.pyenv``), which are added to
+``PATH`` so that nox finds them too, pyenv shell or not. What was found is printed when the
+noxfile loads, and after a ``tests`` run which interpreters it ran on and which it skipped.
+A missing interpreter skips its session, except when ``CI`` is set: then it is an error.
 """
 
 from __future__ import annotations
+
+import atexit
+import glob
+import os
+import shutil
+import subprocess
+import sys
 
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
+# The suite runs on the interpreters of this machine; never download one behind the user's back.
+nox.options.download_python = "never"
+# nox's own default since 2024 (an error when CI is in the environment), spelled out.
+ON_CI = "CI" in os.environ
+if ON_CI:
+    nox.options.error_on_missing_interpreters = True
 
 PYTHONS = ["3.11", "3.13"]
 TEST_EXTRAS = "test,jax,frameworks,remote,progress,docs,bench"
 
 
+def _works(executable: str, version: str) -> bool:
+    """Whether ``executable`` runs and is Python ``version`` (a pyenv shim for a version
+    that is installed but not selected exists on PATH yet fails)."""
+    try:
+        out = subprocess.run([executable, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and out.stdout.strip() == version
+
+
+def _pyenv_dirs(version: str) -> list[str]:
+    """``versions/<version>*/bin`` folders of every pyenv root, newest patch release first."""
+    roots = [os.environ.get("PYENV_ROOT", ""), os.path.expanduser("~/.pyenv"), "/root/.pyenv"]
+    found: list[str] = []
+    for root in dict.fromkeys(r for r in roots if r):
+        found += sorted(glob.glob(os.path.join(root, "versions", f"{version}*", "bin")),
+                        key=lambda d: [int(p) if p.isdigit() else -1
+                                       for p in os.path.basename(os.path.dirname(d)).split(".")],
+                        reverse=True)
+    return found
+
+
+def _find_interpreters() -> dict[str, str | None]:
+    """``{version: executable or None}``; pyenv folders that supply one are appended to PATH."""
+    found: dict[str, str | None] = {}
+    for version in PYTHONS:
+        found[version] = None
+        on_path = shutil.which(f"python{version}")
+        if on_path is not None and _works(on_path, version):
+            found[version] = on_path
+            continue
+        for directory in _pyenv_dirs(version):
+            candidate = os.path.join(directory, f"python{version}")
+            if os.path.isfile(candidate) and _works(candidate, version):
+                os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + directory
+                found[version] = candidate
+                break
+    return found
+
+
+INTERPRETERS = _find_interpreters()
+_MISSING = [v for v, exe in INTERPRETERS.items() if exe is None]
+_TESTED: list[str] = []
+
+
+def _say(line: str) -> None:
+    print(f"nox > {line}", file=sys.stderr, flush=True)
+
+
+_say("interpreters: " + "; ".join(
+    f"Python {v}: {exe}" if exe else f"Python {v}: NOT FOUND (PATH, pyenv versions/{v}*)"
+    for v, exe in INTERPRETERS.items()))
+
+
+def _report_tests() -> None:
+    """After a run that included ``tests``: which interpreters it ran on, which it skipped."""
+    if not _TESTED:
+        return
+    line = "tests ran on Python " + " and ".join(_TESTED)
+    if _MISSING:
+        sessions = ", ".join(f"tests-{v}" for v in _MISSING)
+        what = "FAILED (CI is set: a missing interpreter is an error)" if ON_CI else "SKIPPED"
+        line += (f"; {sessions} {what}: Python {' and '.join(_MISSING)} not found (install "
+                 f"it, e.g. `pyenv install {_MISSING[0]}`)")
+    _say(line)
+
+
+atexit.register(_report_tests)
+
+
+def _install(session: nox.Session, *args: str, what: str) -> None:
+    """``session.install`` with a line first: pip says nothing while it works."""
+    session.log(f"pip install {' '.join(args)}: {what}; quiet for a few minutes on a first "
+                "run, quick when the environment is reused")
+    session.install(*args)
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """Run the full test suite (pass pytest arguments after ``--``)."""
-    session.install(f".[{TEST_EXTRAS}]")
+    _TESTED.append(str(session.python))
+    _install(session, f".[{TEST_EXTRAS}]",
+             what="safecodec with jax, flax, haiku, objax, equinox, s3fs, moto, mkdocs, "
+             "the reference safetensors wheel and pytest")
     session.run("python", "-m", "pytest", *session.posargs)
 
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting checks."""
-    session.install("ruff")
+    _install(session, "ruff", what="ruff")
     session.run("ruff", "check", "safecodec", "tests", "benchmarks", "noxfile.py", *session.posargs)
 
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
-    session.install(".[jax]", "mypy")
+    _install(session, ".[jax]", "mypy", what="safecodec with jax, and mypy")
     session.run("mypy", *session.posargs)
 
 
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
-    """Build the documentation site with ``mkdocs build --strict``."""
-    session.install(".[docs,jax,frameworks]")
+    """Build the documentation site into ``site/`` with ``mkdocs build --strict``."""
+    _install(session, ".[docs,jax,frameworks]",
+             what="safecodec with mkdocs-material, mkdocstrings, jax and the frameworks")
     session.run("mkdocs", "build", "--strict", *session.posargs)
+    session.log("site written to site/: view it with `.nox/docs/bin/mkdocs serve` "
+                "(http://127.0.0.1:8000, rebuilds on save)")
 
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """Run the side-by-side benchmark suite and write benchmarks/results/."""
-    session.install(".[bench,jax,frameworks]")
+    _install(session, ".[bench,jax,frameworks]",
+             what="safecodec with the reference safetensors wheel, matplotlib, jax and the "
+             "frameworks")
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 
 @nox.session(python="3.11")
 def fuzz(session: nox.Session) -> None:
     """Coverage-guided fuzzing with atheris (see tests/fuzz/)."""
-    session.install(".[test]", "atheris")
+    _install(session, ".[test]", "atheris", what="safecodec with pytest, hypothesis, atheris")
     session.run("python", "tests/fuzz/fuzz_reader.py", *session.posargs)

@@ -4,7 +4,7 @@ reference ``safetensors`` wheel when it is installed, and print a table.
 Run it as ``python -m safecodec bench`` (or ``python -m safecodec._bench``)::
 
     python -m safecodec bench                 # GPT-2 small shape, ~500 MB of float32
-    python -m safecodec bench --size tiny     # a few hundred KB, for a quick look
+    python -m safecodec bench --size tiny     # 0.5 MB, for a quick look
     python -m safecodec bench --repeat 5 --json results.json
 
 What is measured (page cache warm, the same file for both readers):
@@ -33,6 +33,7 @@ import gc
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -59,12 +60,13 @@ class ModelShape:
     layers: int
 
 
-#: Built-in models. ``gpt2`` is GPT-2 small (124M parameters, ~500 MB in float32).
+#: Built-in models. ``gpt2`` is GPT-2 small (124M parameters, ~500 MB in float32); sizes
+#: in bytes: :func:`model_nbytes`.
 MODEL_SIZES: Final[dict[str, ModelShape]] = {
-    "tiny": ModelShape(vocab=512, context=64, width=64, layers=2),  # ~0.6 MB
-    "small": ModelShape(vocab=8192, context=512, width=256, layers=2),  # ~16 MB
-    "medium": ModelShape(vocab=16384, context=1024, width=512, layers=7),  # ~125 MB
-    "gpt2": ModelShape(vocab=50257, context=1024, width=768, layers=12),  # ~500 MB
+    "tiny": ModelShape(vocab=512, context=64, width=64, layers=2),
+    "small": ModelShape(vocab=8192, context=512, width=256, layers=2),
+    "medium": ModelShape(vocab=16384, context=1024, width=512, layers=7),
+    "gpt2": ModelShape(vocab=50257, context=1024, width=768, layers=12),
 }
 
 #: The tensor the lazy-read benchmark fetches (exists in every built-in size).
@@ -91,6 +93,16 @@ def model_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     shapes["ln_f.weight"] = (d,)
     shapes["ln_f.bias"] = (d,)
     return shapes
+
+
+def model_nbytes(size: str | ModelShape) -> int:
+    """Data bytes of a model (float32), computed from its shapes without building it."""
+    shape = MODEL_SIZES[size] if isinstance(size, str) else size
+    return 4 * sum(math.prod(dims) for dims in model_shapes(shape).values())
+
+
+def _fmt_mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def build_model(size: str | ModelShape = "gpt2", seed: int = 0) -> dict[str, np.ndarray]:
@@ -219,24 +231,48 @@ class _Op:
     before: Callable[[str], None] | None = None  # runs outside the timer, per contender
 
 
-def _progress(total: int) -> Any:
-    """A tqdm bar on a terminal, else a no-op object with ``update``/``close``."""
+class _Lines:
+    """Progress as plain lines on stderr: one per contender and operation, written as it
+    starts and completed with its time (no terminal, or tqdm not installed)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+
+    def start(self, text: str) -> None:
+        print(f"  [{self.done + 1}/{self.total}] {text} ...", end="", file=sys.stderr, flush=True)
+
+    def finish(self, seconds: float) -> None:
+        self.done += 1
+        print(f" {_fmt_seconds(seconds)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar:
+    """The same progress as a tqdm bar (on a terminal, when tqdm is installed)."""
+
+    def __init__(self, tqdm: Any, total: int) -> None:
+        self.bar = tqdm.tqdm(total=total, unit="step", leave=False, file=sys.stderr)
+
+    def start(self, text: str) -> None:
+        self.bar.set_description(text)
+
+    def finish(self, seconds: float) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress(total: int) -> _Lines | _Bar:
+    """A tqdm bar on a terminal when tqdm is installed, else a line per step on stderr."""
     if sys.stderr.isatty():
         tqdm = optional("tqdm")
         if tqdm is not None:
-            return tqdm.tqdm(total=total, unit="step", leave=False, file=sys.stderr)
-
-    class _Quiet:
-        def update(self, n: int = 1) -> None:
-            pass
-
-        def set_description(self, text: str) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    return _Quiet()
+            return _Bar(tqdm, total)
+    return _Lines(total)
 
 
 def _block(tree: dict[str, Any]) -> dict[str, Any]:
@@ -332,6 +368,8 @@ def _fmt_ratio(ours: float, ref: float | None) -> str:
 def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
     """Build the model, run every operation ``repeat`` times alternating the two
     libraries, verify values. Returns the raw results (seconds)."""
+    print(f"  building the model ({_fmt_mb(model_nbytes(size))} of random float32) ...",
+          file=sys.stderr, flush=True)
     gen_seconds, model = time_call(lambda: build_model(size))
     ours_path = os.path.join(directory, "model-safecodec.safetensors")
     ref_path = os.path.join(directory, "model-safetensors.safetensors")
@@ -342,7 +380,8 @@ def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
     # collections between samples cheap.
     gc.collect()
     gc.freeze()
-    bar = _progress(len(ops) * repeat * 2)
+    steps = repeat * sum(1 + (op.ref is not None) for op in ops)
+    bar = _progress(steps)
     try:
         for r in range(repeat):
             for op in ops:
@@ -351,17 +390,20 @@ def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
                 if r % 2:  # alternate who goes first
                     contenders.reverse()
                 for who, fn in contenders:
-                    bar.set_description(f"{op.name} ({who})")
-                    if fn is not None:
-                        if op.before is not None:
-                            op.before(ours_path if who == "safecodec" else ref_path)
-                        seconds, result = time_call(fn)
-                        samples[op.name][who].append(seconds)
-                        del result  # unmapping/freeing stays outside the timer
-                        gc.collect()
-                    bar.update(1)
+                    if fn is None:
+                        continue
+                    bar.start(f"run {r + 1}/{repeat}: {op.name} ({who})")
+                    if op.before is not None:
+                        op.before(ours_path if who == "safecodec" else ref_path)
+                    seconds, result = time_call(fn)
+                    samples[op.name][who].append(seconds)
+                    del result  # unmapping/freeing stays outside the timer
+                    gc.collect()
+                    bar.finish(seconds)
     finally:
         bar.close()
+    print("  checking that every reader returns the original values ...", file=sys.stderr,
+          flush=True)
     problems = _verify(model, ours_path, ref_path)
     rows = []
     for op in ops:
@@ -415,9 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Save and load a GPT-2-small-shaped checkpoint with safecodec, side by "
         "side with the reference safetensors wheel when installed, and print a table.",
     )
-    parser.add_argument("--size", choices=["tiny", "small", "gpt2"], default="gpt2",
-                        help="model to build: tiny (~0.6 MB), small (~16 MB), gpt2 (~500 MB, "
-                        "default)")
+    sizes = ["tiny", "small", "gpt2"]
+    parser.add_argument("--size", choices=sizes, default="gpt2",
+                        help="model to build: " + ", ".join(
+                            f"{name} ({_fmt_mb(model_nbytes(name))})" for name in sizes)
+                        + " (default: gpt2)")
     parser.add_argument("--dir", default=None,
                         help="directory for the checkpoint files (default: a temporary "
                         "directory, removed afterwards)")
@@ -430,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
     shape = MODEL_SIZES[args.size]
     print(f"safecodec bench: GPT-2-style model '{args.size}' ({shape.layers} layers, width "
-          f"{shape.width}, vocabulary {shape.vocab}), float32, {args.repeat} run(s) each",
+          f"{shape.width}, vocabulary {shape.vocab}), float32, {args.repeat} run(s) each; "
+          "progress on stderr",
           flush=True)
     if args.dir is not None:
         os.makedirs(args.dir, exist_ok=True)
@@ -438,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with _temporary_directory() as directory:
             result = run(args.size, directory, args.repeat)
-    print(f"model: {result['tensors']} tensors, {result['model_bytes'] / 1e6:.1f} MB; "
+    print(f"model: {result['tensors']} tensors, {_fmt_mb(result['model_bytes'])}; "
           "page cache warm; medians of the runs")
     print()
     print(format_table(result))
