@@ -13,7 +13,7 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
 
 PYTHONS = ["3.11", "3.13"]
-TEST_EXTRAS = "test,jax,frameworks,remote,progress,docs,bench"
+TEST_EXTRAS = "test,jax,frameworks,orbax,remote,progress,docs,bench"
 
 
 @nox.session(python=PYTHONS)
@@ -40,7 +40,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
     """Build the documentation site with ``mkdocs build --strict``."""
-    session.install(".[docs,jax,frameworks]")
+    session.install(".[docs,jax,frameworks,orbax]")
     session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
