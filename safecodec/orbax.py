@@ -94,14 +94,14 @@ class SafetensorsHandler(ocp.AsyncCheckpointHandler):  # type: ignore[misc]
     # ------------------------------------------------------------------------- saving
 
     def save(self, directory: Any, *args: Any, **kwargs: Any) -> None:
-        """Write ``args.item`` to ``directory`` now, streaming from the arrays themselves."""
+        """Write ``args.tree`` to ``directory`` now, streaming from the arrays themselves."""
         save_args = _save_args(args, kwargs)
-        if self._writes_here(save_args.item):
-            save_tree(save_args.item, self._location(directory), save_args.metadata,
+        if self._writes_here(save_args.tree):
+            save_tree(save_args.tree, self._location(directory), save_args.metadata,
                       alignment=self.alignment)
 
     async def async_save(self, directory: Any, *args: Any, **kwargs: Any) -> list[Any]:
-        """Copy ``args.item``'s arrays now; return the future that writes the file.
+        """Copy ``args.tree``'s arrays now; return the future that writes the file.
 
         The copies are taken before this returns (see the module docstring), so the
         caller may change or donate its arrays at once. The file is written when Orbax
@@ -109,8 +109,8 @@ class SafetensorsHandler(ocp.AsyncCheckpointHandler):  # type: ignore[misc]
         """
         save_args = _save_args(args, kwargs)
         location = self._location(directory)
-        writes = self._writes_here(save_args.item)
-        snapshot = snapshot_tree(save_args.item) if writes else None
+        writes = self._writes_here(save_args.tree)
+        snapshot = snapshot_tree(save_args.tree) if writes else None
         metadata, alignment = save_args.metadata, self.alignment
 
         async def write() -> None:
@@ -134,7 +134,7 @@ class SafetensorsHandler(ocp.AsyncCheckpointHandler):  # type: ignore[misc]
     # ------------------------------------------------------------------------- restoring
 
     def restore(self, directory: Any, *args: Any, **kwargs: Any) -> Any:
-        """Read the item back: onto ``args.item``'s structure, shardings and types when
+        """Read the item back: onto ``args.target``'s structure, shardings and types when
         given (checked leaf by leaf), else as saved with ``jax.Array`` leaves on the
         default device.
 
@@ -144,9 +144,9 @@ class SafetensorsHandler(ocp.AsyncCheckpointHandler):  # type: ignore[misc]
         """
         restore_args = _restore_args(args, kwargs)
         location = self._existing(directory)
-        if restore_args.item is None:
+        if restore_args.target is None:
             return load_tree(location, framework="jax")
-        return load_tree(location, like=restore_args.item)
+        return load_tree(location, like=restore_args.target)
 
     def metadata(self, directory: Any) -> Any:
         """The saved tree with ``jax.ShapeDtypeStruct`` leaves in place of arrays (scalars
@@ -179,13 +179,13 @@ class SafetensorsSave(ocp.args.CheckpointArgs):  # type: ignore[misc]
     """Save a pytree with :class:`SafetensorsHandler` (as ``ocp.args.StandardSave``).
 
     Attributes:
-        item: Any pytree :func:`safecodec.save_tree` accepts: ``jax.Array`` (sharded or
+        tree: Any pytree :func:`safecodec.save_tree` accepts: ``jax.Array`` (sharded or
             not), NumPy arrays and scalars, PRNG keys, dicts, lists, tuples, ``None``,
             registered nodes (Flax, NNX, Equinox, namedtuples, dataclasses).
         metadata: Optional str -> str metadata stored in the file's header.
     """
 
-    item: Any
+    tree: Any
     metadata: Mapping[str, str] | None = None
 
 
@@ -195,14 +195,14 @@ class SafetensorsRestore(ocp.args.CheckpointArgs):  # type: ignore[misc]
     """Restore with :class:`SafetensorsHandler` (as ``ocp.args.StandardRestore``).
 
     Attributes:
-        item: A template: the same tree with ``jax.Array``\\ s or
+        target: A template: the same tree with ``jax.Array``\\ s or
             ``jax.ShapeDtypeStruct``\\ s (their shardings say where each array goes, and
             each process reads only its own shards' bytes), NumPy arrays (NumPy out), or
             concrete values. None: restore the tree as saved, arrays as ``jax.Array``\\ s
             on the default device.
     """
 
-    item: Any = None
+    target: Any = None
 
 
 # ----------------------------------------------------------------------------- trees
