@@ -7,8 +7,10 @@ from __future__ import annotations
 import collections
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -33,7 +35,7 @@ from safecodec.orbax import (  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _cpu_devices import cpu_device_env  # noqa: E402
-from orbax_worker import values  # noqa: E402  (its data only: it imports jax when run)
+from orbax_worker import HANG_S, values  # noqa: E402  (its data only: it imports jax when run)
 
 _WORKER = os.path.join(HERE, "orbax_worker.py")
 
@@ -260,3 +262,57 @@ def test_restore_onto_a_mesh_in_another_process(tmp_path):
                 {"params": {k: jnp.asarray(v) for k, v in values(step).items()}, "step": step}))
         manager.wait_until_finished()
     _run_worker("restore", str(tmp_path))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_two_processes(directory: pathlib.Path) -> list[str]:
+    """Both multihost workers, never leaving a child behind; their outputs, or fail."""
+    # no proxies: gRPC would send the workers' 127.0.0.1 traffic there (see
+    # test_jax_multiprocess.py)
+    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env = cpu_device_env(2, base, no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
+    port = str(_free_port())
+    logs = [directory.parent / f"{directory.name}-worker-{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:  # files, not pipes: a full pipe would stall a barrier
+            procs.append(subprocess.Popen(
+                [sys.executable, _WORKER, "multihost", str(directory), str(i), port], env=env,
+                cwd=os.path.dirname(HERE), stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + HANG_S + 40
+    try:
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = [log.read_text() for log in logs]
+    report = "\n".join(f"---- process {i} (exit {p.returncode}) ----\n{out[-4000:]}"
+                       for i, (p, out) in enumerate(zip(procs, outputs, strict=True)))
+    assert [p.returncode for p in procs] == [0, 0], report
+    return outputs
+
+
+def test_two_processes_save_collectively_through_one_manager(tmp_path):
+    """jax.distributed with 2 processes: arrays spanning both are written into one file by
+    both (async, in Orbax's background thread); a step every process holds whole is written
+    by process 0 alone; both restore onto other shardings; the files are plain."""
+    directory = tmp_path / "ckpt"
+    outputs = _run_two_processes(directory)
+    assert all("worker ok" in out for out in outputs), outputs
+    assert sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) == ["2", "3"]
+    for step in (2, 3):
+        tensors = st_numpy.load_file(str(_step_file(directory, step)))
+        for name, want in values(step).items():
+            np.testing.assert_array_equal(tensors[f"params.{name}"], want)
+        assert int(tensors["step"]) == step
