@@ -1,7 +1,8 @@
 """Orbax checkpoints as plain safetensors files.
 
 An ``orbax.checkpoint`` handler and its argument pair, for the handler API of
-``orbax-checkpoint`` 0.11 and later (``pip install "safecodec[orbax]"``)::
+``orbax-checkpoint`` 0.12 (``AsyncCheckpointHandler``, ``ocp.args``; tested with 0.12.8;
+``pip install "safecodec[orbax]"``)::
 
     import orbax.checkpoint as ocp
     from safecodec.orbax import SafetensorsHandler, SafetensorsRestore, SafetensorsSave
