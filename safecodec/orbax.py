@@ -111,7 +111,7 @@ class SafetensorsHandler(ocp.AsyncCheckpointHandler):  # type: ignore[misc]
         save_args = _save_args(args, kwargs)
         location = self._location(directory)
         writes = self._writes_here(save_args.tree)
-        snapshot = snapshot_tree(save_args.tree) if writes else None
+        snapshot = _snapshot_tree(save_args.tree) if writes else None
         metadata, alignment = save_args.metadata, self.alignment
 
         async def write() -> None:
@@ -161,7 +161,7 @@ class SafetensorsHandler(ocp.AsyncCheckpointHandler):  # type: ignore[misc]
         with warnings.catch_warnings(record=True):
             tree = load_tree(location)
         abstract: Any = jax.ShapeDtypeStruct
-        return map_arrays(tree, lambda x: abstract(x.shape, x.dtype))
+        return _map_arrays(tree, lambda x: abstract(x.shape, x.dtype))
 
     def _existing(self, directory: Any) -> str:
         path = directory / self.filename
@@ -209,7 +209,7 @@ class SafetensorsRestore(ocp.args.CheckpointArgs):  # type: ignore[misc]
 # ----------------------------------------------------------------------------- trees
 
 
-def map_arrays(tree: Any, fn: Callable[[Any], Any]) -> Any:
+def _map_arrays(tree: Any, fn: Callable[[Any], Any]) -> Any:
     """``tree`` rebuilt with ``fn`` applied to every array leaf (``jax.Array``, NumPy
     array or scalar); other leaves are kept as they are.
 
@@ -221,26 +221,26 @@ def map_arrays(tree: Any, fn: Callable[[Any], Any]) -> Any:
         return None
     kind = type(tree)
     if kind is dict:
-        return {key: map_arrays(value, fn) for key, value in tree.items()}
+        return {key: _map_arrays(value, fn) for key, value in tree.items()}
     if kind is list or kind is tuple:
-        return kind(map_arrays(value, fn) for value in tree)
+        return kind(_map_arrays(value, fn) for value in tree)
     if isinstance(tree, jax.Array | np.ndarray | np.generic):
         return fn(tree)
     treedef: Any
     children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # a leaf of another kind
         return tree
-    return treedef.unflatten([map_arrays(child, fn) for child in children])
+    return treedef.unflatten([_map_arrays(child, fn) for child in children])
 
 
-def snapshot_tree(tree: Any) -> Any:
+def _snapshot_tree(tree: Any) -> Any:
     """A copy of ``tree`` whose arrays nothing else holds: host copies of the arrays this
     process holds whole, device copies (same sharding) of those spread over processes
     and of PRNG keys. Blocks until the copies are taken; ``tree`` is not modified."""
     for leaf in jax.tree_util.tree_leaves(tree):  # start every transfer before waiting
         if isinstance(leaf, jax.Array) and leaf.is_fully_addressable and not _is_key(leaf):
             leaf.copy_to_host_async()
-    return map_arrays(tree, _copy_array)
+    return _map_arrays(tree, _copy_array)
 
 
 def _copy_array(x: Any) -> Any:
