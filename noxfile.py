@@ -32,7 +32,7 @@ if ON_CI:
     nox.options.error_on_missing_interpreters = True
 
 PYTHONS = ["3.11", "3.13"]
-TEST_EXTRAS = "test,jax,frameworks,remote,progress,docs,bench"
+TEST_EXTRAS = "test,jax,frameworks,orbax,remote,progress,docs,bench"
 
 
 def _works(executable: str, version: str) -> bool:
@@ -140,8 +140,8 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
     """Build the documentation site into ``site/`` with ``mkdocs build --strict``."""
-    _install(session, ".[docs,jax,frameworks]",
-             what="safecodec with mkdocs-material, mkdocstrings, jax and the frameworks")
+    _install(session, ".[docs,jax,frameworks,orbax]",
+             what="safecodec with mkdocs-material, mkdocstrings, jax, the frameworks and orbax")
     session.run("mkdocs", "build", "--strict", *session.posargs)
     session.log("site written to site/: view it with `.nox/docs/bin/mkdocs serve` "
                 "(http://127.0.0.1:8000, rebuilds on save)")
