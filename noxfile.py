@@ -115,11 +115,13 @@ def _install(session: nox.Session, *args: str, what: str) -> None:
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """Run the full test suite (pass pytest arguments after ``--``)."""
+    """Check the import layers (import-linter, configured in pyproject.toml), then run the
+    full test suite (pass pytest arguments after ``--``)."""
     _TESTED.append(str(session.python))
     _install(session, f".[{TEST_EXTRAS}]",
-             what="safecodec with jax, flax, haiku, objax, equinox, s3fs, moto, mkdocs, "
-             "the reference safetensors wheel and pytest")
+             what="safecodec with jax, flax, haiku, objax, equinox, orbax, s3fs, moto, mkdocs, "
+             "the reference safetensors wheel, import-linter and pytest")
+    session.run("lint-imports")
     session.run("python", "-m", "pytest", *session.posargs)
 
 

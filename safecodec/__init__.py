@@ -8,7 +8,7 @@ library only; ml_dtypes, JAX and fsspec are imported when first needed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._api import load, load_file, read_header, safe_open, save, save_file, verify_file
 from ._errors import (
@@ -27,6 +27,10 @@ from ._header import Header, TensorInfo
 from ._reader import SafeOpen, TensorSlice
 from ._sharded import ShardedSafeOpen
 from ._version import __version__
+
+if TYPE_CHECKING:  # imported on first use (see __getattr__); named here for tools
+    from ._safejax import deserialize, serialize
+    from ._tree import load_tree, save_tree
 
 __all__ = [
     "ChecksumError",

@@ -330,8 +330,9 @@ def save_file(
         if jax_values and target.fs is None and not checksums:
             from ._jax_save import write_shard as write_jax
 
-            def write_shard(part: Mapping[str, Any], sink: Any) -> tuple[bytes, int]:
-                return write_jax(part, sink, metadata, alignment)
+            def write_shard(part: Mapping[str, Any], sink: Any,
+                            shard_metadata: Mapping[str, str]) -> tuple[bytes, int]:
+                return write_jax(part, sink, shard_metadata, alignment)
 
         save_sharded(tensors, target, metadata, max_shard_size=max_shard_size,
                      alignment=alignment, progress=progress, checksums=checksums,

@@ -48,7 +48,7 @@ from ._version import __version__
 __all__ = ["build_parser", "main"]
 
 #: A tensor is "aligned" when its absolute file offset is a multiple of this: the
-#: condition under which ``jax.device_put`` on CPU aliases a mapped array (FORMAT.md).
+#: condition under which ``jax.device_put`` on CPU aliases a mapped array (docs/format.md).
 ZERO_COPY_ALIGNMENT: Final = 64
 #: Elements compared per step by ``diff``: bounds the temporary float64 copies (16 MiB).
 DIFF_CHUNK: Final = 1 << 21

@@ -43,8 +43,11 @@ class TreeStructureError(SafecodecError):
     """A tree does not match its template, or recorded structure is inconsistent."""
 
 
-class RemoteIOError(SafecodecError):
-    """Reading from or writing to a remote / file-like source failed or came back short."""
+class RemoteIOError(SafecodecError, OSError):
+    """Reading from or writing to a remote / file-like source failed, came back short, or
+    the object changed since it was opened. Both a :class:`SafecodecError` and an
+    ``OSError`` (code that handles I/O errors catches it); the filesystem's own exception
+    is chained as ``__cause__``."""
 
 
 class ChecksumError(SafecodecError):

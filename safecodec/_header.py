@@ -240,6 +240,9 @@ RESERVED_PREFIX: Final = "safecodec."
 TREE_KEY: Final = RESERVED_PREFIX + "tree"
 #: The metadata key holding per-tensor checksums (:mod:`safecodec._integrity`).
 CHECKSUM_KEY: Final = RESERVED_PREFIX + "checksums"
+#: The metadata key naming the save a shard of a sharded checkpoint belongs to (random,
+#: the same in every shard of one save): two saves never write the same shard header.
+CHECKPOINT_KEY: Final = RESERVED_PREFIX + "checkpoint"
 _TREE_KEY: Final = TREE_KEY
 
 
@@ -254,6 +257,8 @@ def visible_metadata(raw: dict[str, str] | None) -> dict[str, str] | None:
     if not any(k.startswith(RESERVED_PREFIX) for k in raw):
         return dict(raw)
     user = {k: v for k, v in raw.items() if not k.startswith(RESERVED_PREFIX)}
+    if not user and set(raw) == {CHECKPOINT_KEY}:
+        return None  # a shard of a sharded save without user metadata
     if not user and _TREE_KEY in raw:
         try:
             import json
@@ -881,7 +886,7 @@ def check_name(name: object) -> str:
 
 
 #: The reserved keys safecodec itself writes (and copies when rewriting a file).
-INTERNAL_KEYS: Final = frozenset({TREE_KEY, CHECKSUM_KEY})
+INTERNAL_KEYS: Final = frozenset({TREE_KEY, CHECKSUM_KEY, CHECKPOINT_KEY})
 
 
 def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:

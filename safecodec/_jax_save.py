@@ -158,6 +158,7 @@ def write_shard(tensors: Mapping[str, Any], sink: Any, metadata: Mapping[str, st
     bytes and size (the sharded writer records them in the index)."""
     header, planned, values = _writer.prepare(tensors, metadata, alignment)
     total = len(header) + (planned[-1].end if planned else 0)
+    sink.set_size(total)
     _write_all(_Positioned(sink=sink), header, planned, values, process=0, collective=False)
     return header, total
 

@@ -15,9 +15,20 @@ Remote writes go through :class:`safecodec._sink.RemoteAtomicFile`. What it guar
   asynchronous filesystems, a thread pool otherwise).
 * **Never wrong values.** Every response's length is checked against the range asked
   for; a short answer (a truncated object) or an over-long one (a server that ignored the
-  Range header) raises :class:`~safecodec.RemoteIOError`. Whole-file loads re-check the
-  object's size and ETag after the transfer (:meth:`FsspecSource.check_unchanged`), so an
-  object replaced mid-download is reported instead of mixing two versions.
+  Range header) raises :class:`~safecodec.RemoteIOError`. HTTP answers are streamed and
+  cut off as soon as they exceed the request (:data:`HTTP_PIECE`), so such a server never
+  makes a read download the whole object.
+* **One version, on every read.** Every read is pinned to the object seen when it was
+  opened (its header was read from it): HTTP(S) requests carry ``If-Match`` with its
+  strong ETag (a replaced object answers 412); S3 objects in a versioned bucket are read
+  by version id; on every other filesystem (S3 without versioning, GCS, memory...) the
+  object's identity (size plus ETag / version / generation / mtime, whatever ``info``
+  reports) is re-checked after each read, one metadata request
+  (:meth:`FsspecSource.check_unchanged`). A change raises RemoteIOError on lazy reads,
+  slices, whole-file, JAX, sharded and tree loads alike: they all read through here.
+* **One error type.** Every failure of the filesystem surfaces as RemoteIOError (both an
+  ``OSError`` and a :class:`~safecodec.SafecodecError`) with the cause chained; a timeout
+  says what timed out and after how long.
 * **Accounting.** ``source.stats`` counts bytes received and range requests made
   (``SafeOpen.stats`` reports them), plus metadata requests (``info``) separately.
 """
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import posixpath
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
@@ -49,11 +61,31 @@ MERGE_GAP: Final = 16 * 1024
 #: Spans longer than this are split, so that one large read becomes several concurrent
 #: requests (and a progress bar can move).
 MAX_REQUEST: Final = 16 * 1024 * 1024
+#: HTTP answers are read in pieces of this size (the most a server that ignores ``Range``
+#: can make a read overshoot before it is stopped).
+HTTP_PIECE: Final = 256 * 1024
 #: Threads used to fetch ranges concurrently on filesystems that are not asynchronous.
 MAX_THREADS: Final = 8
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _is_http(fs: Any) -> bool:
+    """Whether ``fs`` is fsspec's HTTP filesystem (read with :meth:`FsspecSource._http_fetch`)."""
+    from fsspec.implementations.http import HTTPFileSystem
+
+    return isinstance(fs, HTTPFileSystem)
+
+
+def _describe(exc: BaseException, elapsed: float | None) -> str:
+    """An exception for a message: its type and text, and for a timeout with no text (as
+    fsspec's FSTimeoutError has) what timed out and after how long."""
+    text = str(exc)
+    if not text and "Timeout" in type(exc).__name__:
+        after = f" after {elapsed:.1f} s" if elapsed is not None else ""
+        text = f"the request got no answer{after} (the filesystem's timeout expired)"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _is_async(fs: Any) -> bool:
@@ -170,11 +202,26 @@ class FsspecSource(SourceBase):
         self._identity = _identity(info)
         self._exact = _exact_cat(fs)
         self._closed = False
+        # Every read is pinned to the version whose header was read: by the protocol where
+        # it can (HTTP: If-Match with a strong ETag; S3 with versioning: the version id),
+        # else by re-checking the identity after each read (one metadata request).
+        self._http = _is_http(fs)
+        self._pin: dict[str, Any] = {}
+        etag = info.get("ETag")
+        version = info.get("VersionId")
+        if self._http and isinstance(etag, str) and etag and not etag.startswith("W/"):
+            self._pin = {"headers": {"If-Match": etag}}
+        elif version and hasattr(fs, "version_aware"):  # s3fs: pass the version id
+            self._pin = {"version_id": version}
+        self._recheck = not self._pin
 
     # -- fetching
     def _fetch_one(self, start: int, end: int) -> bytes:
+        if self._http:
+            return self._http_fetch([(start, end)])[0]  # type: ignore[no-any-return]
         if self._exact:
-            return self.fs.cat_file(self.path, start=start, end=end)  # type: ignore[no-any-return]
+            return self.fs.cat_file(self.path, start=start, end=end,  # type: ignore[no-any-return]
+                                    **self._pin)
         try:
             f = self.fs.open(self.path, "rb", cache_type="none", block_size=0)
         except TypeError:  # a filesystem whose open() takes no cache options
@@ -193,10 +240,13 @@ class FsspecSource(SourceBase):
         for start, end in spans:
             self.check_range(start, end - start, what)
         results: list[Any]
-        if _is_async(self.fs) and len(spans) > 1:
+        began = time.monotonic()
+        if self._http and len(spans) > 1:
+            results = self._http_fetch(spans)
+        elif _is_async(self.fs) and len(spans) > 1:
             results = self.fs.cat_ranges(
                 [self.path] * len(spans), [s for s, _ in spans], [e for _, e in spans],
-                on_error="return",
+                on_error="return", **self._pin,
             )
         elif len(spans) == 1:
             try:
@@ -220,7 +270,7 @@ class FsspecSource(SourceBase):
                 if failure is None:
                     failure = data
                     message = (f"reading {what} from {self.name} failed: bytes {start}-{end}: "
-                               f"{type(data).__name__}: {data}")
+                               f"{_describe(data, time.monotonic() - began)}")
                 continue
             received += len(data)
             if len(data) != end - start and failure is None:
@@ -234,9 +284,66 @@ class FsspecSource(SourceBase):
         if bar is not None:
             bar.update(received)
         if failure is not None:
+            if isinstance(failure, RemoteIOError) and str(failure):
+                raise failure
             raise RemoteIOError(message) from (
                 None if isinstance(failure, RemoteIOError) else failure)
+        if self._recheck:
+            self.check_unchanged()
         return results
+
+    def _http_fetch(self, spans: Sequence[tuple[int, int]]) -> list[Any]:
+        """HTTP(S) ranges, streamed, concurrently: each answer is read in pieces and the
+        transfer stops (RemoteIOError) as soon as it exceeds what was asked, so a server
+        that ignores ``Range`` costs at most one piece more than the request, never the
+        whole object in memory. Requests carry ``If-Match`` with the ETag seen at open
+        time: a replaced object answers 412, reported as a change."""
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        async def one(session: Any, start: int, end: int) -> Any:
+            kw = dict(self.fs.kwargs)
+            headers = dict(kw.pop("headers", None) or {})
+            headers.update(self._pin.get("headers", {}))
+            headers["Range"] = f"bytes={start}-{end - 1}"
+            want = end - start
+            try:
+                async with session.get(self.fs.encode_url(self.path), headers=headers,
+                                       **kw) as r:
+                    if r.status == 412:
+                        return RemoteIOError(
+                            f"{self.name} changed since it was opened (the server refused "
+                            f"If-Match {self._pin['headers']['If-Match']}: 412); the file's "
+                            "header no longer describes it, open it again")
+                    if r.status == 404:
+                        return FileNotFoundError(2, "No such file (it disappeared)", self.name)
+                    r.raise_for_status()
+                    pinned = self._pin.get("headers", {}).get("If-Match")
+                    sent = r.headers.get("ETag")
+                    if pinned and sent and sent != pinned:  # a server ignoring If-Match
+                        return RemoteIOError(
+                            f"{self.name} changed since it was opened (ETag {pinned} then, "
+                            f"{sent} now); the file's header no longer describes it, open it "
+                            "again")
+                    buf = bytearray()
+                    async for piece in r.content.iter_chunked(HTTP_PIECE):
+                        buf += piece
+                        if len(buf) > want:
+                            return RemoteIOError(
+                                f"unexpected answer while reading {self.name}: asked for bytes "
+                                f"{start}-{end} ({want} bytes), the server sent more (status "
+                                f"{r.status}; does it ignore Range requests?); stopped after "
+                                f"{len(buf)} bytes")
+                    return bytes(buf)
+            except Exception as exc:  # reported with its range by _fetch
+                return exc
+
+        async def many() -> list[Any]:
+            session = await self.fs.set_session()
+            return list(await asyncio.gather(*(one(session, a, b) for a, b in spans)))
+
+        return sync(self.fs.loop, many)  # type: ignore[no-any-return]
 
     # -- the source interface
     def read(self, offset: int, length: int, what: str = "data") -> bytes | memoryview:
@@ -337,6 +444,10 @@ class FsspecSource(SourceBase):
             info = self.fs.info(self.path)
         except FileNotFoundError as exc:
             raise RemoteIOError(f"{self.name} disappeared while it was being read") from exc
+        except Exception as exc:
+            raise RemoteIOError(
+                f"checking that {self.name} did not change failed: {_describe(exc, None)}"
+            ) from exc
         with self.stats.lock:
             self.stats.metadata_requests += 1
         now = _identity(info)

@@ -28,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from ._errors import ClosedHandleError, RemoteIOError, SafecodecError
-from ._header import Header, TensorInfo, check_metadata
+from ._header import CHECKPOINT_KEY, Header, TensorInfo, check_metadata
 from ._progress import ProgressBar
 from ._reader import Output, SafeOpen, check_numpy_placement, missing_tensor, normalize_framework
 from ._remote import run_concurrently
@@ -392,7 +393,8 @@ def write_checkpoint(
     alignment: int = 64,
     progress: bool = False,
     checksums: bool = False,
-    write_shard: Callable[[Mapping[str, Any], Any], tuple[bytes, int]] | None = None,
+    write_shard: Callable[[Mapping[str, Any], Any, Mapping[str, str]], tuple[bytes, int]]
+    | None = None,
     index_metadata: Mapping[str, Any] | None = None,
 ) -> str:
     """Write shard files and their index into ``folder``, published as the module
@@ -404,10 +406,9 @@ def write_checkpoint(
         folder: The checkpoint's directory (resolved).
         index_name: The index's file name.
         alignment, progress, checksums: As for :func:`safecodec.save_file`.
-        write_shard: ``fn(tensors, sink) -> (header bytes, size)`` writing one shard into
-            an open sink without committing it (the routers pass the JAX writer for JAX
-            arrays); default: :func:`safecodec._writer.stream_file` with each shard's
-            metadata.
+        write_shard: ``fn(tensors, sink, metadata) -> (header bytes, size)`` writing one
+            shard into an open sink without committing it (the routers pass the JAX writer
+            for JAX arrays); default: :func:`safecodec._writer.stream_file`.
         index_metadata: Extra entries for the index's ``metadata`` (``total_size`` and
             :data:`SHARDS_KEY` are always written by this function).
 
@@ -428,13 +429,15 @@ def write_checkpoint(
     identities: dict[str, dict[str, Any]] = {}
     total_size = 0
     pending: list[Any] = []
+    save_id = secrets.token_hex(8)  # makes every shard header of this save unique
     try:
         with ProgressBar(None, f"save {len(shards)} shards", progress, unit="shard") as bar:
-            for shard, part, metadata in shards:
+            for shard, part, user_metadata in shards:
+                metadata = {**(user_metadata or {}), CHECKPOINT_KEY: save_id}
                 sink = open_sink(folder.join(shard))
                 pending.append(sink)
                 if write_shard is not None:
-                    header, size = write_shard(part, sink)
+                    header, size = write_shard(part, sink, metadata)
                 else:
                     header, size = stream_file(part, sink, metadata, alignment=alignment,
                                                checksums=checksums)
@@ -449,6 +452,7 @@ def write_checkpoint(
         index_sink = open_sink(index_target)
         pending.append(index_sink)
         index_sink.write(index_bytes(weight_map, total_size, extra))
+        index_sink.flush()
     except BaseException:
         for sink in pending:
             sink.discard()
@@ -468,7 +472,8 @@ def save_sharded(
     alignment: int = 64,
     progress: bool = False,
     checksums: bool = False,
-    write_shard: Callable[[Mapping[str, Any], Any], tuple[bytes, int]] | None = None,
+    write_shard: Callable[[Mapping[str, Any], Any, Mapping[str, str]], tuple[bytes, int]]
+    | None = None,
 ) -> str:
     """Write tensors as a sharded checkpoint: ``<prefix>-0000i-of-0000N.safetensors`` shards
     plus ``<prefix>.safetensors.index.json`` (:func:`write_checkpoint`). Called by

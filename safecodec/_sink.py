@@ -86,6 +86,8 @@ class Sink(Protocol):
 
     def write_at(self, offset: int, data: Any) -> None: ...
 
+    def flush(self) -> None: ...
+
     def commit(self) -> None: ...
 
     def discard(self) -> None: ...
@@ -231,6 +233,18 @@ class LocalAtomicFile:
         self._flush()
         self._write_all(view)
 
+    def set_size(self, size: int) -> None:
+        """Make the file ``size`` bytes long (writers that write at offsets)."""
+        self._flush()
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _with_filename(exc, self.target) from None
+
+    def flush(self) -> None:
+        """Write what small writes gathered (the file is complete on disk, not published)."""
+        self._flush()
+
     def _flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, bytearray()
@@ -315,6 +329,9 @@ class RemoteAtomicFile:
 
     def write_at(self, offset: int, data: Any) -> None:
         raise SafecodecError(f"{self.name}: remote sinks are written in order only")
+
+    def flush(self) -> None:
+        """Nothing to do: the upload completes on :meth:`commit`."""
 
     def commit(self) -> None:
         """Finish the upload and move the temporary key to the target."""

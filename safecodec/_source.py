@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from ._errors import RemoteIOError, SafecodecError
+from ._errors import ClosedHandleError, RemoteIOError, SafecodecError
 
 try:  # some platforms (Pyodide, WASI) have no mmap
     import mmap as _mmap
@@ -68,6 +68,47 @@ class Source(Protocol):
     def readinto(self, offset: int, out: memoryview, what: str = "data") -> None: ...
 
     def close(self) -> None: ...
+
+
+class _InFlight:
+    """Reads in flight on a descriptor the source owns, so that closing the source while
+    other threads read never closes the descriptor under them: the process could reuse
+    its number for another file, and a read in flight would return that file's bytes.
+    :meth:`close` waits for nothing: the last read to finish closes the file."""
+
+    __slots__ = ("_close", "_closed", "_lock", "_users", "name")
+
+    def __init__(self, name: str) -> None:
+        self._lock = _thread.allocate_lock()
+        self._users = 0
+        self._closed = False
+        self._close: Any = None
+        self.name = name
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise ClosedHandleError(f"{self.name}: read after the handle was closed")
+            self._users += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._users -= 1
+            close = self._close if self._closed and not self._users else None
+            if close is not None:
+                self._close = None
+        if close is not None:
+            close()
+
+    def close(self, close: Any) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._users:
+                self._close = close
+                return
+        close()
 
 
 class SourceStats:
@@ -174,6 +215,7 @@ class FileSource(SourceBase):
         self._file: Any = open(file, "rb") if isinstance(file, (str, os.PathLike)) else file  # noqa: SIM115
         self.name = name or str(getattr(self._file, "name", "file object"))
         self._lock = _thread.allocate_lock()
+        self._inflight = _InFlight(self.name)
         self._fd: int | None = None
         try:
             fd = self._file.fileno()
@@ -199,6 +241,13 @@ class FileSource(SourceBase):
         return out
 
     def readinto(self, offset: int, out: memoryview, what: str = "data") -> None:
+        self._inflight.enter()
+        try:
+            self._readinto(offset, out, what)
+        finally:
+            self._inflight.exit()
+
+    def _readinto(self, offset: int, out: memoryview, what: str) -> None:
         if self._fd is not None:
             _pread_into(self._fd, offset, out, self, what)
             return
@@ -222,8 +271,13 @@ class FileSource(SourceBase):
         self.stats.bytes_read += length
 
     def close(self) -> None:
-        if self._owned:
-            self._file.close()
+        """Close the file (once no read is in flight); later reads raise
+        ClosedHandleError."""
+        self._inflight.close(self._file.close if self._owned else _nothing)
+
+
+def _nothing() -> None:
+    """Closing a file object the caller owns: nothing to do."""
 
 
 class MappedSource(SourceBase):
@@ -252,6 +306,7 @@ class MappedSource(SourceBase):
         self.size = os.fstat(self._fd).st_size
         self._maps: dict[str, memoryview] = {}
         self._lock = _thread.allocate_lock()
+        self._inflight = _InFlight(self.name)
 
     def buffer(self, mode: MapMode = "copy") -> memoryview:
         view = self._maps.get(mode)
@@ -274,13 +329,17 @@ class MappedSource(SourceBase):
 
     def readinto(self, offset: int, out: memoryview, what: str = "data") -> None:
         # A copy straight from the page cache, without touching a mapping.
-        _pread_into(self._fd, offset, out, self, what)
+        self._inflight.enter()
+        try:
+            _pread_into(self._fd, offset, out, self, what)
+        finally:
+            self._inflight.exit()
 
     def close(self) -> None:
-        # Mappings are not closed: arrays handed out keep them alive through their base.
+        """Drop the mappings and close the file once no read is in flight. Mappings are
+        not closed: arrays handed out keep them alive through their base."""
         self._maps = {}
-        if self._owned:
-            self._file.close()
+        self._inflight.close(self._file.close if self._owned else _nothing)
 
 
 def _pread_into(fd: int, offset: int, out: memoryview, src: SourceBase, what: str) -> None:

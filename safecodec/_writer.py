@@ -309,6 +309,7 @@ def stream_file(
     if digests is not None:
         header = final_header(planned, metadata, alignment, digests, header)
         sink.write_at(0, header)
+    sink.flush()
     return header, total
 
 

@@ -102,6 +102,12 @@ class _RangeHandler(BaseHTTPRequestHandler):
             self._not_found()
             return
         size, etag = self._headers_for(full)
+        pinned = self.headers.get("If-Match")
+        if pinned and pinned != "*" and etag not in (p.strip() for p in pinned.split(",")):
+            self.send_response(412)  # as real servers (S3, GCS, nginx) answer a stale If-Match
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         start, end = 0, size  # end exclusive
         status = 200
         m = _RANGE.match(header or "")

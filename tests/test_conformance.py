@@ -1,5 +1,5 @@
 """Reader conformance: safecodec against the reference wheel (safetensors 0.8.0), rule by
-rule of FORMAT.md.
+rule of docs/format.md.
 
 Each corpus case states what safecodec must do (accept, or raise a given error class with a
 given message fragment) and the test checks, every run, that the reference reaches the same

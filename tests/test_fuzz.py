@@ -71,7 +71,7 @@ def _same(a: Tensors | sc.SafecodecError, b: Tensors | sc.SafecodecError) -> boo
     return (type(a), str(a)) == (type(b), str(b))
 
 
-#: Our messages for the documented deviations (FORMAT.md): the reference accepts these
+#: Our messages for the documented deviations (docs/format.md): the reference accepts these
 #: files, safecodec rejects them on purpose (a duplicate name, a NUL, a shape NumPy cannot
 #: hold), the same excuses as test_conformance.py's ``_same_verdict``.
 DELIBERATE = ("format forbids", "safecodec rejects", "NumPy cannot represent")

@@ -108,7 +108,7 @@ WRITER = textwrap.dedent(
 
 
 def _temporaries(directory, pid: int) -> list[str]:
-    pattern = re.compile(rf"\.m\.safetensors\.{pid}\.[0-9a-f]{{8}}{re.escape(_writer.TMP_SUFFIX)}")
+    pattern = re.compile(rf"\.m\.safetensors\.{pid}\.[0-9a-f]{{8}}{re.escape(_sink.TMP_SUFFIX)}")
     return [n for n in os.listdir(directory) if pattern.fullmatch(n)]
 
 

@@ -59,7 +59,8 @@ def test_source_reads_exact_ranges_and_counts(mem_url):
     assert src.size == len(data)
     assert src.buffer() is None
     assert bytes(src.read(10, 5)) == data[10:15]
-    assert src.stats.as_dict() == {"bytes_read": 5, "requests": 1, "metadata_requests": 1}
+    # memory:// offers no version pinning: each read re-checks the identity (one info)
+    assert src.stats.as_dict() == {"bytes_read": 5, "requests": 1, "metadata_requests": 2}
     out = src.read_ranges([(1000, 1010), (0, 4), (2, 6), (50_000, 60_000)])
     assert [bytes(o) for o in out] == [data[1000:1010], data[0:4], data[2:6], data[50_000:60_000]]
     # (0,4), (2,6) and (1000,1010) merge into one request; 50_000 is far away: another.
@@ -207,7 +208,8 @@ def test_lazy_open_reads_header_in_one_request_then_only_what_is_asked(mem_url):
     size = fsspec.filesystem("memory").size(url)
     assert size > FIRST_READ
     with sc.safe_open(url) as f:
-        assert f.stats == {"bytes_read": FIRST_READ, "requests": 1, "metadata_requests": 1}
+        # open (info), header block, identity re-check (memory:// has no version pinning)
+        assert f.stats == {"bytes_read": FIRST_READ, "requests": 1, "metadata_requests": 2}
         assert f.metadata() is None
         info = f.header.tensors["big"]
         assert f.stats["requests"] == 1
@@ -244,7 +246,8 @@ def test_whole_load_streams_once(mem_url, monkeypatch):
         # Header block, then the data section once (in 64 KiB concurrent pieces).
         assert f.stats["bytes_read"] == FIRST_READ + (size - data_start)
         assert f.stats["requests"] == 1 + -(-(size - data_start) // (64 * 1024))
-        assert f.stats["metadata_requests"] == 2  # open, and the unchanged check
+        # open; the unchanged check after the header and after the whole transfer
+        assert f.stats["metadata_requests"] == 3
     for name, arr in t.items():
         np.testing.assert_array_equal(out[name], arr)
 

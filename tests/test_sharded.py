@@ -167,12 +167,16 @@ def test_output_loads_in_a_huggingface_style_loader(tmp_path):
     assert sorted(out) == sorted(t)
     for name, arr in t.items():
         assert _same(out[name], arr), name
-    # alignment=8: each shard is byte for byte what the reference writer would write.
+    # alignment=8: each shard is byte for byte what the reference writer would write with
+    # the same metadata (which carries the save's id, so that two saves never write the
+    # same shard header).
     index = json.loads(_read(os.path.join(d, "model" + INDEX_SUFFIX)))
     shard = index["weight_map"]["layers.0.b"]
     part = {k: t[k] for k, s in index["weight_map"].items() if s == shard}
+    raw = sc.read_header(os.path.join(d, shard)).raw_metadata
+    assert sorted(raw) == ["format", "safecodec.checkpoint"] and raw["format"] == "np"
     with open(os.path.join(d, shard), "rb") as f:
-        assert f.read() == sc.save(part, {"format": "np"}, alignment=8)
+        assert f.read() == sc.save(part, raw, alignment=8)
 
 
 def test_save_targets_name_the_prefix(tmp_path):

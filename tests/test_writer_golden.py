@@ -120,7 +120,7 @@ def test_layout_of_inputs_does_not_change_bytes(make, dtype) -> None:
 
 
 def test_empty_dict_with_empty_metadata_is_documented_output() -> None:
-    """FORMAT.md: no tensors and ``{}`` metadata give ``{"__metadata__":{}}`` (the 0.8.0
+    """docs/format.md: no tensors and ``{}`` metadata give ``{"__metadata__":{}}`` (the 0.8.0
     wheel writes something else here; that bug is not copied)."""
     data = sc.save({}, {}, alignment=8)
     assert data == struct.pack("<Q", 24) + b'{"__metadata__":{}}' + b" " * 5
