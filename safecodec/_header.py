@@ -792,7 +792,8 @@ def _digits(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.nd
     return x
 
 
-def _numbers(words: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+def _numbers(raw: np.ndarray, words: np.ndarray, starts: np.ndarray,
+             ends: np.ndarray) -> np.ndarray | None:
     """The decimal numbers in [starts, ends) as int64, or None unless each is 1 to
     :data:`_SCAN_MAX_DIGITS` digits without a leading zero."""
     lengths: np.ndarray = ends - starts
@@ -803,13 +804,17 @@ def _numbers(words: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     low_len = np.minimum(lengths, 8)
     high_len = lengths - low_len
     low = _digits(words, starts + high_len, low_len)
-    high = _digits(words, starts, high_len)
-    if low is None or high is None:
+    if low is None:
         return None
     # A leading zero: the first byte is "0" and more digits follow.
-    if ((words[starts] & np.uint64(0xFF)) == 0x30)[lengths > 1].any():
+    if (raw[starts] == 0x30)[lengths > 1].any():
         return None
-    values: np.ndarray = (high * np.uint64(100_000_000) + low).astype(np.int64)
+    if high_len.max():  # more than 8 digits somewhere
+        high = _digits(words, starts, high_len)
+        if high is None:
+            return None
+        low += high * np.uint64(100_000_000)
+    values: np.ndarray = low.astype(np.int64)
     return values
 
 
@@ -833,7 +838,9 @@ def _scan_compact(header: bytes | bytearray | memoryview, text: str, header_size
     if not text.isascii() or "\\" in text:
         return None
     first = len(text) - len(text.lstrip(_WS))
-    stop = len(text.rstrip(_WS))
+    tail_start = max(len(text) - 64, 0)  # padding is short: no copy of the whole text
+    tail = text[tail_start:].rstrip(_WS)
+    stop = tail_start + len(tail) if tail else len(text.rstrip(_WS))
     if stop - first < 2 or text[first] != "{" or text[stop - 1] != "}":
         return None
     start = first + 1
@@ -912,7 +919,7 @@ def _scan_compact(header: bytes | bytearray | memoryview, text: str, header_size
     offsets_end[:-1] = q[1:, 0] - 3
     offsets_end[-1] = size - 2
     comma = commas[np.searchsorted(commas, offsets_start)]
-    values = _numbers(words, np.concatenate((dim_start, offsets_start, comma + 1)),
+    values = _numbers(raw, words, np.concatenate((dim_start, offsets_start, comma + 1)),
                       np.concatenate((dim_end, comma, offsets_end)))
     if values is None:
         return None
@@ -939,8 +946,9 @@ def _scan_compact(header: bytes | bytearray | memoryview, text: str, header_size
     name_len = name_end - name_start
     if name_len.max() > _SCAN_MAX_NAME:
         return None
-    if ((name_len == 12) & (words[name_start] == _METADATA_WORDS[0])
-            & ((words[name_start + 8] & _MASKS[4]) == _METADATA_WORDS[1])).any():
+    twelve = name_start[name_len == 12]  # a tensor called __metadata__ takes the long way
+    if ((words[twelve] == _METADATA_WORDS[0])
+            & ((words[twelve + 8] & _MASKS[4]) == _METADATA_WORDS[1])).any():
         return None
     tensors = _LazyTensors(text, start, name_start, name_end, row, shape_start, shape_end,
                            begins, ends)
