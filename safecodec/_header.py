@@ -33,9 +33,12 @@ The checks, in the order the reference reader makes them (each raises its own er
 7. 8 + N + final cursor must equal the source size ("file not fully covered").
 
 Speed: headers in the canonical compact form that every known writer emits are checked
-and split by two regular-expression passes and C-level list operations; any other header
-(and any header with a problem to report) goes through :mod:`json` with strict hooks and a
-tensor-by-tensor walk, which alone words the errors.
+on their raw bytes by NumPy when they are ASCII (:func:`_scan_compact`; names and
+``TensorInfo`` objects are then made only when asked for, see :class:`_LazyTensors`), or
+else by two regular-expression passes and C-level list operations; any other header (and
+any header with a problem to report) goes through :mod:`json` with strict hooks and a
+tensor-by-tensor walk, which alone words the errors. Each faster path accepts only what
+the next one accepts, with the same result, and hands everything else down.
 
 Two deliberate deviations from the reference: a tensor name that appears twice is
 rejected (the reference silently keeps the last), and NUL characters in tensor names or
