@@ -86,7 +86,7 @@ def test_http_whole_load_streams_once(http_server, served):
 def test_http_server_ignoring_ranges_is_detected(http_server, served):
     url, _, _ = served
     http_server.ignore_range = True
-    with pytest.raises(sc.RemoteIOError, match="ignore Range requests.*stopped after"):
+    with pytest.raises(sc.RemoteIOError, match=r"ignore Range requests.*stopped after"):
         sc.safe_open(url)
 
 
@@ -94,7 +94,7 @@ def test_http_changed_object_is_reported(http_server, served):
     url, t, path = served
     with sc.safe_open(url) as f:
         sc.save_file({k: v + 1 for k, v in t.items()}, path)  # same size, new ETag
-        with pytest.raises(sc.RemoteIOError, match="changed since it was opened.*412"):
+        with pytest.raises(sc.RemoteIOError, match=r"changed since it was opened.*412"):
             f.get_tensors()
 
 
