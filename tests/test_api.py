@@ -1,4 +1,5 @@
-"""Regressions found in review: public argument names and clear errors on bad arguments."""
+"""The routers (safecodec._api) as users call them: public argument names, keyword shapes
+of the drop-in front ends, and clear errors on bad arguments."""
 
 from __future__ import annotations
 
