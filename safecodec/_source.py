@@ -18,7 +18,9 @@ out views instead of copies.
 from __future__ import annotations
 
 import _thread
+import ctypes
 import os
+import sys
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -314,10 +316,7 @@ class MappedSource(SourceBase):
             with self._lock:
                 view = self._maps.get(mode)
                 if view is None:
-                    assert _mmap is not None
-                    access = _mmap.ACCESS_COPY if mode == "copy" else _mmap.ACCESS_READ
-                    mapping = _mmap.mmap(self._fd, self.size, access=access)
-                    view = memoryview(mapping)
+                    view = map_file(self._fd, self.size, mode)
                     self._maps[mode] = view
         return view
 
@@ -340,6 +339,72 @@ class MappedSource(SourceBase):
         not closed: arrays handed out keep them alive through their base."""
         self._maps = {}
         self._inflight.close(self._file.close if self._owned else _nothing)
+
+
+def map_file(fd: int, size: int, mode: MapMode) -> memoryview:
+    """Map ``size`` bytes of ``fd``: ``"copy"`` a private copy-on-write mapping (writable
+    views), ``"read"`` a read-only one. The mapping lives as long as the memoryview (and
+    anything built on it) and, unlike a plain :class:`mmap.mmap`, keeps no file descriptor
+    of its own: JAX's CPU client holds aliased host arrays in reference cycles that only the
+    garbage collector frees, and a descriptor per mapping waiting for it would exhaust the
+    process's descriptors (EMFILE) long before memory runs short."""
+    assert _mmap is not None
+    access = _mmap.ACCESS_COPY if mode == "copy" else _mmap.ACCESS_READ
+    if _TRACKFD:  # Python 3.13+: the mapping does not duplicate the descriptor
+        return memoryview(_mmap.mmap(fd, size, access=access, trackfd=False))
+    raw = _libc_mmap(fd, size, mode)
+    if raw is not None:
+        return raw
+    return memoryview(_mmap.mmap(fd, size, access=access))
+
+
+_TRACKFD = _mmap is not None and sys.version_info >= (3, 13)
+
+
+class _Unmap:
+    """Owns a mapping made with libc's mmap: unmapped when the last view goes."""
+
+    __slots__ = ("addr", "size")
+
+    def __init__(self, addr: int, size: int) -> None:
+        self.addr, self.size = addr, size
+
+    def __del__(self) -> None:
+        _LIBC.munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size))
+
+
+def _libc_mmap(fd: int, size: int, mode: MapMode) -> memoryview | None:
+    """A mapping through libc (no descriptor kept), or None where that is unavailable."""
+    if _LIBC is None or not size:
+        return None
+    prot = _mmap.PROT_READ | (_mmap.PROT_WRITE if mode == "copy" else 0)
+    addr = _LIBC.mmap(None, ctypes.c_size_t(size), prot, _mmap.MAP_PRIVATE, fd,
+                      ctypes.c_int64(0))
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap failed: {os.strerror(err)}")
+    array = (ctypes.c_ubyte * size).from_address(addr)
+    array._safecodec_owner = _Unmap(addr, size)  # type: ignore[attr-defined]
+    view = memoryview(array).cast("B")
+    return view if mode == "copy" else view.toreadonly()
+
+
+def _load_libc() -> Any:
+    if _mmap is None or _TRACKFD or os.name != "posix" or sys.maxsize < 2**32:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_int64]
+        libc.munmap.restype = ctypes.c_int
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):  # pragma: no cover - an unusual libc
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
 
 
 def _pread_into(fd: int, offset: int, out: memoryview, src: SourceBase, what: str) -> None:

@@ -376,7 +376,7 @@ def test_jax_load_file_leaves_no_descriptor_behind_without_the_collector(tmp_pat
     try:
         before = len(os.listdir(fd_dir))
         for _ in range(50):
-            out = scj.load_file(path, copy=True)
+            out = scj.load_file(path)  # mapped: each mapping holds a descriptor of its own
             del out
         after = len(os.listdir(fd_dir))
     finally:
