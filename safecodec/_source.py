@@ -351,7 +351,7 @@ def map_file(fd: int, size: int, mode: MapMode) -> memoryview:
     assert _mmap is not None
     access = _mmap.ACCESS_COPY if mode == "copy" else _mmap.ACCESS_READ
     if _TRACKFD:  # Python 3.13+: the mapping does not duplicate the descriptor
-        return memoryview(_mmap.mmap(fd, size, access=access, trackfd=False))
+        return memoryview(_mmap.mmap(fd, size, access=access, trackfd=False))  # type: ignore[call-arg]  # 3.13+
     raw = _libc_mmap(fd, size, mode)
     if raw is not None:
         return raw
