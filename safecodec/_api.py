@@ -54,13 +54,14 @@ def _jax_output(device: Any, sharding: Any, strict_x64: bool) -> Any:
 
 
 def safe_open(
-    source: Any,
+    source: Any = None,
     framework: str = "numpy",
+    device: Any = None,
     *,
+    filename: Any = None,
     fs: Any = None,
     copy: bool = False,
     unpack: bool = True,
-    device: Any = None,
     sharding: Any = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
@@ -78,12 +79,15 @@ def safe_open(
             ``*.safetensors.index.json`` (local or remote) opens a sharded checkpoint.
         framework: ``"numpy"`` (default, also ``"np"``), or ``"jax"`` / ``"flax"`` for
             jax.Array outputs.
+        device: With framework='jax', the device to place arrays on. With NumPy outputs,
+            only ``"cpu"`` (the reference wheel's spelling) is accepted. Third positional
+            argument, as in the wheel: ``safe_open(path, "np", "cpu")``.
+        filename: The reference wheel's name for ``source`` (``safe_open(filename=...,
+            framework="np")``); give one or the other.
         fs: An fsspec filesystem on which ``source`` is a path.
         copy: Return independent arrays instead of views of the source.
         unpack: Unpack F4/F6 tensors to one element per byte (ml_dtypes). With False, they
             come back as 1-D ``uint8`` arrays of the packed bytes.
-        device: With framework='jax', the device to place arrays on. With NumPy outputs,
-            only ``"cpu"`` (the reference wheel's spelling) is accepted.
         sharding: With framework='jax', a Sharding, mapping or callable (see
             :func:`safecodec.jax.load_file`).
         storage_options: Options for the fsspec filesystem a URL names (credentials,
@@ -113,6 +117,10 @@ def safe_open(
         ...     f.get_slice("w")[:, 1].tolist()
         [1.0, 4.0]
     """
+    if (source is None) == (filename is None):
+        raise TypeError("safe_open() takes one source: a positional argument or filename=")
+    if source is None:
+        source = filename
     copy = _copy_for(backend, copy)
     fw = normalize_framework(framework)
     output = _jax_output(device, sharding, strict_x64) if fw == "jax" else None

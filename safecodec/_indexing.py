@@ -2,10 +2,10 @@
 array, turned into element runs in C order (and back into the result's shape).
 
 ``normalize_index`` expands an index (ints, negative ints, slices with any step,
-Ellipsis, None) to one entry per dimension; ``plan_runs`` turns that into ascending
-``(start, stop)`` element runs and the shape of the block they fill; ``finish_block`` gives
-the block the index's own order and new axes. Readers multiply runs by the item size to
-get byte ranges; nothing here touches bytes.
+Ellipsis, None, the empty list of ``x[[]]``) to one entry per dimension; ``plan_runs``
+turns that into ascending ``(start, stop)`` element runs and the shape of the block they
+fill; ``finish_block`` gives the block the index's own order and new axes. Readers
+multiply runs by the item size to get byte ranges; nothing here touches bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ __all__ = ["finish_block", "index_key", "normalize_index", "numpy_index", "plan_
 
 def normalize_index(index: Any, shape: tuple[int, ...], name: str) -> tuple[list[Any], list[int]]:
     """Expand ``index`` to one entry per dimension (int or (start, stop, step) range), plus
-    the positions of ``None`` (new axes) in the result. Raises SliceIndexError."""
+    the positions of ``None`` (new axes) in the result. Raises SliceIndexError.
+
+    An empty list as the whole index (``x[[]]``) selects nothing along the first axis, as
+    in NumPy and the reference wheel: it is ``x[0:0]``. Other lists (advanced indexing)
+    are refused."""
+    if type(index) is list and not index:
+        index = slice(0, 0)
     if not isinstance(index, tuple):
         index = (index,)
     for item in index:

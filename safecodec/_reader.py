@@ -294,11 +294,17 @@ class Output(Protocol):
 class TensorSlice:
     """A lazy view of one tensor: ``get_shape()``, ``get_dtype()``, and ``[index]`` with
     NumPy basic-indexing semantics (ints, negative ints, slices with any step, Ellipsis,
-    None), reading only the bytes the index needs."""
+    None, and ``[]``), reading only the bytes the index needs.
+
+    Like the reference wheel's, a slice outlives its handle when the file is mapped (the
+    mapping stays alive); where every read is a positioned read (``backend="pread"``,
+    ``copy=True``, remote sources), indexing it after the handle closed raises
+    :class:`~safecodec.ClosedHandleError`."""
 
     def __init__(self, handle: SafeOpen, info: TensorInfo) -> None:
         self._handle = handle
         self._info = info
+        self._reader = handle.reader
 
     def get_shape(self) -> list[int]:
         """The tensor's shape, as a list (like the reference wheel)."""
@@ -329,12 +335,13 @@ class TensorSlice:
         return f"TensorSlice({self._info.name!r}, dtype={self.get_dtype()}, shape={self.get_shape()})"
 
     def __getitem__(self, index: Any) -> Any:
-        return self._handle._convert(self.numpy(index), self._info)
+        arr = self.numpy(index)
+        output = self._handle.output
+        return arr if output is None else output.convert(self._reader, arr, self._info)
 
     def numpy(self, index: Any = ()) -> np.ndarray:
         """The selected part as a NumPy array (whatever the handle's framework)."""
-        handle = self._handle
-        reader = handle.reader
+        reader = self._reader
         info = self._info
         if 0 in info.shape or len(info.shape) > VIEW_MAX_NDIM:
             check_numpy_shape(info)
@@ -474,11 +481,6 @@ class SafeOpen:
             return self._header.tensors[name]
         except (KeyError, TypeError):
             raise missing_tensor(name, list(self._header.tensors), "this file") from None
-
-    def _convert(self, arr: np.ndarray, info: TensorInfo) -> Any:
-        if self.output is None:
-            return arr
-        return self.output.convert(self.reader, arr, info)
 
     # -- the reference API
     def keys(self) -> list[str]:

@@ -12,7 +12,8 @@ Identical to :mod:`safecodec.jax`; see it for ``device=``, ``sharding=``, ``copy
 from __future__ import annotations
 
 from ._flax_tree import deserialize, serialize
-from .jax import load, load_file, save, save_file
+from .jax import load, load_file, safe_open, save, save_file
 
 # serialize/deserialize: safejax.flax's verbs for nested variables (FrozenDict by default).
-__all__ = ["deserialize", "load", "load_file", "save", "save_file", "serialize"]
+# safe_open: re-exported, as safetensors.flax does.
+__all__ = ["deserialize", "load", "load_file", "safe_open", "save", "save_file", "serialize"]

@@ -26,7 +26,10 @@ from . import _api, _jax_save
 from ._errors import SafecodecError
 from ._jax_load import PrecisionWarning
 
-__all__ = ["PrecisionWarning", "load", "load_file", "save", "save_file"]
+__all__ = ["PrecisionWarning", "load", "load_file", "safe_open", "save", "save_file"]
+
+#: The router, re-exported as ``safetensors.flax`` re-exports ``safe_open``.
+safe_open = _api.safe_open
 
 
 def save(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *,
@@ -123,8 +126,8 @@ def load(data: bytes | bytearray | memoryview, *, device: Any = None, sharding: 
                      strict_x64=strict_x64)
 
 
-def load_file(filename: Any, *, device: Any = None, sharding: Any = None, copy: bool = False,
-              strict_x64: bool = False, fs: Any = None,
+def load_file(filename: Any, *, backend: str = "mmap", device: Any = None, sharding: Any = None,
+              copy: bool = False, strict_x64: bool = False, fs: Any = None,
               storage_options: dict[str, Any] | None = None) -> dict[str, jax.Array]:
     """Load every tensor of a safetensors file as ``jax.Array`` values.
 
@@ -135,6 +138,8 @@ def load_file(filename: Any, *, device: Any = None, sharding: Any = None, copy: 
 
     Args:
         filename: Path, fsspec URL, or binary file object.
+        backend: As in ``safetensors.flax.load_file``: ``"mmap"`` (default) or
+            ``"pread"`` (positioned reads into private memory, the same as ``copy=True``).
         device, sharding, strict_x64: See :func:`load`.
         copy: Give every array its own memory (one read from the page cache) instead of
             sharing the mapping; use it when the file may be modified in place.
@@ -148,13 +153,13 @@ def load_file(filename: Any, *, device: Any = None, sharding: Any = None, copy: 
         name -> ``jax.Array``, in file order.
 
     Raises:
-        SafecodecError: See :func:`load`.
+        SafecodecError: See :func:`load`; an unknown ``backend``.
         FileNotFoundError: ``filename`` does not exist.
 
     Example:
         >>> import jax, safecodec.jax as scj
         >>> # params = scj.load_file("model.safetensors", device=jax.devices("cpu")[0])
     """
-    return _api.load_file(filename, framework="jax", device=device, sharding=sharding,
-                          copy=copy, strict_x64=strict_x64, fs=fs,
+    return _api.load_file(filename, framework="jax", backend=backend, device=device,
+                          sharding=sharding, copy=copy, strict_x64=strict_x64, fs=fs,
                           storage_options=storage_options)

@@ -15,7 +15,10 @@ import numpy as np
 
 from . import _api
 
-__all__ = ["load", "load_file", "save", "save_file"]
+__all__ = ["load", "load_file", "safe_open", "save", "save_file"]
+
+#: The router, re-exported as ``safetensors.numpy`` re-exports ``safe_open``.
+safe_open = _api.safe_open
 
 # Thin wrappers, so that calls written for safetensors.numpy with its keyword names
 # (tensor_dict=, filename=) work unchanged; every other option is safecodec's.

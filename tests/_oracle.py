@@ -58,6 +58,18 @@ def require() -> Any:
     return _module()
 
 
+def require_module(name: str) -> Any:
+    """Return ``safetensors.<name>`` (``"numpy"``, ``"flax"``), or skip the calling test
+    when the wheel, or that module's framework, is missing."""
+    import importlib
+
+    _module()
+    try:
+        return importlib.import_module(f"safetensors.{name}")
+    except ImportError as exc:
+        pytest.skip(f"safetensors.{name} is not importable: {exc}")
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What the oracle made of some bytes: accepted tensors, or the error message."""
