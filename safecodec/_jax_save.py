@@ -13,9 +13,14 @@ header and the values that are whole on it; every process writes its own shards 
 0 only) at their offsets; after a barrier process 0 renames the file into place, and a
 last barrier makes it visible to every process when the call returns. If any process
 fails, every process raises (a :class:`~safecodec.SafecodecError` naming the failed
-process or barrier) and process 0 removes the temporary file. If process 0 itself dies,
-JAX's runtime aborts the other processes (nothing a library can catch); its temporary
-file is then unlocked, and the next save of the same target removes it.
+process or barrier) and process 0 removes the temporary file. If a process DIES, JAX's
+coordination service fails the barrier after its heartbeat timeout, and by default
+terminates every other process at the same moment (``jax_enable_recoverability`` off):
+process 0 may or may not get to raise and remove its temporary first. With
+recoverability on, the barrier times out instead (``timeout_s``) and process 0 raises,
+naming the process that is gone. If process 0 itself dies, JAX terminates the other
+processes at once (nothing a library can catch). A temporary file left behind is
+unlocked, and the next save of the same target removes it.
 """
 
 from __future__ import annotations
@@ -201,7 +206,10 @@ def _barrier(name: str, timeout_s: float, path: str) -> None:
 
         multihost_utils.sync_global_devices(name)  # pragma: no cover
     except Exception as exc:
-        gone = _gone_processes()
+        # JAX names a process that stopped sending heartbeats itself; else ask it which
+        # processes are gone (one more request: not made when every moment counts, since
+        # JAX's default is then to terminate this process too)
+        gone = [] if "heartbeat" in str(exc) else _gone_processes()
         why = (f"process {', '.join(map(str, gone))} is gone: JAX's coordination service "
                "lost it" if gone else
                f"another process died or did not arrive within {timeout_s:g} s")

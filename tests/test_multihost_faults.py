@@ -14,7 +14,9 @@ What JAX 0.10 does when a process dies (observed, and asserted below):
   previous file is intact either way, and a temporary left behind is unlocked, so the next
   save of the target removes it.
 * When process 0, the coordinator, dies, the other process is terminated at once (its
-  connection to the coordination service closes; no heartbeat timeout is waited for).
+  connection to the coordination service closes; no heartbeat timeout is waited for); it
+  may get back from ``save_file`` first, with a SafecodecError (safecodec 861e74c let
+  JAX's JaxRuntimeError "UNAVAILABLE: recvmsg:Connection reset by peer" through).
 * With ``jax_enable_recoverability`` on, survivors keep running: the barrier is not failed
   but times out (the save's ``timeout_s``), and process 0 raises a SafecodecError that
   names the barrier and the process that is gone, and removes its temporary.
@@ -177,12 +179,16 @@ def test_peer_killed_mid_write_default_jax_terminates_process_0(outcomes) -> Non
     next save."""
     out = outcomes["peer-default"]
     assert out.codes[1] == -9, out.report()
-    assert TERMINATED in out.logs[0], out.report()
-    if 0 in out.results:
+    if 0 in out.results:  # process 0 won the race (then it exits at once: os._exit)
         r = out.results[0]
         assert r["raised"] == "SafecodecError", r
+        assert "JaxRuntimeError" not in r["mro"]
+        assert re.search(r"barrier 'safecodec-save-\w+-\d+-written' failed", r["message"])
         assert "heartbeat timeout" in r["message"], r["message"]
         assert r["elapsed"] < 5 + 15, r  # the heartbeat timeout, plus slack
+        assert r["temporaries"] == []
+    else:
+        assert TERMINATED in out.logs[0], out.report()
     _previous_intact(out.directory)
     sc.save_file({"next": np.ones(3, np.float32)}, out.directory / "m.safetensors")
     assert out.temporaries() == []
@@ -190,14 +196,19 @@ def test_peer_killed_mid_write_default_jax_terminates_process_0(outcomes) -> Non
 
 @pytest.mark.slow
 def test_coordinator_killed_mid_write_jax_aborts_the_other_process(outcomes) -> None:
-    """Process 0 dies holding its temporary: JAX terminates process 1 at once. The
+    """Process 0 dies holding its temporary: JAX terminates process 1 at once (if process
+    1 gets back from save_file first, it raised a SafecodecError, never JaxRuntimeError). The
     temporary stays behind, full size and unlocked; the previous file is intact; the next
     save of the target removes the temporary."""
     out = outcomes["coordinator-default"]
     assert out.codes[0] == -9 and "SIGKILL" in out.logs[0], out.report()
-    assert out.codes[1] not in (0, None), out.report()
     assert TERMINATED in out.logs[1], out.report()
-    assert 1 not in out.results  # it never got back from save_file
+    if 1 in out.results:  # it got back from save_file before JAX terminated it
+        r = out.results[1]
+        assert r["raised"] == "SafecodecError" and "JaxRuntimeError" not in r["mro"], r
+        assert "nothing was published" in r["message"], r
+    else:
+        assert out.codes[1] not in (0, None), out.report()
     left = out.temporaries()
     assert len(left) == 1 and re.fullmatch(r"\.m\.safetensors\.mh-\w+-\d+\.safecodec-tmp",
                                            left[0]), left
