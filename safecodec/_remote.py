@@ -93,7 +93,7 @@ def describe_failure(exc: BaseException, elapsed: float | None) -> str:
     seen: BaseException | None = exc
     while seen is not None and seen not in chain and len(chain) < 8:
         chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     text = str(exc)
     if any(_is_timeout(e) for e in chain):
         texts: list[str] = []
