@@ -13,9 +13,14 @@ header and the values that are whole on it; every process writes its own shards 
 0 only) at their offsets; after a barrier process 0 renames the file into place, and a
 last barrier makes it visible to every process when the call returns. If any process
 fails, every process raises (a :class:`~safecodec.SafecodecError` naming the failed
-process or barrier) and process 0 removes the temporary file. If process 0 itself dies,
-JAX's runtime aborts the other processes (nothing a library can catch); its temporary
-file is then unlocked, and the next save of the same target removes it.
+process or barrier) and process 0 removes the temporary file. If a process DIES, JAX's
+coordination service fails the barrier after its heartbeat timeout, and by default
+terminates every other process at the same moment (``jax_enable_recoverability`` off):
+process 0 may or may not get to raise and remove its temporary first. With
+recoverability on, the barrier times out instead (``timeout_s``) and process 0 raises,
+naming the process that is gone. If process 0 itself dies, JAX terminates the other
+processes at once (nothing a library can catch). A temporary file left behind is
+unlocked, and the next save of the same target removes it.
 """
 
 from __future__ import annotations
@@ -190,7 +195,8 @@ _SAVE_COUNTER = itertools.count()
 
 def _barrier(name: str, timeout_s: float, path: str) -> None:
     """Wait until every process reaches ``name``; a failure (a peer died: JAX reports it
-    after its heartbeat timeout, or the wait timed out) raises SafecodecError."""
+    after its heartbeat timeout, or the wait timed out) raises SafecodecError naming the
+    barrier and, when JAX knows, the processes that are gone."""
     client = _client()
     try:
         if client is not None:
@@ -200,11 +206,29 @@ def _barrier(name: str, timeout_s: float, path: str) -> None:
 
         multihost_utils.sync_global_devices(name)  # pragma: no cover
     except Exception as exc:
+        # JAX names a process that stopped sending heartbeats itself; else ask it which
+        # processes are gone (one more request: not made when every moment counts, since
+        # JAX's default is then to terminate this process too)
+        gone = [] if "heartbeat" in str(exc) else _gone_processes()
+        why = (f"process {', '.join(map(str, gone))} is gone: JAX's coordination service "
+               "lost it" if gone else
+               f"another process died or did not arrive within {timeout_s:g} s")
         raise SafecodecError(
-            f"save_file({path!r}): barrier {name!r} failed (another process died or did not "
-            f"arrive within {timeout_s:g} s); nothing was published: {type(exc).__name__}: "
-            f"{str(exc)[:300]}"
+            f"save_file({path!r}): barrier {name!r} failed, {why}; nothing was published: "
+            f"{type(exc).__name__}: {str(exc)[:300]}"
         ) from exc
+
+
+def _gone_processes() -> list[int]:
+    """The processes JAX's coordination service no longer counts as alive (empty when it
+    cannot tell)."""
+    client = _client()
+    count = jax.process_count()
+    try:
+        live = client.get_live_nodes(list(range(count)))
+    except Exception:  # no client, an older jaxlib, or the service itself is gone
+        return []
+    return [p for p in range(count) if p not in live]
 
 
 def _save_collective(header: bytes, planned: list[PlannedTensor], values: Mapping[str, Any],
@@ -277,7 +301,10 @@ def _publish(key: str, value: str) -> None:
     """Tell every process how this one's part went (through JAX's coordination service)."""
     client = _client()
     if client is not None:
-        client.key_value_set(key, value)
+        try:
+            client.key_value_set(key, value)
+        except Exception as exc:
+            raise _coordination_error(f"publishing {key!r}", exc) from exc
 
 
 def _status(failed: BaseException | None) -> str:
@@ -291,7 +318,21 @@ def _collect_one(key: str, timeout_s: float) -> str:
     client = _client()
     if client is None:  # pragma: no cover - multi-process without jax.distributed
         return "ok"
-    return str(client.blocking_key_value_get(key, int(timeout_s * 1000)))
+    try:
+        return str(client.blocking_key_value_get(key, int(timeout_s * 1000)))
+    except Exception as exc:
+        raise _coordination_error(f"waiting {timeout_s:g} s for {key!r}", exc) from exc
+
+
+def _coordination_error(what: str, exc: BaseException) -> SafecodecError:
+    """A failure of JAX's coordination service during a collective save (JaxRuntimeError
+    is no SafecodecError): nothing was published."""
+    gone = _gone_processes()
+    note = f" (process {', '.join(map(str, gone))} is gone)" if gone else ""
+    return SafecodecError(
+        f"collective save_file: {what} through JAX's coordination service failed{note}; "
+        f"nothing was published: {type(exc).__name__}: {str(exc)[:300]}"
+    )
 
 
 def _collect(tag: str, count: int, timeout_s: float) -> list[str]:

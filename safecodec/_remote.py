@@ -51,6 +51,7 @@ __all__ = [
     "MERGE_GAP",
     "FsspecSource",
     "RemoteStats",
+    "describe_failure",
     "merge_ranges",
     "run_concurrently",
 ]
@@ -78,13 +79,31 @@ def _is_http(fs: Any) -> bool:
     return isinstance(fs, HTTPFileSystem)
 
 
-def _describe(exc: BaseException, elapsed: float | None) -> str:
-    """An exception for a message: its type and text, and for a timeout with no text (as
-    fsspec's FSTimeoutError has) what timed out and after how long."""
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__
+
+
+def describe_failure(exc: BaseException, elapsed: float | None) -> str:
+    """An exception for a message: its type and text. A timeout (or an error caused by
+    one) says that it timed out, after how long (``elapsed``, seconds since the request
+    began) and what timed out: the texts of its causes, since the outermost one often has
+    none (fsspec's FSTimeoutError wraps botocore's "Read timeout on endpoint URL: ...",
+    which wraps aiohttp's "Timeout on reading data from socket")."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     text = str(exc)
-    if not text and "Timeout" in type(exc).__name__:
+    if any(_is_timeout(e) for e in chain):
+        texts: list[str] = []
+        for e in chain:
+            t = str(e)
+            if t and t not in texts:
+                texts.append(t)
+        what = "; ".join(texts[:3]) or "no data arrived within the filesystem's timeout"
         after = f" after {elapsed:.1f} s" if elapsed is not None else ""
-        text = f"the request got no answer{after} (the filesystem's timeout expired)"
+        text = f"timed out{after}: {what}"
     return f"{type(exc).__name__}: {text}"
 
 
@@ -270,7 +289,7 @@ class FsspecSource(SourceBase):
                 if failure is None:
                     failure = data
                     message = (f"reading {what} from {self.name} failed: bytes {start}-{end}: "
-                               f"{_describe(data, time.monotonic() - began)}")
+                               f"{describe_failure(data, time.monotonic() - began)}")
                 continue
             received += len(data)
             if len(data) != end - start and failure is None:
@@ -437,6 +456,7 @@ class FsspecSource(SourceBase):
         Raises:
             RemoteIOError: The object changed or disappeared since it was opened.
         """
+        began = time.monotonic()
         try:
             invalidate = getattr(self.fs, "invalidate_cache", None)
             if invalidate is not None:
@@ -446,7 +466,8 @@ class FsspecSource(SourceBase):
             raise RemoteIOError(f"{self.name} disappeared while it was being read") from exc
         except Exception as exc:
             raise RemoteIOError(
-                f"checking that {self.name} did not change failed: {_describe(exc, None)}"
+                f"checking that {self.name} did not change failed: "
+                f"{describe_failure(exc, time.monotonic() - began)}"
             ) from exc
         with self.stats.lock:
             self.stats.metadata_requests += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,13 +81,17 @@ def resolve_fs(
 
 def _remote_info(fs: Any, path: str, name: str) -> Mapping[str, Any]:
     """``fs.info(path)``, with every failure but a missing object as RemoteIOError."""
+    from ._remote import describe_failure
+
+    began = time.monotonic()
     try:
         info: Mapping[str, Any] = fs.info(path)
     except FileNotFoundError:
         raise
     except Exception as exc:
         raise RemoteIOError(
-            f"asking for the size of {name} failed: {type(exc).__name__}: {exc}"
+            f"asking for the size of {name} failed: "
+            f"{describe_failure(exc, time.monotonic() - began)}"
         ) from exc
     return info
 
