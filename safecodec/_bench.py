@@ -47,6 +47,8 @@ from typing import Any, Final
 
 import numpy as np
 
+from ._progress import ProgressBar
+
 __all__ = ["MODEL_SIZES", "build_model", "main", "model_shapes", "time_call"]
 
 
@@ -251,13 +253,13 @@ class _Lines:
 
 
 class _Bar:
-    """The same progress as a tqdm bar (on a terminal, when tqdm is installed)."""
+    """The same progress as the library's progress bar (on a terminal, with tqdm)."""
 
-    def __init__(self, tqdm: Any, total: int) -> None:
-        self.bar = tqdm.tqdm(total=total, unit="step", leave=False, file=sys.stderr)
+    def __init__(self, bar: ProgressBar) -> None:
+        self.bar = bar
 
     def start(self, text: str) -> None:
-        self.bar.set_description(text)
+        self.bar.describe(text)
 
     def finish(self, seconds: float) -> None:
         self.bar.update(1)
@@ -267,11 +269,11 @@ class _Bar:
 
 
 def _progress(total: int) -> _Lines | _Bar:
-    """A tqdm bar on a terminal when tqdm is installed, else a line per step on stderr."""
+    """A bar on a terminal when tqdm is installed, else a line per step on stderr."""
     if sys.stderr.isatty():
-        tqdm = optional("tqdm")
-        if tqdm is not None:
-            return _Bar(tqdm, total)
+        bar = ProgressBar(total, "bench", True, unit="step", file=sys.stderr)
+        if bar.shown:
+            return _Bar(bar)
     return _Lines(total)
 
 

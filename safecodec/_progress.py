@@ -39,6 +39,17 @@ class ProgressBar:
         self._bar = tqdm(total=total or None, desc=desc, unit=unit, unit_scale=scaled,
                          unit_divisor=1024 if scaled else 1000, leave=False, file=file)
 
+    @property
+    def shown(self) -> bool:
+        """Whether a bar is drawn (tqdm installed and enabled)."""
+        return self._bar is not None
+
+    def describe(self, text: str) -> None:
+        """Replace the label (long jobs name the step they are in)."""
+        if self._bar is not None:
+            with self._lock:
+                self._bar.set_description(text)
+
     def update(self, n: int) -> None:
         """Advance by ``n``."""
         if self._bar is not None:
