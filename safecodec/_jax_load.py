@@ -538,7 +538,7 @@ class JaxOutput:
         call per batch; locally, per-run positioned reads or views of the mapping. Each
         tensor is placed as soon as its blocks are there."""
         jobs = [self._shard_job(reader, info, sharding) for info, sharding in items]
-        remote = reader.buffer is None and not reader.source.positioned
+        by_ranges = reader.buffer is None and not reader.source.positioned  # remote, mostly
         address = aliasable_address(reader)
         out: dict[str, jax.Array] = {}
         fetch: list[tuple[_ShardJob, Key]] = []
@@ -548,7 +548,7 @@ class JaxOutput:
             for d, key in zip(job.devices, job.keys, strict=True):
                 if key in job.blocks or key in job.pending:
                     continue  # identical (replicated) blocks are read once
-                if remote and not dt.packed and _dtypes.HOST_IS_LITTLE_ENDIAN:
+                if by_ranges and not dt.packed and _dtypes.HOST_IS_LITTLE_ENDIAN:
                     job.pending.add(key)
                     fetch.append((job, key))
                 elif key == full_key:
