@@ -140,25 +140,30 @@ def merge_ranges(
     """
     gap = MERGE_GAP if gap is None else gap
     max_request = MAX_REQUEST if max_request is None else max_request
-    spans: list[list[int]] = []  # start, end, bytes asked for, bytes merged in
+    always = min(gap, MERGE_ALWAYS)
+    spans: list[tuple[int, int]] = []
+    # the span being built: its start and end, the bytes asked for in it, the bytes merged in
+    lo = hi = asked = slack = -1
     for start, end in sorted(r for r in ranges if r[1] > r[0]):
-        if spans:
-            last = spans[-1]
-            hole = start - last[1]
+        hole = start - hi
+        if lo >= 0:
             if hole <= 0:  # overlapping or touching
-                if end > last[1]:
-                    last[2] += end - last[1]
-                    last[1] = end
+                if end > hi:
+                    asked += end - hi
+                    hi = end
                 continue
-            if hole <= gap and (hole <= MERGE_ALWAYS
-                                or last[3] + hole <= MERGE_SLACK * (last[2] + end - start)):
-                last[1] = end
-                last[2] += end - start
-                last[3] += hole
+            if hole <= always or (hole <= gap
+                                  and slack + hole <= MERGE_SLACK * (asked + end - start)):
+                asked += end - start
+                slack += hole
+                hi = end
                 continue
-        spans.append([start, end, end - start, 0])
+            spans.append((lo, hi))
+        lo, hi, asked, slack = start, end, end - start, 0
+    if lo >= 0:
+        spans.append((lo, hi))
     out: list[tuple[int, int]] = []
-    for start, end, _, _ in spans:
+    for start, end in spans:
         while end - start > max_request:
             out.append((start, start + max_request))
             start += max_request
