@@ -19,11 +19,22 @@ How a tensor reaches JAX (decided in ONE place, :func:`host_route`)
 * **decode**: packed F4 is unpacked once into ``float4_e2m1fn``; big-endian hosts swap.
   **F6** has no JAX dtype: a :class:`~safecodec.DtypeError` points to the NumPy output.
 
-Sharding
---------
+Sharding: one read plan per process
+-----------------------------------
 With a sharding, each process builds only the shards addressable on it, and reads only
 their byte ranges (:func:`safecodec._indexing.plan_runs`: rows of a contiguous block are
-one range). Replicated shards (same index on several devices) are read once and shared.
+one range). The plan is per process, not per device (:meth:`JaxOutput._load_sharded_many`,
+for every sharded tensor of a ``load_all`` at once): the distinct blocks of the process's
+devices (a replicated block, same index on several devices, is read once and shared), then
+
+* **remote**: the byte runs of every block, for all tensors together, go to ONE
+  ``read_ranges`` call per batch of :data:`FETCH_BATCH` bytes: merged once
+  (:func:`safecodec._remote.merge_ranges`, which never merges a gap large against the data
+  around it, so another process's half is never fetched), fetched concurrently, and every
+  block is cut out of what arrived. Fetched memory is freed batch by batch: peak host
+  memory stays near the largest block plus one batch, not the file.
+* **local**: positioned reads per run straight into each block, or a view of the mapping
+  when a block is one aligned run (zero copy); no byte is read twice.
 
 Lifetime
 --------
@@ -44,7 +55,7 @@ from typing import Any, Final
 import jax
 import numpy as np
 
-from . import _dtypes
+from . import _dtypes, _integrity
 from ._errors import DtypeError, SafecodecError, TensorNotFoundError
 from ._header import VIEW_MAX_NDIM, TensorInfo
 from ._indexing import index_key, plan_runs
@@ -64,6 +75,12 @@ _F6_CODES: Final = frozenset({"F6_E2M3", "F6_E3M2"})
 #: Unaligned tensors at least this large are copied with a positioned read instead of
 #: from the mapping (faulting pages in costs more than a read from the page cache).
 PREAD_MIN: Final = 1 << 16
+#: Remote sharded loads fetch the blocks of a process in batches of about this many bytes
+#: (one concurrent ``read_ranges`` call each; a larger block is a batch of its own): host
+#: memory holds one batch of fetched bytes at a time, never the whole file.
+FETCH_BATCH: Final = 256 << 20
+
+Key = tuple[tuple[int, int, int], ...]
 
 
 class PrecisionWarning(UserWarning):
@@ -346,9 +363,10 @@ class JaxOutput:
 
     def _host_block(self, reader: TensorReader, info: TensorInfo,
                     key: tuple[tuple[int, int, int], ...], target: np.dtype) -> np.ndarray:
-        """One shard (a strided block of the tensor) as a host array, reading only its
-        byte ranges: a view when it is one aligned range of a read-only mapping, else one
-        copy (positioned reads locally, merged range requests remotely)."""
+        """One shard (a strided block of the tensor) of a local file or buffer as a host
+        array, reading only its byte ranges: a view when it is one aligned range of a
+        read-only mapping, else one copy (positioned reads per run, or copies from the
+        buffer). Remote blocks are fetched by :meth:`_fetch_blocks`."""
         dt = info.dtype
         if dt.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN:
             # Sub-byte elements do not map to byte ranges shard by shard; unpack the
@@ -370,21 +388,15 @@ class JaxOutput:
         flat = out.reshape(-1).view(np.uint8)
         pos = 0
         spans = [(base + a * itemsize, base + b * itemsize) for a, b in runs]
-        if buf is None and not reader.source.positioned:
-            for chunk in reader.ranges(spans, info.name):
-                n = len(chunk)
-                flat[pos : pos + n] = np.frombuffer(chunk, np.uint8)
-                pos += n
-        else:
-            for a, b in spans:
-                n = b - a
-                if reader.source.positioned:
-                    reader.source.readinto(a, _dtypes.as_memoryview(flat[pos : pos + n]),
-                                           f"tensor {info.name!r}")
-                else:
-                    assert buf is not None
-                    flat[pos : pos + n] = np.frombuffer(buf, np.uint8, n, a)
-                pos += n
+        for a, b in spans:
+            n = b - a
+            if reader.source.positioned:
+                reader.source.readinto(a, _dtypes.as_memoryview(flat[pos : pos + n]),
+                                       f"tensor {info.name!r}")
+            else:
+                assert buf is not None  # remote blocks go through _fetch_blocks
+                flat[pos : pos + n] = np.frombuffer(buf, np.uint8, n, a)
+            pos += n
         return out if target == dt.numpy else cast_aligned(out, target)
 
     # -- the Output interface
@@ -414,7 +426,7 @@ class JaxOutput:
         """The whole tensor ``info`` as a jax.Array (placed or sharded)."""
         sharding = self._sharding_for(self.sharding, info)
         if sharding is not None:
-            return self._load_sharded(reader, info, sharding)
+            return self._load_sharded_many(reader, [(info, sharding)])[info.name]
         target = self._check_dtype(reader, info)
         device, committed = self._target()
         cpu = device.platform == "cpu"
@@ -425,7 +437,7 @@ class JaxOutput:
     def load_all(self, reader: TensorReader, infos: list[TensorInfo], *,
                  sharding: Any = None, check_names: bool = True) -> dict[str, jax.Array]:
         """Every tensor in ``infos``; unsharded tensors are placed in one batch per
-        device. One warning at most names every narrowed 64-bit tensor. ``sharding``
+        device, sharded ones read by one plan for this process (module docstring). One warning at most names every narrowed 64-bit tensor. ``sharding``
         replaces the output's own for this call."""
         spec = self.sharding if sharding is None else sharding
         self._check_spec(spec)
@@ -437,14 +449,17 @@ class JaxOutput:
             cpu = device.platform == "cpu"
             out: dict[str, Any] = {}
             plain: list[tuple[TensorInfo, np.dtype]] = []
+            sharded: list[tuple[TensorInfo, Any]] = []
             targets: dict[str, np.dtype] = {}
             for info in infos:
                 shard_spec = self._sharding_for(spec, info) if spec is not None else None
+                out[info.name] = None  # keeps file order
                 if shard_spec is not None:
-                    out[info.name] = self._load_sharded(reader, info, shard_spec)
+                    sharded.append((info, shard_spec))
                 else:
-                    out[info.name] = None  # keeps file order
                     plain.append((info, self._check_dtype(reader, info, targets)))
+            if sharded:  # one read plan for this process, every sharded tensor at once
+                out.update(self._load_sharded_many(reader, sharded))
             hosts = self._hosts(reader, plain, cpu)
             for (info, _), arr in zip(plain, placement().many(hosts, device, committed),
                                       strict=True):
@@ -495,7 +510,9 @@ class JaxOutput:
                             else self._host_full(reader, info, target, cpu, address))
         return hosts  # type: ignore[return-value]  # every None was filled above
 
-    def _load_sharded(self, reader: TensorReader, info: TensorInfo, sharding: Any) -> jax.Array:
+    def _shard_job(self, reader: TensorReader, info: TensorInfo, sharding: Any) -> _ShardJob:
+        """What one process must build for tensor ``info`` laid out with ``sharding``: its
+        addressable devices and the block (index key) each one holds."""
         target = self._check_dtype(reader, info)
         shape = info.shape
         try:
@@ -510,19 +527,104 @@ class JaxOutput:
                 f"{sharding}: {exc}"
             ) from None
         devices = list(getattr(sharding, "_addressable_device_assignment", None) or indices)
-        blocks: dict[tuple[tuple[int, int, int], ...], np.ndarray] = {}
-        shards = []
-        full_key = tuple((0, d, 1) for d in shape)
+        keys = [index_key(indices[d], shape) for d in devices]
+        return _ShardJob(info, target, sharding, devices, keys)
+
+    def _load_sharded_many(self, reader: TensorReader,
+                           items: list[tuple[TensorInfo, Any]]) -> dict[str, jax.Array]:
+        """Sharded tensors (info, sharding), read by ONE plan for this process (see the
+        module docstring): distinct blocks only; remotely, the runs of all of them fetched
+        in batches of :data:`FETCH_BATCH` bytes, one merged, concurrent ``read_ranges``
+        call per batch; locally, per-run positioned reads or views of the mapping. Each
+        tensor is placed as soon as its blocks are there."""
+        jobs = [self._shard_job(reader, info, sharding) for info, sharding in items]
+        by_ranges = reader.buffer is None and not reader.source.positioned  # remote, mostly
         address = aliasable_address(reader)
-        for d in devices:
-            key = index_key(indices[d], shape)
-            host = blocks.get(key)
-            if host is None:  # identical (replicated) shards are read once
-                if key == full_key:
+        out: dict[str, jax.Array] = {}
+        fetch: list[tuple[_ShardJob, Key]] = []
+        for job in jobs:
+            info, dt = job.info, job.info.dtype
+            full_key = tuple((0, d, 1) for d in info.shape)
+            for d, key in zip(job.devices, job.keys, strict=True):
+                if key in job.blocks or key in job.pending:
+                    continue  # identical (replicated) blocks are read once
+                if by_ranges and not dt.packed and _dtypes.HOST_IS_LITTLE_ENDIAN:
+                    job.pending.add(key)
+                    fetch.append((job, key))
+                elif key == full_key:
                     cpu = d.platform == "cpu"
-                    host = self._host_full(reader, info, target, cpu, address if cpu else None)
+                    job.blocks[key] = self._host_full(reader, info, job.target, cpu,
+                                                      address if cpu else None)
                 else:
-                    host = self._host_block(reader, info, key, target)
-                blocks[key] = host
-            shards.append(host)
-        return placement().sharded(shape, target, sharding, shards, devices)
+                    job.blocks[key] = self._host_block(reader, info, key, job.target)
+            if not job.pending:
+                out[info.name] = job.place()
+        batch: list[tuple[_ShardJob, Key, list[tuple[int, int]], list[int]]] = []
+        size = 0
+        for n, (job, key) in enumerate(fetch):
+            info = job.info
+            runs, block_shape = plan_runs(info.shape, list(key))
+            base = reader.header.data_start + info.begin
+            item = info.dtype.itemsize
+            spans = [(base + a * item, base + b * item) for a, b in runs]
+            batch.append((job, key, spans, block_shape))
+            size += sum(b - a for a, b in spans)
+            if size >= FETCH_BATCH or n == len(fetch) - 1:
+                for done in self._fetch_blocks(reader, batch):
+                    out[done.info.name] = done.place()
+                batch, size = [], 0
+        return out
+
+    def _fetch_blocks(self, reader: TensorReader,
+                      batch: list[tuple[_ShardJob, Key, list[tuple[int, int]], list[int]]],
+                      ) -> list[_ShardJob]:
+        """One batch of remote blocks: every byte run of every block in ONE
+        ``read_ranges`` call (merged and fetched concurrently by the source), each block
+        cut out of what arrived into fresh aligned memory. Returns the tensors this batch
+        completed."""
+        spans = [span for _, _, block_spans, _ in batch for span in block_spans]
+        first, last = batch[0][0].info.name, batch[-1][0].info.name
+        what = f"tensor {first!r}" if first == last else f"tensors {first!r}..{last!r}"
+        pieces = iter(reader.source.read_ranges(spans, what) if spans else [])
+        done: list[_ShardJob] = []
+        for job, key, block_spans, block_shape in batch:
+            info, dt = job.info, job.info.dtype
+            host = aligned_empty(tuple(block_shape), dt.numpy)
+            flat = host.reshape(-1).view(np.uint8)
+            pos = 0
+            for _ in block_spans:
+                piece = np.frombuffer(next(pieces), np.uint8)
+                flat[pos : pos + len(piece)] = piece
+                pos += len(piece)
+            self.bytes_loaded += pos
+            if reader.digests is not None and pos == info.nbytes:  # the whole tensor
+                _integrity.check(info.name, _dtypes.as_memoryview(flat), reader.digests)
+            job.blocks[key] = host if job.target == dt.numpy else cast_aligned(host, job.target)
+            job.pending.discard(key)
+            if not job.pending:
+                done.append(job)
+        return done
+
+
+class _ShardJob:
+    """One sharded tensor of a process's read plan: its addressable devices, the block
+    each holds, the host arrays built so far and the blocks still being fetched."""
+
+    __slots__ = ("blocks", "devices", "info", "keys", "pending", "sharding", "target")
+
+    def __init__(self, info: TensorInfo, target: np.dtype, sharding: Any, devices: list[Any],
+                 keys: list[Key]) -> None:
+        self.info = info
+        self.target = target
+        self.sharding = sharding
+        self.devices = devices
+        self.keys = keys
+        self.blocks: dict[Key, np.ndarray] = {}
+        self.pending: set[Key] = set()
+
+    def place(self) -> jax.Array:
+        """The global array, from the host block of each addressable device."""
+        shards = [self.blocks[k] for k in self.keys]
+        self.blocks = {}
+        return placement().sharded(self.info.shape, self.target, self.sharding, shards,
+                                   self.devices)

@@ -151,6 +151,102 @@ def partially_replicated_reads_each_piece_once(tmp: str) -> None:
     _assert_shards(arr, model["w"], s)
 
 
+def _plan_model() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {
+        "cols": rng.standard_normal((32, 1024)).astype(np.float32),    # 8 column blocks
+        "grid": rng.standard_normal((64, 512)).astype(np.float32),     # 4 x 2 blocks
+        "part": rng.standard_normal((16, 2048)).astype(ml_dtypes.bfloat16),  # 4 blocks x 2
+        "rep": rng.standard_normal((8, 256)).astype(np.float32),       # on every device
+        "plain": rng.standard_normal(300).astype(np.float32),          # not sharded
+    }
+
+
+def _plan_shardings() -> dict[str, NamedSharding]:
+    return {
+        "cols": NamedSharding(_mesh(), P(None, ("x", "y"))),
+        "grid": NamedSharding(_mesh(), P("x", "y")),
+        "part": NamedSharding(_mesh(), P(None, "x")),
+        "rep": NamedSharding(_mesh(), P()),
+    }
+
+
+def _check_plan_values(out: dict, model: dict, shardings: dict) -> None:
+    for name, s in shardings.items():
+        _assert_shards(out[name], model[name], s)
+    np.testing.assert_array_equal(np.asarray(out["plain"]), model["plain"])
+
+
+@check
+def per_process_plan_reads_each_byte_once(tmp: str) -> None:
+    """One process, 8 devices: column blocks, a grid, partially replicated and replicated
+    tensors. Locally (positioned reads, and the mapping) and from memory:// (range
+    requests), every byte of the file's tensors is read once: replicated blocks once,
+    neighbouring blocks never re-fetched (per device, memory:// used to fetch column-sharded
+    tensors once per device: 8 times)."""
+    model, shardings = _plan_model(), _plan_shardings()
+    data = sum(v.nbytes for v in model.values())
+    path = _file(tmp, "plan.safetensors", model)
+    with sc.safe_open(path, "jax", sharding=shardings, copy=True) as f:
+        before = f.stats["bytes_read"]
+        out = f.get_tensors()
+        assert f.stats["bytes_read"] - before == data, (f.stats, data)
+    _check_plan_values(out, model, shardings)
+    with sc.safe_open(path, "jax", sharding=shardings) as f:
+        out = f.get_tensors()
+        assert f.output.bytes_loaded == data, (f.output.bytes_loaded, data)
+    _check_plan_values(out, model, shardings)
+    import uuid
+
+    url = f"memory://plan-{uuid.uuid4().hex[:8]}/plan.safetensors"
+    sc.save_file(model, url)
+    with sc.safe_open(url, "jax", sharding=shardings) as f:
+        before = f.stats
+        out = f.get_tensors()
+        after = f.stats
+    got = after["bytes_read"] - before["bytes_read"]
+    assert got == data, (got, data, after)
+    # every sharded tensor in ONE batch (blocks tile the tensors: one merged span), then
+    # the unsharded one
+    assert after["requests"] - before["requests"] == 2, (before, after)
+    _check_plan_values(out, model, shardings)
+    # a single sharded tensor: its blocks fetched by one plan too
+    with sc.safe_open(url, "jax", sharding=shardings) as f:
+        before = f.stats
+        cols = f.get_tensor("cols")
+        after = f.stats
+    assert after["bytes_read"] - before["bytes_read"] == model["cols"].nbytes
+    assert after["requests"] - before["requests"] == 1
+    _assert_shards(cols, model["cols"], shardings["cols"])
+
+
+@check
+def per_process_plan_on_a_sharded_index(tmp: str) -> None:
+    """A sharded checkpoint (Hugging Face index) on memory://: each shard file's tensors
+    are read by one plan, every byte once."""
+    import uuid
+
+    model, shardings = _plan_model(), _plan_shardings()
+    data = sum(v.nbytes for v in model.values())
+    root = f"memory://plan-{uuid.uuid4().hex[:8]}"
+    sc.save_file(model, f"{root}/model.safetensors", max_shard_size=70_000)
+    index = f"{root}/model.safetensors.index.json"
+    import fsspec
+
+    with fsspec.open(index, "r") as fh:
+        shards = len(set(json.load(fh)["weight_map"].values()))
+    assert shards > 1, shards
+    with sc.safe_open(index, "jax", sharding=shardings) as f:
+        assert set(f.header.tensors) == set(model)  # every shard header read
+        before = f.stats
+        out = f.get_tensors()
+        after = f.stats
+    assert after["bytes_read"] - before["bytes_read"] == data, (before, after, data)
+    # one batch per shard file for its sharded tensors, one read for its unsharded ones
+    assert after["requests"] - before["requests"] <= 2 * shards, (before, after)
+    _check_plan_values(out, model, shardings)
+
+
 @check
 def positional_layouts(tmp: str) -> None:
     """Devices in an arbitrary order on the mesh (what PositionalSharding expressed)."""
