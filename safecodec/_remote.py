@@ -70,6 +70,9 @@ MERGE_SLACK: Final = 1 / 16
 #: costs fewer bytes than the headers of the response it saves (an S3 answer's headers are
 #: about 400-600 bytes).
 MERGE_ALWAYS: Final = 512
+#: At most this many spans per fetch: beyond, the smallest gaps are merged (see
+#: :func:`merge_ranges`). One fetch is at most ``FETCH_BATCH`` bytes (256 MiB) of a load.
+MAX_SPANS: Final = 1024
 #: Spans longer than this are split, so that one large read becomes several concurrent
 #: requests (and a progress bar can move).
 MAX_REQUEST: Final = 16 * 1024 * 1024
@@ -132,14 +135,37 @@ def _exact_cat(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem | MemoryFileSystem)
 
 
+def _within_budget(spans: list[tuple[int, int]], budget: int) -> list[tuple[int, int]]:
+    """Merge the ``len(spans) - budget`` smallest gaps between ``spans`` (sorted,
+    disjoint), so that ``budget`` spans remain: the fewest extra bytes for that many
+    requests."""
+    excess = len(spans) - budget
+    if budget < 1 or excess <= 0:
+        return spans
+    by_size = sorted(range(len(spans) - 1), key=lambda i: spans[i + 1][0] - spans[i][1])
+    merge = set(by_size[:excess])  # gap i lies between spans i and i + 1
+    out = [spans[0]]
+    for i, (start, end) in enumerate(spans[1:]):
+        if i in merge:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
 def merge_ranges(
-    ranges: Sequence[tuple[int, int]], gap: int | None = None, max_request: int | None = None
+    ranges: Sequence[tuple[int, int]], gap: int | None = None, max_request: int | None = None,
+    max_spans: int | None = None,
 ) -> list[tuple[int, int]]:
     """Sort ``(start, end)`` ranges, merge those that overlap or touch, merge a gap of at
     most ``gap`` bytes when it is small against the data (at most :data:`MERGE_ALWAYS`
     bytes, or the span's merged gaps stay within :data:`MERGE_SLACK` of the bytes asked
     for in it), and split spans longer than ``max_request`` (defaults: :data:`MERGE_GAP`,
-    :data:`MAX_REQUEST`).
+    :data:`MAX_REQUEST`). When more than ``max_spans`` spans remain (default
+    :data:`MAX_SPANS`), the smallest gaps are merged until that many remain: a layout in
+    which a process holds narrow column blocks would otherwise cost one request per row
+    (measured: GPT-2-small, half of every row, 115,840 requests per process), and past a
+    few hundred concurrent requests an object store answers faster with the bytes between.
 
     Why not ``fsspec.utils.merge_offset_ranges`` (``max_gap``, ``max_block``): it merges
     every gap up to ``max_gap`` whatever the data around it, and does not split spans.
@@ -182,6 +208,7 @@ def merge_ranges(
         lo, hi, asked, slack = start, end, end - start, 0
     if lo >= 0:
         spans.append((lo, hi))
+    spans = _within_budget(spans, max_spans if max_spans is not None else MAX_SPANS)
     out: list[tuple[int, int]] = []
     for start, end in spans:
         while end - start > max_request:

@@ -388,3 +388,16 @@ def test_progress_bar_on_long_transfers(mem_url, monkeypatch, capsys):
     np.testing.assert_array_equal(out["big"], _tensors()["big"])
     sc.load_file(url)  # off by default
     assert capsys.readouterr().err == ""
+
+
+def test_merging_caps_the_number_of_requests_merging_the_smallest_gaps_first():
+    # half of every 1.5 KiB row: one request per row would be 5,000 requests
+    rows = [(i * 3072, i * 3072 + 1536) for i in range(5000)]
+    spans = merge_ranges(rows, max_spans=1000)
+    assert len(spans) == 1000
+    covered = sum(b - a for a, b in spans)
+    assert covered == 5000 * 1536 + 4000 * 1536  # exactly the 4,000 gaps merged
+    # the smallest gaps go first: the far-away range keeps its own request
+    far = [(0, 10), (20, 30), (40, 50), (10**9, 10**9 + 10)]
+    assert merge_ranges(far, gap=0, max_spans=2) == [(0, 50), (10**9, 10**9 + 10)]
+    assert merge_ranges(far, gap=0, max_spans=0) == merge_ranges(far, gap=0)  # no cap
