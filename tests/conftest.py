@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-# Make the tests folder importable (helpers such as _oracle.py, block_safetensors.py).
-sys.path.insert(0, os.path.dirname(__file__))
+# Make the helpers importable (tests/helpers: _oracle.py, block_safetensors.py, workers...).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 
 try:
     from hypothesis import HealthCheck, settings

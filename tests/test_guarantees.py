@@ -22,7 +22,7 @@ import pytest
 import safecodec as sc
 from safecodec import _sharded
 
-#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
+#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in tests/helpers/conftest_remote.py.
 pytest_plugins = ["conftest_remote"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,7 @@ pytest.importorskip("jax")
 import safecodec as sc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "helpers"))
 from _cpu_devices import cpu_device_env  # noqa: E402
 from jax_multiprocess_worker import expected  # noqa: E402
 
@@ -60,7 +60,7 @@ def _run_workers(directory: pathlib.Path) -> tuple[list[int], list[str]]:
     for i, log in enumerate(logs):
         with open(log, "w") as fh:
             procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "jax_multiprocess_worker.py"), str(i), port,
+                [sys.executable, os.path.join(HERE, "helpers", "jax_multiprocess_worker.py"), str(i), port,
                  str(directory)], env=_child_env(), cwd=os.path.dirname(HERE), stdout=fh,
                 stderr=subprocess.STDOUT))
     deadline = time.monotonic() + DEADLINE_S

@@ -22,11 +22,11 @@ import safecodec as sc
 from safecodec import _remote
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "helpers"))
 from _cpu_devices import cpu_device_env  # noqa: E402
 from jax_remote_worker import FILES  # noqa: E402
 
-#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
+#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in tests/helpers/conftest_remote.py.
 pytest_plugins = ["conftest_remote"]
 
 #: The goal of the per-process read plan: each process fetches at most this fraction of
@@ -70,7 +70,7 @@ def _run_workers(directory: pathlib.Path, config: pathlib.Path) -> tuple[list[in
     for i, log in enumerate(logs):
         with open(log, "w") as fh:
             procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "jax_remote_worker.py"), str(i), port,
+                [sys.executable, os.path.join(HERE, "helpers", "jax_remote_worker.py"), str(i), port,
                  str(config)], env=_child_env(), cwd=os.path.dirname(HERE), stdout=fh,
                 stderr=subprocess.STDOUT))
     deadline = time.monotonic() + DEADLINE_S

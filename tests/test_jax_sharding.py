@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("jax")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "helpers"))
 from _placement import missing_fast_path  # noqa: E402
 from jax_sharding_worker import CHECKS  # noqa: E402
 
@@ -29,7 +29,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = tmp / "results.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "jax_sharding_worker.py"), str(out), str(tmp)],
+        [sys.executable, os.path.join(HERE, "helpers", "jax_sharding_worker.py"), str(out), str(tmp)],
         env=env, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(HERE),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -45,7 +45,7 @@ pytest.importorskip("jax")
 import safecodec as sc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "helpers"))
 from _cpu_devices import cpu_device_env  # noqa: E402
 
 #: seconds all scenarios get in all (the workers dump their stacks and exit before)
@@ -81,7 +81,7 @@ def _start(directory: pathlib.Path, victim: int, mode: str) -> list[subprocess.P
     for i in range(2):
         with open(directory / f"worker-{i}.log", "w") as fh:  # files, not pipes
             procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "multihost_fault_worker.py"), str(i), port,
+                [sys.executable, os.path.join(HERE, "helpers", "multihost_fault_worker.py"), str(i), port,
                  str(directory), str(victim), mode],
                 env=_child_env(), cwd=os.path.dirname(HERE), stdout=fh, stderr=subprocess.STDOUT))
     return procs

@@ -33,11 +33,11 @@ from safecodec.orbax import (  # noqa: E402
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "helpers"))
 from _cpu_devices import cpu_device_env  # noqa: E402
 from orbax_worker import HANG_S, values  # noqa: E402  (its data only: it imports jax when run)
 
-_WORKER = os.path.join(HERE, "orbax_worker.py")
+_WORKER = os.path.join(HERE, "helpers", "orbax_worker.py")
 
 Pair = collections.namedtuple("Pair", ["left", "right"])
 

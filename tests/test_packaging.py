@@ -28,7 +28,7 @@ def test_import_does_not_pull_jax_or_fsspec():
 
 def test_codec_tests_pass_with_safetensors_blocked():
     """Re-run the codec's own tests in a subprocess where ``import safetensors`` fails."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "helpers"))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "block_safetensors", "-p", "no:cacheprovider",
          "tests/test_reader.py", "tests/test_writer.py"],
@@ -39,7 +39,7 @@ def test_codec_tests_pass_with_safetensors_blocked():
 
 
 def test_blocker_really_blocks():
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "helpers"))
     code = (
         "import block_safetensors, sys\n"
         "block_safetensors.pytest_configure(None)\n"

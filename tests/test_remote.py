@@ -17,7 +17,7 @@ from safecodec import _remote, _resolve, _sink
 from safecodec._reader import FIRST_READ
 from safecodec._remote import merge_ranges
 
-#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
+#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in tests/helpers/conftest_remote.py.
 pytest_plugins = ["conftest_remote"]
 
 

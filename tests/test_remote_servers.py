@@ -19,7 +19,7 @@ from _cpu_devices import cpu_device_env
 from safecodec import _resolve, _sharded
 from safecodec._reader import FIRST_READ
 
-#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
+#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in tests/helpers/conftest_remote.py.
 pytest_plugins = ["conftest_remote"]
 
 #: Bytes of HTTP response headers (status line, Content-Length, ETag...) allowed per

@@ -20,7 +20,7 @@ def save_sharded(tensors, path, metadata=None, *, fs=None, storage_options=None,
     target = _resolve.resolve_target(path, fs, storage_options)
     return _sharded.save_sharded(tensors, target, metadata, **options)
 
-#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in conftest_remote.py.
+#: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in tests/helpers/conftest_remote.py.
 pytest_plugins = ["conftest_remote"]
 
 

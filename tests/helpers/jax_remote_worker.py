@@ -2,7 +2,7 @@
 2 CPU devices each, loading files from an S3-compatible server with a global sharding;
 run by ``test_jax_multiprocess_remote.py``.
 
-Usage: ``python tests/jax_remote_worker.py PROCESS_ID PORT CONFIG.json``. For every case
+Usage: ``python tests/helpers/jax_remote_worker.py PROCESS_ID PORT CONFIG.json``. For every case
 of the configuration (a file URL, a layout, and the endpoint of a byte-counting proxy
 that only this process and this case use), loads the file, checks every addressable shard
 against the expected values, and reports the source's ``stats`` and the bytes of its
@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import safecodec as sc
 
 

@@ -2,7 +2,7 @@
 timeout, 2 CPU devices each) in a collective ``save_file`` during which one process kills
 itself (SIGKILL) in the middle of writing its shards; run by ``test_multihost_faults.py``.
 
-Usage: ``python tests/multihost_fault_worker.py PROCESS_ID PORT DIR VICTIM MODE``. ``VICTIM`` is
+Usage: ``python tests/helpers/multihost_fault_worker.py PROCESS_ID PORT DIR VICTIM MODE``. ``VICTIM`` is
 the process that dies (1: a peer, 0: the coordinator); ``MODE`` is ``recoverable`` (JAX's
 ``jax_enable_recoverability``: the survivors keep running) or ``default``. The survivor writes
 ``DIR/result-<id>.json``: what its ``save_file`` raised, after how long, and the
@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import safecodec as sc
 import safecodec.jax as scj
 from safecodec import _jax_save

@@ -1,10 +1,10 @@
 """Orbax checks that need 8 CPU devices; run in a subprocess by ``test_orbax.py`` (the
 device count must be set before JAX starts, so this module imports JAX only when run).
 
-Usage: ``python tests/orbax_worker.py save DIR`` saves sharded arrays through a real
+Usage: ``python tests/helpers/orbax_worker.py save DIR`` saves sharded arrays through a real
 ``CheckpointManager`` (steps 0-2, ``max_to_keep=2``, async) and restores the last step
-onto other shardings; ``python tests/orbax_worker.py restore DIR`` restores a checkpoint
-another process wrote onto a 4x2 mesh; ``python tests/orbax_worker.py multihost DIR PID
+onto other shardings; ``python tests/helpers/orbax_worker.py restore DIR`` restores a checkpoint
+another process wrote onto a 4x2 mesh; ``python tests/helpers/orbax_worker.py multihost DIR PID
 PORT`` is one of two processes joined by ``jax.distributed`` (2 CPU devices each) that
 save arrays spanning both processes through one manager, collectively, and restore them.
 Any failed check raises (exit status 1).
@@ -131,7 +131,7 @@ def main() -> None:
 
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, here)
-    sys.path.insert(0, os.path.dirname(here))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(here)))
     from _cpu_devices import force_cpu_devices
 
     mode = sys.argv[1]

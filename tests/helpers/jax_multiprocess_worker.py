@@ -1,7 +1,7 @@
 """One of two JAX processes joined by ``jax.distributed.initialize`` on 127.0.0.1, with
 2 CPU devices each; run by ``test_jax_multiprocess.py``.
 
-Usage: ``python tests/jax_multiprocess_worker.py PROCESS_ID PORT DIR``. Reads
+Usage: ``python tests/helpers/jax_multiprocess_worker.py PROCESS_ID PORT DIR``. Reads
 ``DIR/in.safetensors`` with a global sharding, checks its own shards, measures the bytes it
 read, then saves a global array collectively to ``DIR/out.safetensors``. Writes
 ``DIR/result-<id>.json``.
@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import safecodec as sc
 import safecodec.jax as scj
 

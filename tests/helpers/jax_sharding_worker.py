@@ -1,7 +1,7 @@
 """Sharded loading checks that need 8 CPU devices; run in a subprocess by
 ``test_jax_sharding.py`` (the device count must be set before JAX starts).
 
-Usage: ``python tests/jax_sharding_worker.py OUT.json TMPDIR``. Writes
+Usage: ``python tests/helpers/jax_sharding_worker.py OUT.json TMPDIR``. Writes
 ``{"check[put]": "ok" | traceback}`` for every check, once with the fast placement path
 and once with the public-API fallback.
 """
@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import safecodec as sc
 import safecodec.jax as scj
 from safecodec import _jax_put
