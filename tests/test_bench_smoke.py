@@ -145,3 +145,24 @@ def test_benchmark_suite_quick(tmp_path: Path) -> None:
     again = (out / "results.md").read_text(encoding="utf-8")
     assert again.split("## Plots")[0].rstrip() == md.split("## Plots")[0].rstrip()
     assert "## Plots" not in again
+
+
+def test_jax_benchmark_quick_mode(tmp_path: Path) -> None:
+    """benchmarks/bench_jax.py runs end to end (it reaches into the JAX modules' counters:
+    a refactoring that moves them must fail here, not at the next benchmark run)."""
+    pytest.importorskip("jax")
+    out = tmp_path / "bench_jax.json"
+    proc = _run(["benchmarks/bench_jax.py", "--quick", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["placement"] and {row["case"] for row in result["cases"]}
+
+
+def test_gpu_benchmark_says_when_there_is_no_gpu() -> None:
+    pytest.importorskip("jax")
+    proc = _run(["-c", "import jax, runpy, sys; "
+                 "sys.exit(0) if any(d.platform == 'gpu' for d in jax.devices()) else None; "
+                 "sys.argv = ['bench_gpu.py']; runpy.run_path('benchmarks/bench_gpu.py', "
+                 "run_name='__main__')"])
+    assert proc.returncode == 0, proc.stderr
+    assert "no GPU" in proc.stdout or proc.stdout == ""
