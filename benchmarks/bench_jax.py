@@ -39,7 +39,7 @@ import jax
 
 import safecodec as sc
 import safecodec.jax as scj
-from safecodec import _jax
+from safecodec import _jax_put
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -84,7 +84,7 @@ def aliased_report(path: str) -> dict[str, int]:
         out = f.get_tensors()
         eligible = sum(1 for i in f.header.tensors.values()
                        if (f.header.data_start + i.begin) % 64 == 0 and i.nbytes)
-        aliased = f._jax.aliased
+        aliased = f.output.aliased  # type: ignore[union-attr]
         del out
     return {"tensors": len(f.header.tensors), "eligible": eligible, "aliased": aliased}
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu = bench_gpu(ours_path, repeats)
 
     print(f"\njax {jax.__version__} on {jax.devices()[0].platform}, python "
-          f"{platform.python_version()}, placement: {_jax.placement().name}, "
+          f"{platform.python_version()}, placement: {_jax_put.placement().name}, "
           f"median of {repeats} alternating runs\n")
     print(f"{'case':<16} {'MB':>7} {'safecodec':>11} {'st.flax':>11} {'ratio':>8} "
           f"{'speedup':>9} {'aliased':>11}  target")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "bench_jax", "quick": args.quick, "jax": jax.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "placement": _jax.placement().name, "repeats": repeats,
+        "cpu_count": os.cpu_count(), "placement": _jax_put.placement().name, "repeats": repeats,
         "cases": rows, "gpu": gpu,
     }
     out = args.out or os.path.join(

@@ -23,7 +23,7 @@ from typing import Any, Final, Protocol
 
 import numpy as np
 
-from . import _dtypes, _integrity
+from . import _dtypes, _integrity, _threads
 from ._dtypes import DType
 from ._errors import ChecksumError, ClosedHandleError, SafecodecError, TensorNotFoundError
 from ._header import (
@@ -210,15 +210,16 @@ class TensorReader:
     # -- copies
     def read_span(self, infos: Sequence[TensorInfo], out: memoryview) -> None:
         """THE copy out of the source: the bytes of ``infos`` (tensors that follow each other
-        in the file) into ``out``, in one read; each tensor is checked against its stored
+        in the file) into ``out``, in one read (a large one split across threads, see
+        :mod:`safecodec._threads`); each tensor is checked against its stored
         checksum when reads are verified (the bytes checked are the bytes returned)."""
         first, last = infos[0], infos[-1]
         start = self.header.data_start + first.begin
         what = f"tensor {first.name!r}" if len(infos) == 1 else f"tensors {first.name!r}.."
         if last.end != first.begin:
             if self.buffer is not None and not self.source.positioned:
-                np.frombuffer(out, np.uint8)[:] = np.frombuffer(
-                    self.buffer, np.uint8, last.end - first.begin, start)
+                _threads.copy(np.frombuffer(out, np.uint8), np.frombuffer(
+                    self.buffer, np.uint8, last.end - first.begin, start))
             else:  # positioned reads from the page cache beat faulting a mapping in
                 self.source.readinto(start, out, what)
         if self.digests is not None:
