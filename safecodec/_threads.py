@@ -158,22 +158,27 @@ def run(fn: Callable[[int, int], T], parts: Sequence[tuple[int, int]]) -> list[T
         return [fn(*parts[0])]
     pool = _executor(len(parts) - 1)
     futures: list[Future[T]] = [pool.submit(fn, a, b) for a, b in parts[1:]]
-    first: list[Any] = []
-    error: BaseException | None = None
+    results: list[Any] = [None] * len(parts)
+    errors: list[BaseException | None] = [None] * len(parts)
+    interrupt: BaseException | None = None
     try:
-        first.append(fn(*parts[0]))
+        results[0] = fn(*parts[0])
     except BaseException as exc:
-        error = exc
-    results = [first[0] if first else None]
-    for fut in futures:
-        try:
-            results.append(fut.result())
-        except BaseException as exc:  # wait for every piece before raising
-            results.append(None)
-            error = error or exc
+        errors[0] = exc
+    for k, fut in enumerate(futures, 1):
+        while True:
+            try:
+                results[k] = fut.result()
+            except BaseException as exc:
+                if not fut.done():  # interrupted while waiting: the piece still runs
+                    interrupt = interrupt or exc
+                    continue
+                errors[k] = exc
+            break
+    error = interrupt or next((e for e in errors if e is not None), None)
     if error is not None:
         raise error
-    return results  # type: ignore[return-value]  # no None left without an error
+    return results
 
 
 def copy(dst: np.ndarray, src: np.ndarray, casting: Any = "same_kind") -> None:
