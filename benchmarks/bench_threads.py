@@ -10,7 +10,8 @@ aliased, every byte is copied once into fresh memory) is loaded by
 * ``floor``: one positioned read of the data section into a fresh NumPy array, split the
   same way: what any loader that copies into fresh memory pays on this machine.
 
-Each round runs every contender once, in rotating order, after one warm-up round. Reported
+Each round runs every contender once, in a random order (seeded, drawn anew each round),
+after one warm-up round. Reported
 per contender: median, min-max and quartiles of the times, and the median of the per-round
 ratios to the reference loader of the same output (the ratio is taken within a round,
 so that load from other processes, which comes and goes, cancels as far as it can).
@@ -27,6 +28,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -87,13 +89,23 @@ def _floor(path: str) -> Callable[[], Any]:
     return read
 
 
-def rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Every contender once per round, in an order rotated each round; round 0 warms up."""
+def rounds(fns: dict[str, Callable[[], Any]], repeats: int,
+           seed: int = 0) -> tuple[dict[str, list[float]], list[list[str]]]:
+    """Every contender once per round, in a random order drawn anew each round (seeded);
+    round 0 warms up.
+
+    Random, not rotated: on a VM that takes freed memory back (free page reporting), the
+    contender that runs right after one that freed a lot pays for memory backed anew. A
+    rotation keeps each contender's predecessor fixed, which biases the comparison."""
     names = list(fns)
+    rng = random.Random(seed)
     times: dict[str, list[float]] = {k: [] for k in names}
+    orders: list[list[str]] = []
     for rnd in range(repeats + 1):
-        k = rnd % len(names)
-        for name in names[k:] + names[:k]:
+        order = rng.sample(names, len(names))
+        if rnd:
+            orders.append(order)
+        for name in order:
             gc.collect()
             t0 = time.perf_counter()
             out = fns[name]()
@@ -103,7 +115,7 @@ def rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[fl
             if rnd:
                 times[name].append(dt)
     sc.set_threads(None)
-    return times
+    return times, orders
 
 
 def summary(times: list[float], ref: list[float] | None) -> dict[str, Any]:
@@ -148,15 +160,16 @@ def main(argv: list[str] | None = None) -> int:
             jax_fns[f"safecodec.jax t={n}"] = _with_threads(n, lambda: scj.load_file(path))
         for n in counts:
             jax_fns[f"floor t={n}"] = _with_threads(n, _floor(path))
-        jax_times = rounds(jax_fns, repeats)
+        jax_times, jax_orders = rounds(jax_fns, repeats)
         np_times: dict[str, list[float]] = {}
+        np_orders: list[list[str]] = []
         if not args.no_numpy:
             np_fns: dict[str, Callable[[], Any]] = {
                 "safetensors.numpy": lambda: st_numpy.load_file(path)}
             for n in counts:
                 np_fns[f"safecodec copy=True t={n}"] = _with_threads(
                     n, lambda: sc.load_file(path, copy=True))
-            np_times = rounds(np_fns, repeats)
+            np_times, np_orders = rounds(np_fns, repeats, seed=1)
 
     cases: dict[str, Any] = {}
     for name, t in jax_times.items():
@@ -166,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nGPT-2-small-shaped file from the reference writer ({nbytes / 1e6:.0f} MB), "
           f"jax {jax.__version__}, python {platform.python_version()}, "
-          f"{len(os.sched_getaffinity(0))} CPUs, {repeats} rotating rounds\n")
+          f"{len(os.sched_getaffinity(0))} CPUs, {repeats} rounds in random order\n")
     print(f"{'contender':<28} {'median':>9} {'min-max':>19} {'ratio (per round)':>26}")
     for name, r in cases.items():
         ratio = (f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]"
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": len(os.sched_getaffinity(0)), "loadavg_after": os.getloadavg(),
         "file_bytes": nbytes, "thread_counts": counts, "repeats": repeats,
         "min_piece": _threads.MIN_PIECE, "cases": cases,
-        "runs": {**jax_times, **np_times},
+        "runs": {**jax_times, **np_times}, "orders": {"jax": jax_orders, "numpy": np_orders},
     }
     out = args.out or os.path.join(
         RESULTS, f"bench_threads-py{sys.version_info.major}{sys.version_info.minor}"

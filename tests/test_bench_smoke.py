@@ -145,3 +145,25 @@ def test_benchmark_suite_quick(tmp_path: Path) -> None:
     again = (out / "results.md").read_text(encoding="utf-8")
     assert again.split("## Plots")[0].rstrip() == md.split("## Plots")[0].rstrip()
     assert "## Plots" not in again
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None
+                    or importlib.util.find_spec("safetensors") is None,
+                    reason="needs jax and the reference wheel")
+def test_jax_and_thread_benchmarks_quick(tmp_path: Path) -> None:
+    out = tmp_path / "threads.json"
+    proc = _run(["benchmarks/bench_threads.py", "--quick", "--repeats", "1", "--threads", "1",
+                 "2", "--dir", str(tmp_path), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["thread_counts"] == [1, 2]
+    for name in ("safecodec.jax t=1", "safecodec.jax t=2", "floor t=2",
+                 "safecodec copy=True t=2"):
+        assert result["cases"][name]["ratio_median"] > 0, name
+    assert len(result["orders"]["jax"]) == 1
+    out = tmp_path / "jax.json"
+    proc = _run(["benchmarks/bench_jax.py", "--quick", "--repeats", "1", "--dir", str(tmp_path),
+                 "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    cases = json.loads(out.read_text(encoding="utf-8"))["cases"]
+    assert [c["case"] for c in cases][:2] == ["gpt2-safecodec", "gpt2-reference"]
