@@ -16,6 +16,8 @@ does) nor outputs (the routers in :mod:`safecodec._api` do).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -226,6 +228,41 @@ class TensorReader:
             for info in infos:
                 a = info.begin - first.begin
                 _integrity.check(info.name, out[a : a + info.nbytes], self.digests)
+
+    def copies(self, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
+        """Every tensor as an array of its own, read with positioned reads (``copy=True``
+        on a local file) using every core: a tensor large enough is split by
+        :meth:`read_span` itself; smaller ones are shared out, whole, among the threads
+        (each tensor is still one read, with the same errors and checksums)."""
+        small: list[tuple[TensorInfo, np.ndarray]] = []
+        out: dict[str, np.ndarray] = {}
+        total = 0
+        for info in infos:
+            dt = info.dtype
+            if (dt.packed or not info.nbytes or len(info.shape) > VIEW_MAX_NDIM
+                    or info.nbytes >= 2 * _threads.MIN_PIECE
+                    or not _dtypes.HOST_IS_LITTLE_ENDIAN):
+                out[info.name] = None  # type: ignore[assignment]  # keeps file order
+                continue
+            arr = np.empty(info.shape, dt.numpy)
+            out[info.name] = arr
+            small.append((info, arr))
+            total += info.nbytes
+        parts = _threads.pieces(total)
+        starts = list(itertools.accumulate((i.nbytes for i, _ in small), initial=0))
+        # piece k reads the tensors that start in it
+        cut = [bisect.bisect_left(starts, a, hi=len(small)) for a, _ in parts] + [len(small)]
+
+        def group(a: int, b: int) -> None:
+            k = parts.index((a, b))
+            for info, arr in small[cut[k] : cut[k + 1]]:
+                self.read_span([info], _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)))
+
+        _threads.run(group, parts)
+        for info in infos:
+            if out[info.name] is None:
+                out[info.name] = self.array(info)
+        return out
 
     def array(self, info: TensorInfo) -> np.ndarray:
         """The whole tensor as an array: a view when possible (see module docstring)."""
@@ -555,6 +592,8 @@ class SafeOpen:
                 reader.verify(info)
         if reader.buffer is not None and _dtypes.HOST_IS_LITTLE_ENDIAN:
             return _views(reader, infos)
+        if reader.buffer is None and reader.source.positioned:
+            return reader.copies(infos)
         array = reader.array
         return {info.name: array(info) for info in infos}
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import _thread
 import itertools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -64,6 +65,7 @@ _setting: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _lock = _thread.allocate_lock()
+_local = threading.local()  # .worker: this thread is one of the pool's
 
 
 def set_threads(n: int | None) -> None:
@@ -133,11 +135,16 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     with _lock:
         if _pool is None or _pool_size < workers:
             old = _pool
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="safecodec-copy")
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="safecodec-copy",
+                                       initializer=_mark_worker)
             _pool_size = workers
             if old is not None:
                 old.shutdown(wait=False)
         return _pool
+
+
+def _mark_worker() -> None:
+    _local.worker = True
 
 
 def _forget_pool() -> None:
@@ -153,9 +160,10 @@ if hasattr(os, "register_at_fork"):
 def run(fn: Callable[[int, int], T], parts: Sequence[tuple[int, int]]) -> list[T]:
     """``fn(a, b)`` for each piece: the first in the calling thread, the others on the
     pool. Waits for every piece, then returns their results in order, or raises the
-    exception of the first piece (in order) that raised."""
-    if len(parts) == 1:
-        return [fn(*parts[0])]
+    exception of the first piece (in order) that raised. Called from a piece (on a pool
+    thread), it runs every piece in that thread: a pool thread never waits on the pool."""
+    if len(parts) == 1 or getattr(_local, "worker", False):
+        return [fn(a, b) for a, b in parts]
     pool = _executor(len(parts) - 1)
     futures: list[Future[T]] = [pool.submit(fn, a, b) for a, b in parts[1:]]
     results: list[Any] = [None] * len(parts)

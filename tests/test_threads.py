@@ -343,3 +343,75 @@ sys.exit(os.waitstatus_to_exitcode(status))
     proc = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_copy_loads_share_many_tensors_among_threads(tmp_path, threads_seen, threads):
+    """Tensors too small to split are shared out whole among the threads; every kind of
+    tensor (zero-size, packed, bool, big enough to split itself) still comes back right."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(3)
+    tensors: dict[str, np.ndarray] = {}
+    for i in range(40):
+        tensors[f"f{i:02d}"] = rng.standard_normal(int(rng.integers(1, 900))).astype(np.float32)
+    tensors["i8"] = rng.integers(-100, 100, (33, 17), dtype=np.int8)
+    tensors["b"] = rng.random(1001) > 0.5
+    tensors["h"] = rng.standard_normal((7, 9)).astype(np.float16)
+    tensors["empty"] = np.zeros((0, 4), np.float32)
+    tensors["f4"] = rng.standard_normal(64).astype(ml_dtypes.float4_e2m1fn)
+    tensors["big"] = rng.standard_normal(5000)  # >= 2 pieces of 4 KiB: split itself
+    path = tmp_path / "many.safetensors"
+    sc.save_file(tensors, path, alignment=8, checksums=True)
+    sc.set_threads(threads)
+    for verify in (False, True):
+        threads_seen.clear()
+        got = sc.load_file(path, copy=True, verify=verify)
+        assert list(got) == list(sc.read_header(path).tensors)  # file order
+        for k, v in tensors.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+            assert got[k].tobytes() == v.tobytes(), k
+            assert got[k].flags.owndata or got[k].base is not None
+        if threads > 1:
+            assert len({ident for ident, _ in threads_seen}) > 1
+
+
+def test_shared_out_reads_check_checksums(tmp_path, monkeypatch):
+    from safecodec import _source as source_module
+
+    sc.set_threads(4)
+    tensors = {f"t{i:02d}": np.full(700, i, np.float32) for i in range(20)}
+    path = tmp_path / "c.safetensors"
+    sc.save_file(tensors, path, alignment=8, checksums=True)
+    real = source_module._pread_range
+
+    def flip(fd, offset, out):
+        n = real(fd, offset, out)
+        if len(out) == 2800 and offset == sc.read_header(path).data_start + 13 * 2800:
+            out[5] ^= 1  # t13 arrives corrupted
+        return n
+
+    monkeypatch.setattr(source_module, "_pread_range", flip)
+    with pytest.raises(sc.ChecksumError, match="'t13'"):
+        sc.load_file(path, copy=True, verify=True)
+
+
+def test_a_piece_that_splits_again_runs_in_its_own_thread():
+    """A pool thread never waits on the pool (that could deadlock it): nested runs are
+    sequential there."""
+    sc.set_threads(2)
+    seen: list[tuple[int, int]] = []
+
+    def inner(a: int, b: int) -> int:
+        seen.append((threading.get_ident(), a))
+        return a
+
+    def outer(a: int, b: int) -> list[int]:
+        me = threading.get_ident()
+        got = _threads.run(inner, _threads.pieces(1 << 16, 0))
+        if a:  # on the pool: every inner piece ran right here
+            assert sum(1 for ident, _ in seen if ident == me) == 2
+        return got
+
+    results = _threads.run(outer, _threads.pieces(1 << 16, 0))
+    assert results == [[0, 32768], [0, 32768]]
