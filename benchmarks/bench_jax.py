@@ -84,7 +84,7 @@ def aliased_report(path: str) -> dict[str, int]:
         out = f.get_tensors()
         eligible = sum(1 for i in f.header.tensors.values()
                        if (f.header.data_start + i.begin) % 64 == 0 and i.nbytes)
-        aliased = f.output.aliased
+        aliased = f.output.aliased  # type: ignore[union-attr]
         del out
     return {"tensors": len(f.header.tensors), "eligible": eligible, "aliased": aliased}
 

@@ -26,6 +26,7 @@ from ._errors import (
 from ._header import Header, TensorInfo
 from ._reader import SafeOpen, TensorSlice
 from ._sharded import ShardedSafeOpen
+from ._threads import get_threads, set_threads
 from ._version import __version__
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__); named here for tools
@@ -50,6 +51,7 @@ __all__ = [
     "TreeStructureError",
     "__version__",
     "deserialize",
+    "get_threads",
     "load",
     "load_file",
     "load_tree",
@@ -59,6 +61,7 @@ __all__ = [
     "save_file",
     "save_tree",
     "serialize",
+    "set_threads",
     "verify_file",
 ]
 

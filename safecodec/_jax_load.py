@@ -55,7 +55,7 @@ from typing import Any, Final
 import jax
 import numpy as np
 
-from . import _dtypes, _integrity
+from . import _dtypes, _integrity, _threads
 from ._errors import DtypeError, SafecodecError, TensorNotFoundError
 from ._header import VIEW_MAX_NDIM, TensorInfo
 from ._indexing import index_key, plan_runs
@@ -318,8 +318,8 @@ class JaxOutput:
             else:
                 start = reader.header.data_start + info.begin
                 assert reader.buffer is not None  # "copy" is chosen only with a buffer
-                np.frombuffer(flat, np.uint8)[:] = np.frombuffer(reader.buffer, np.uint8,
-                                                                 info.nbytes, start)
+                _threads.copy(np.frombuffer(flat, np.uint8),
+                              np.frombuffer(reader.buffer, np.uint8, info.nbytes, start))
         return out if out.dtype == target else cast_aligned(out, target)
 
     def _copy_runs(self, reader: TensorReader, infos: list[TensorInfo], cpu: bool,

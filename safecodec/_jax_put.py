@@ -18,6 +18,8 @@ from typing import Any, Final, cast
 import jax
 import numpy as np
 
+from . import _threads
+
 __all__ = [
     "ALIGNMENT",
     "InternalPut",
@@ -171,12 +173,12 @@ def placement() -> PublicPut:
 def aligned_copy(arr: np.ndarray) -> np.ndarray:
     """``arr`` copied into fresh aligned memory."""
     out = aligned_empty(arr.shape, arr.dtype)
-    np.copyto(out, arr)
+    _threads.copy(out, arr)  # large copies in parallel pieces
     return out
 
 
 def cast_aligned(arr: np.ndarray, target: np.dtype) -> np.ndarray:
     """JAX's narrowing rule (``astype``) into aligned memory: the one copy."""
     out = aligned_empty(arr.shape, target)
-    np.copyto(out, arr, casting="unsafe")
+    _threads.copy(out, arr, casting="unsafe")  # large casts in parallel pieces
     return out

@@ -16,6 +16,8 @@ does) nor outputs (the routers in :mod:`safecodec._api` do).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -23,7 +25,7 @@ from typing import Any, Final, Protocol
 
 import numpy as np
 
-from . import _dtypes, _integrity
+from . import _dtypes, _integrity, _threads
 from ._dtypes import DType
 from ._errors import ChecksumError, ClosedHandleError, SafecodecError, TensorNotFoundError
 from ._header import (
@@ -210,21 +212,57 @@ class TensorReader:
     # -- copies
     def read_span(self, infos: Sequence[TensorInfo], out: memoryview) -> None:
         """THE copy out of the source: the bytes of ``infos`` (tensors that follow each other
-        in the file) into ``out``, in one read; each tensor is checked against its stored
+        in the file) into ``out``, in one read (a large one split across threads, see
+        :mod:`safecodec._threads`); each tensor is checked against its stored
         checksum when reads are verified (the bytes checked are the bytes returned)."""
         first, last = infos[0], infos[-1]
         start = self.header.data_start + first.begin
         what = f"tensor {first.name!r}" if len(infos) == 1 else f"tensors {first.name!r}.."
         if last.end != first.begin:
             if self.buffer is not None and not self.source.positioned:
-                np.frombuffer(out, np.uint8)[:] = np.frombuffer(
-                    self.buffer, np.uint8, last.end - first.begin, start)
+                _threads.copy(np.frombuffer(out, np.uint8), np.frombuffer(
+                    self.buffer, np.uint8, last.end - first.begin, start))
             else:  # positioned reads from the page cache beat faulting a mapping in
                 self.source.readinto(start, out, what)
         if self.digests is not None:
             for info in infos:
                 a = info.begin - first.begin
                 _integrity.check(info.name, out[a : a + info.nbytes], self.digests)
+
+    def copies(self, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
+        """Every tensor as an array of its own, read with positioned reads (``copy=True``
+        on a local file) using every core: a tensor large enough is split by
+        :meth:`read_span` itself; smaller ones are shared out, whole, among the threads
+        (each tensor is still one read, with the same errors and checksums)."""
+        small: list[tuple[TensorInfo, np.ndarray]] = []
+        out: dict[str, np.ndarray] = {}
+        total = 0
+        for info in infos:
+            dt = info.dtype
+            if (dt.packed or not info.nbytes or len(info.shape) > VIEW_MAX_NDIM
+                    or info.nbytes >= 2 * _threads.MIN_PIECE
+                    or not _dtypes.HOST_IS_LITTLE_ENDIAN):
+                out[info.name] = None  # type: ignore[assignment]  # keeps file order
+                continue
+            arr = np.empty(info.shape, dt.numpy)
+            out[info.name] = arr
+            small.append((info, arr))
+            total += info.nbytes
+        parts = _threads.pieces(total)
+        starts = list(itertools.accumulate((i.nbytes for i, _ in small), initial=0))
+        # piece k reads the tensors that start in it
+        cut = [bisect.bisect_left(starts, a, hi=len(small)) for a, _ in parts] + [len(small)]
+
+        def group(a: int, b: int) -> None:
+            k = parts.index((a, b))
+            for info, arr in small[cut[k] : cut[k + 1]]:
+                self.read_span([info], _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)))
+
+        _threads.run(group, parts)
+        for info in infos:
+            if out[info.name] is None:
+                out[info.name] = self.array(info)
+        return out
 
     def array(self, info: TensorInfo) -> np.ndarray:
         """The whole tensor as an array: a view when possible (see module docstring)."""
@@ -556,6 +594,8 @@ class SafeOpen:
                 reader.verify(info)
         if reader.buffer is not None and _dtypes.HOST_IS_LITTLE_ENDIAN:
             return _views(reader, infos)
+        if reader.buffer is None and reader.source.positioned:
+            return reader.copies(infos)
         array = reader.array
         return {info.name: array(info) for info in infos}
 

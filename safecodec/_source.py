@@ -24,6 +24,9 @@ import sys
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
+
+from . import _threads
 from ._errors import ClosedHandleError, RemoteIOError, SafecodecError
 
 try:  # some platforms (Pyodide, WASI) have no mmap
@@ -409,10 +412,36 @@ _LIBC = _load_libc()
 
 def _pread_into(fd: int, offset: int, out: memoryview, src: SourceBase, what: str) -> None:
     """Fill ``out`` from ``fd`` at ``offset`` with positioned reads, looping over short
-    reads; a file shorter than its header promised is reported, never zero-filled."""
+    reads; a file shorter than its header promised is reported, never zero-filled.
+
+    A large read is split into pieces read in parallel (:mod:`safecodec._threads`):
+    ``preadv`` releases the GIL, and each thread faults in its own part of fresh memory.
+    Every piece has finished before this returns or raises."""
     length = len(out)
     src.check_range(offset, length, what)
     out = out.cast("B") if out.format != "B" else out
+    parts = _threads.pieces(length, _address(out)) if length >= 2 * _threads.MIN_PIECE else None
+    if parts is None or len(parts) == 1:
+        done = _pread_range(fd, offset, out)
+    else:
+        def piece(a: int, b: int) -> int:
+            return a + _pread_range(fd, offset + a, out[a:b])
+
+        ends = _threads.run(piece, parts)
+        # a short piece: the file ends inside it (pieces before it are complete)
+        done = next((e for e, (_, b) in zip(ends, parts, strict=True) if e < b), length)
+    if done < length:
+        raise RemoteIOError(
+            f"unexpected end of {src.name} while reading {what}: wanted {length} bytes "
+            f"at offset {offset}, got {done} (was the file truncated?)"
+        )
+    src.stats.requests += 1
+    src.stats.bytes_read += length
+
+
+def _pread_range(fd: int, offset: int, out: memoryview) -> int:
+    """Positioned reads into ``out`` until it is full or the file ends; the bytes read."""
+    length = len(out)
     done = 0
     while done < length:
         if _HAS_PREADV:
@@ -422,13 +451,14 @@ def _pread_into(fd: int, offset: int, out: memoryview, src: SourceBase, what: st
             n = len(chunk)
             out[done : done + n] = chunk
         if n == 0:
-            raise RemoteIOError(
-                f"unexpected end of {src.name} while reading {what}: wanted {length} bytes "
-                f"at offset {offset}, got {done} (was the file truncated?)"
-            )
+            break
         done += n
-    src.stats.requests += 1
-    src.stats.bytes_read += length
+    return done
+
+
+def _address(view: memoryview) -> int:
+    """Where ``view``'s bytes start in memory (pieces are cut on huge-page boundaries)."""
+    return int(np.frombuffer(view, np.uint8, 1).ctypes.data) if len(view) else 0
 
 
 _HAS_PREADV = hasattr(os, "preadv")

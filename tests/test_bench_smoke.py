@@ -147,15 +147,26 @@ def test_benchmark_suite_quick(tmp_path: Path) -> None:
     assert "## Plots" not in again
 
 
-def test_jax_benchmark_quick_mode(tmp_path: Path) -> None:
-    """benchmarks/bench_jax.py runs end to end (it reaches into the JAX modules' counters:
-    a refactoring that moves them must fail here, not at the next benchmark run)."""
-    pytest.importorskip("jax")
-    out = tmp_path / "bench_jax.json"
-    proc = _run(["benchmarks/bench_jax.py", "--quick", "--out", str(out)])
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None
+                    or importlib.util.find_spec("safetensors") is None,
+                    reason="needs jax and the reference wheel")
+def test_jax_and_thread_benchmarks_quick(tmp_path: Path) -> None:
+    out = tmp_path / "threads.json"
+    proc = _run(["benchmarks/bench_threads.py", "--quick", "--repeats", "1", "--threads", "1",
+                 "2", "--dir", str(tmp_path), "--out", str(out)])
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text(encoding="utf-8"))
-    assert result["placement"] and {row["case"] for row in result["cases"]}
+    assert result["thread_counts"] == [1, 2]
+    for name in ("safecodec.jax t=1", "safecodec.jax t=2", "floor t=2",
+                 "safecodec copy=True t=2"):
+        assert result["cases"][name]["ratio_median"] > 0, name
+    assert len(result["orders"]["jax"]) == 1
+    out = tmp_path / "jax.json"
+    proc = _run(["benchmarks/bench_jax.py", "--quick", "--repeats", "1", "--dir", str(tmp_path),
+                 "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    cases = json.loads(out.read_text(encoding="utf-8"))["cases"]
+    assert [c["case"] for c in cases][:2] == ["gpt2-safecodec", "gpt2-reference"]
 
 
 def test_gpu_benchmark_says_when_there_is_no_gpu() -> None:
