@@ -99,6 +99,12 @@ MAX_NUMPY_NDIM: Final = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 #: most this many dimensions, which every NumPy can represent (NumPy 1.x's limit); more
 #: dimensions take the checked path (:func:`check_numpy_shape`).
 VIEW_MAX_NDIM: Final = 32
+#: Headers of at least this many bytes (about 800 tensors) are first checked by the NumPy
+#: scan of the raw bytes (:func:`_scan_compact`); smaller ones go to the regex path, whose
+#: fixed cost is lower (measured, parse plus every TensorInfo: 150 tensors 0.59 ms regex vs
+#: 1.06 ms scan; 800 tensors 2.7 ms each; 10,000 tensors, one tensor read lazily: the scan
+#: 2-3x faster).
+SCAN_MIN_BYTES: Final = 64 * 1024
 #: Key that holds user metadata instead of a tensor.
 METADATA_KEY: Final = "__metadata__"
 #: The three fields a tensor entry must have, in the order the reference writes them.
@@ -1238,9 +1244,10 @@ def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int)
     collecting = gc.isenabled()
     gc.disable()
     try:
-        header = _scan_compact(header_bytes, text, n, source_size)
-        if header is not None:
-            return header
+        if n >= SCAN_MIN_BYTES:
+            header = _scan_compact(header_bytes, text, n, source_size)
+            if header is not None:
+                return header
         parsed = _parse_canonical(text)
         if parsed is not None:
             header = _tile_in_order(parsed, n, source_size)

@@ -33,3 +33,16 @@ def restore_flags():
     saved = (_source.MMAP_AVAILABLE, _dtypes.HOST_IS_LITTLE_ENDIAN)
     yield
     _source.MMAP_AVAILABLE, _dtypes.HOST_IS_LITTLE_ENDIAN = saved
+
+
+@pytest.fixture(params=["small-header-path", "scan-path"])
+def header_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the parser's size-based dispatch as shipped, and again with the NumPy
+    scan of the raw bytes forced for every header (in production it checks large headers
+    only: safecodec._header.SCAN_MIN_BYTES). Differential tests use it so that both paths
+    agree with the reference on every case."""
+    if request.param == "scan-path":
+        from safecodec import _header
+
+        monkeypatch.setattr(_header, "SCAN_MIN_BYTES", 0)
+    return str(request.param)

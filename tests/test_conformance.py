@@ -27,6 +27,9 @@ from safecodec import HeaderError, OffsetError, SafecodecError, _header
 from safecodec._dtypes import DTYPES
 from safecodec._packed import unpack
 
+#: Every test here runs on both header paths (see conftest.header_paths).
+pytestmark = pytest.mark.usefixtures("header_paths")
+
 U64 = 2**64
 ENTRY = '"dtype":"U8","shape":[1],"data_offsets":[0,1]'  # one byte of data: b"z"
 

@@ -20,6 +20,9 @@ from hypothesis import strategies as st
 import _oracle
 import safecodec as sc
 
+#: Every test here runs on both header paths (see conftest.header_paths).
+pytestmark = pytest.mark.usefixtures("header_paths")
+
 
 def _framed(parts: tuple[bytes, bytes]) -> bytes:
     """A length prefix, then ``header``, then ``tail``."""

@@ -13,6 +13,14 @@ import safecodec as sc
 from safecodec import _header
 
 
+
+@pytest.fixture(autouse=True)
+def _scan_every_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the NumPy scan: take it for small headers too (in production
+    it checks headers of at least ``SCAN_MIN_BYTES``)."""
+    monkeypatch.setattr(_header, "SCAN_MIN_BYTES", 0)
+
+
 def _header_of(data: bytes) -> _header.Header:
     (n,) = struct.unpack("<Q", data[:8])
     return _header.parse_header(data[8 : 8 + n], len(data))

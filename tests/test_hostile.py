@@ -23,6 +23,9 @@ import pytest
 import safecodec as sc
 from safecodec import HeaderError, OffsetError, SafecodecError
 
+#: Every test here runs on both header paths (see conftest.header_paths).
+pytestmark = pytest.mark.usefixtures("header_paths")
+
 
 def blob(header: str | bytes, data: bytes = b"") -> bytes:
     raw = header.encode("utf-8", "surrogatepass") if isinstance(header, str) else header
