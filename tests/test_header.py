@@ -13,7 +13,6 @@ import safecodec as sc
 from safecodec import _header
 
 
-
 @pytest.fixture(autouse=True)
 def _scan_every_header(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests are about the NumPy scan: take it for small headers too (in production
