@@ -34,13 +34,14 @@ from typing import Any
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(HERE, "benchmarks", "results")
 
-#: Each operation, as a child's code: set up, then time ``REPEAT`` calls and print the best.
+#: Each operation, as a child's code: set up, then time ``REPEAT`` calls and print the best
+#: (9 for the operations of a few milliseconds, 3 for those of a tenth of a second and more).
 CHILD = r"""
 import gc, json, os, sys, time
 import numpy as np
 op, d = sys.argv[1], sys.argv[2]
 import safecodec as sc
-REPEAT = 3
+REPEAT = 3 if op in ("save", "load-numpy-copy", "load-jax-ref") else 9
 if op in ("load-jax", "load-jax-ref"):
     import jax, safecodec.jax as scj
     path = os.path.join(d, "gpt2.safetensors" if op == "load-jax" else "gpt2-ref.safetensors")
