@@ -52,13 +52,13 @@ first, so each of them starts 64-byte aligned.
 
 from __future__ import annotations
 
+import _thread
 import gc
 import math
 import operator
 import re
 import struct
 import sys
-import threading
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from itertools import accumulate, compress, repeat
 from typing import Any, Final, NamedTuple
@@ -1015,7 +1015,7 @@ class _LazyTensors(Mapping[str, TensorInfo]):
         self._dict: dict[str, TensorInfo] | None = None
         self._cache: dict[str, TensorInfo] = {}
         self._lookups = 0
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def _names(self) -> list[str]:
         text = self._text

@@ -21,7 +21,6 @@ I/O; ``verify_file`` is a router (:mod:`safecodec._api`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -44,6 +43,8 @@ def placeholder(names: list[str]) -> str:
 
 def encode(digests: Mapping[str, str]) -> str:
     """The metadata value for ``digests`` (name -> hex digest)."""
+    import json  # imported on first use: keeps `import safecodec` light
+
     return json.dumps({"algorithm": ALGORITHM, "tensors": dict(digests)},
                       ensure_ascii=False, separators=(",", ":"))
 
@@ -57,6 +58,8 @@ def decode(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
     if not metadata or CHECKSUM_KEY not in metadata:
         return None
     try:
+        import json  # imported on first use: keeps `import safecodec` light
+
         value = json.loads(metadata[CHECKSUM_KEY])
     except ValueError as exc:
         raise ChecksumError(f"metadata entry {CHECKSUM_KEY!r} is not valid JSON: {exc}") from None
@@ -80,6 +83,13 @@ def new_hasher() -> Any:
     import hashlib  # imported on first use: it loads OpenSSL
 
     return hashlib.new(ALGORITHM)
+
+
+def sha256_hex(data: Any) -> str:
+    """The SHA-256 of a bytes-like object, in hex (shard identities in sharded indexes)."""
+    import hashlib  # imported on first use: it loads OpenSSL
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def digest_of(data: Any) -> str:

@@ -7,7 +7,7 @@ CLI's verify and rewrite commands) uses :class:`ProgressBar`, so a user who inst
 
 from __future__ import annotations
 
-import threading
+import _thread
 from typing import Any
 
 __all__ = ["ProgressBar"]
@@ -28,7 +28,7 @@ class ProgressBar:
     def __init__(self, total: int | None, desc: str, enabled: bool, *, unit: str = "B",
                  file: Any = None) -> None:
         self._bar: Any = None
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         if not enabled:
             return
         try:

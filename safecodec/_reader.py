@@ -16,10 +16,10 @@ does) nor outputs (the routers in :mod:`safecodec._api` do).
 
 from __future__ import annotations
 
+import _thread
 import bisect
 import itertools
 import math
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Final, Protocol
 
@@ -181,7 +181,7 @@ class TensorReader:
         self.digests = digests
         self.buffer: memoryview | None = None if copy else source.buffer(mode)
         self._verified: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     # -- checksums
     def verify(self, info: TensorInfo, *, eager: bool = False) -> None:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import posixpath
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
@@ -55,7 +55,6 @@ __all__ = [
     "RemoteStats",
     "describe_failure",
     "merge_ranges",
-    "run_concurrently",
 ]
 
 #: Two requested ranges closer than this are fetched as one request: a few KiB of unwanted
@@ -547,11 +546,3 @@ class FsspecSource(SourceBase):
 
     def close(self) -> None:
         self._closed = True
-
-
-def run_concurrently(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    """``[fn(x) for x in items]`` on a small thread pool (order kept; first error raised)."""
-    if len(items) <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(min(MAX_THREADS, len(items))) as pool:
-        return list(pool.map(fn, items))

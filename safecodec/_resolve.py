@@ -17,7 +17,6 @@ import posixpath
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from . import _source
@@ -194,7 +193,6 @@ def _check_regular_file_object(file: Any) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-@dataclass
 class Location:
     """Where a sharded checkpoint lives.
 
@@ -206,13 +204,17 @@ class Location:
         name: What messages call the checkpoint (the caller's URL spelling for remote ones).
     """
 
-    index: str | None
-    fs: Any = None
-    single: str | None = None
-    name: str = ""
+    __slots__ = ("fs", "index", "name", "single")
 
-    def __post_init__(self) -> None:
-        self.name = self.name or self.index or self.single or ""
+    def __init__(self, index: str | None, fs: Any = None, single: str | None = None,
+                 name: str = "") -> None:
+        self.index = index
+        self.fs = fs
+        self.single = single
+        self.name = name or index or single or ""
+
+    def __repr__(self) -> str:
+        return f"Location(index={self.index!r}, single={self.single!r}, name={self.name!r})"
 
     def join(self, shard: str) -> str:
         """The path of ``shard`` (an index-relative name) on the checkpoint's filesystem."""
@@ -285,7 +287,6 @@ def locate(source: Any, fs: Any = None,
 # ----------------------------------------------------------------------------- targets
 
 
-@dataclass
 class Target:
     """A place to write.
 
@@ -295,12 +296,15 @@ class Target:
         name: The caller's spelling (a URL for remote targets), for messages.
     """
 
-    path: str
-    fs: Any = None
-    name: str = ""
+    __slots__ = ("fs", "name", "path")
 
-    def __post_init__(self) -> None:
-        self.name = self.name or self.path
+    def __init__(self, path: str, fs: Any = None, name: str = "") -> None:
+        self.path = path
+        self.fs = fs
+        self.name = name or path
+
+    def __repr__(self) -> str:
+        return f"Target(path={self.path!r}, name={self.name!r})"
 
     @property
     def remote(self) -> bool:

@@ -25,19 +25,17 @@ one, or an error naming the shard, never a mix.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
-import hashlib
 import os
-import secrets
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from ._errors import ClosedHandleError, RemoteIOError, SafecodecError
 from ._header import CHECKPOINT_KEY, Header, TensorInfo, check_metadata
+from ._integrity import sha256_hex
 from ._progress import ProgressBar
 from ._reader import Output, SafeOpen, check_numpy_placement, missing_tensor, normalize_framework
-from ._remote import run_concurrently
 from ._resolve import Location, Target
 from ._shardindex import (
     MAX_INDEX_SIZE,
@@ -48,6 +46,7 @@ from ._shardindex import (
     plan_shards,
     split_target,
 )
+from ._threads import run_concurrently
 from ._writer import open_sink, stream_file, tensor_nbytes
 
 __all__ = ["SHARDS_KEY", "ShardedSafeOpen", "save_sharded", "shard_identity", "write_checkpoint"]
@@ -60,7 +59,7 @@ SHARDS_KEY: Final = "safecodec.shards"
 def shard_identity(size: int, header: bytes | bytearray | memoryview) -> dict[str, Any]:
     """What the index records of a shard: its size and the SHA-256 of its header bytes
     (length prefix included). Two saves of the same names never share both."""
-    return {"size": size, "header_sha256": hashlib.sha256(header).hexdigest()}
+    return {"size": size, "header_sha256": sha256_hex(header)}
 
 
 def _identities(metadata: Mapping[str, Any], index: str) -> dict[str, dict[str, Any]] | None:
@@ -127,7 +126,7 @@ class ShardedSafeOpen:
         self._names_by_shard = {s: shards[s] for s in sorted(shards)}
         self._handles: dict[str, SafeOpen] = {}
         self._header: Header | None = None
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._closed = False
 
     def _read_index(self) -> bytes:
@@ -429,7 +428,7 @@ def write_checkpoint(
     identities: dict[str, dict[str, Any]] = {}
     total_size = 0
     pending: list[Any] = []
-    save_id = secrets.token_hex(8)  # makes every shard header of this save unique
+    save_id = os.urandom(8).hex()  # makes every shard header of this save unique
     try:
         with ProgressBar(None, f"save {len(shards)} shards", progress, unit="shard") as bar:
             for shard, part, user_metadata in shards:

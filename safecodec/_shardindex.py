@@ -16,7 +16,6 @@ which shard a name comes from. This is a convention, not part of the format
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any, Final
@@ -55,7 +54,8 @@ _UNITS: Final = {
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
 }
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*$")
+#: A size such as "5GB" (compiled by ``re`` on first use, from its cache afterwards).
+_SIZE_PATTERN: Final = r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*$"
 
 
 def parse_size(value: int | str) -> int:
@@ -74,7 +74,7 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, int):
         size = value
     elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
+        m = re.match(_SIZE_PATTERN, value)
         unit = m.group(2).upper() if m else None
         if m is None or unit not in _UNITS:
             raise SafecodecError(
@@ -140,6 +140,8 @@ def parse_index(data: bytes, name: str) -> tuple[dict[str, str], dict[str, Any]]
             shard name that leaves the index's directory.
     """
     try:
+        import json  # imported on first use: keeps `import safecodec` light
+
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except _DuplicateKey as dup:
         if isinstance(dup.values[0], str):
@@ -248,4 +250,6 @@ def index_bytes(weight_map: Mapping[str, str], total_size: int,
     metadata: dict[str, Any] = dict(extra_metadata or {})
     metadata["total_size"] = total_size
     obj = {"metadata": metadata, "weight_map": dict(weight_map)}
+    import json  # imported on first use: keeps `import safecodec` light
+
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")

@@ -34,7 +34,6 @@ import contextlib
 import errno
 import os
 import posixpath
-import secrets
 import stat
 import time
 from collections.abc import Iterator
@@ -99,7 +98,7 @@ def temporary_name(target: str, tag: str | None = None, *, sep: str = os.sep) ->
     module = posixpath if sep == "/" else os.path
     directory, base = module.split(target)
     if tag is None:
-        tag = f"{os.getpid()}.{secrets.token_hex(4)}"
+        tag = f"{os.getpid()}.{os.urandom(4).hex()}"
     name = f".{base}.{tag}{TMP_SUFFIX}"
     return module.join(directory, name) if directory else name
 

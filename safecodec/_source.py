@@ -18,7 +18,6 @@ out views instead of copies.
 from __future__ import annotations
 
 import _thread
-import ctypes
 import os
 import sys
 from collections.abc import Sequence
@@ -373,15 +372,20 @@ class _Unmap:
         self.addr, self.size = addr, size
 
     def __del__(self) -> None:
-        _LIBC.munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size))
+        import ctypes
+
+        _libc().munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size))
 
 
 def _libc_mmap(fd: int, size: int, mode: MapMode) -> memoryview | None:
     """A mapping through libc (no descriptor kept), or None where that is unavailable."""
-    if _LIBC is None or not size:
+    libc = _libc()
+    if libc is None or not size:
         return None
+    import ctypes
+
     prot = _mmap.PROT_READ | (_mmap.PROT_WRITE if mode == "copy" else 0)
-    addr = _LIBC.mmap(None, ctypes.c_size_t(size), prot, _mmap.MAP_PRIVATE, fd,
+    addr = libc.mmap(None, ctypes.c_size_t(size), prot, _mmap.MAP_PRIVATE, fd,
                       ctypes.c_int64(0))
     if addr is None or addr == ctypes.c_void_p(-1).value:
         err = ctypes.get_errno()
@@ -392,9 +396,20 @@ def _libc_mmap(fd: int, size: int, mode: MapMode) -> memoryview | None:
     return view if mode == "copy" else view.toreadonly()
 
 
+def _libc() -> Any:
+    """libc's mmap/munmap through ctypes, loaded on the first mapping (ctypes costs a few
+    milliseconds that ``import safecodec`` should not pay); None where unavailable."""
+    global _LIBC
+    if _LIBC is False:
+        _LIBC = _load_libc()
+    return _LIBC
+
+
 def _load_libc() -> Any:
     if _mmap is None or _TRACKFD or os.name != "posix" or sys.maxsize < 2**32:
         return None
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
@@ -407,7 +422,7 @@ def _load_libc() -> Any:
     return libc
 
 
-_LIBC = _load_libc()
+_LIBC: Any = False  # not loaded yet
 
 
 def _pread_into(fd: int, offset: int, out: memoryview, src: SourceBase, what: str) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import _thread
 import itertools
 import os
-import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -65,7 +64,7 @@ _setting: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _lock = _thread.allocate_lock()
-_local = threading.local()  # .worker: this thread is one of the pool's
+_local = _thread._local()  # .worker: this thread is one of the pool's
 
 
 def set_threads(n: int | None) -> None:
@@ -206,3 +205,18 @@ def copy(dst: np.ndarray, src: np.ndarray, casting: Any = "same_kind") -> None:
     # piece k covers elements [a // size, b // size): consecutive pieces share the
     # boundary's floor, so they tile the array exactly whatever the address
     run(piece, parts)
+
+
+def run_concurrently(fn: Callable[[Any], Any], items: Sequence[Any],
+                     max_workers: int = 8) -> list[Any]:
+    """``[fn(x) for x in items]`` on a short-lived pool of at most ``max_workers`` threads
+    (order kept; the first error raised). For I/O-bound work such as opening the shards of
+    a checkpoint; copies use :func:`run`."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    # concurrent.futures pulls in logging (~6 ms): imported when first needed, not by
+    # `import safecodec`.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(max_workers, len(items))) as pool:
+        return list(pool.map(fn, items))
