@@ -52,6 +52,7 @@ __all__ = [
     "TensorReader",
     "TensorSlice",
     "check_numpy_placement",
+    "check_output",
     "missing_tensor",
     "normalize_framework",
     "read_header_bytes",
@@ -468,15 +469,7 @@ class SafeOpen:
         verify: bool = False,
         output: Output | None = None,
     ) -> None:
-        fw = normalize_framework(framework)
-        if fw == "numpy":
-            check_numpy_placement(device, sharding)
-            output = None
-        elif output is None:
-            raise SafecodecError(
-                "framework='jax' handles are opened with safecodec.safe_open(..., "
-                "framework='jax'), which builds their JAX output"
-            )
+        fw, output = check_output(framework, device, sharding, output)
         self.framework: str = fw
         #: The output converter (None for NumPy outputs).
         self.output: Output | None = output
@@ -650,6 +643,27 @@ class SafeOpen:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self)} tensors"
         return f"<safecodec.safe_open {self._source.name!r} ({state}), framework={self.framework!r}>"
+
+
+def check_output(framework: Any, device: Any, sharding: Any,
+                 output: Output | None) -> tuple[str, Output | None]:
+    """``(framework, output)`` for a handle: NumPy outputs take no output object and only
+    the ``"cpu"`` device; JAX outputs need the output object the routers build.
+
+    Raises:
+        SafecodecError: An unknown framework, a device or sharding NumPy cannot honour, or
+            a JAX handle opened without its output.
+    """
+    fw = normalize_framework(framework)
+    if fw == "numpy":
+        check_numpy_placement(device, sharding)
+        return fw, None
+    if output is None:
+        raise SafecodecError(
+            "framework='jax' handles are opened with safecodec.safe_open(..., "
+            "framework='jax'), which builds their JAX output"
+        )
+    return fw, output
 
 
 def check_numpy_placement(device: Any, sharding: Any) -> None:

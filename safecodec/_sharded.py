@@ -35,7 +35,7 @@ from ._errors import ClosedHandleError, RemoteIOError, SafecodecError
 from ._header import CHECKPOINT_KEY, Header, TensorInfo, check_metadata
 from ._integrity import sha256_hex
 from ._progress import ProgressBar
-from ._reader import Output, SafeOpen, check_numpy_placement, missing_tensor, normalize_framework
+from ._reader import Output, SafeOpen, check_output, missing_tensor
 from ._resolve import Location, Target
 from ._shardindex import (
     MAX_INDEX_SIZE,
@@ -100,15 +100,7 @@ class ShardedSafeOpen:
                  sharding: Any = None, progress: bool = False, verify: bool = False,
                  output: Output | None = None) -> None:
         assert location.index is not None
-        fw = normalize_framework(framework)
-        if fw == "numpy":
-            check_numpy_placement(device, sharding)
-            output = None
-        elif output is None:
-            raise SafecodecError(
-                "framework='jax' handles are opened with safecodec.safe_open(..., "
-                "framework='jax'), which builds their JAX output"
-            )
+        fw, output = check_output(framework, device, sharding, output)
         self.framework: str = fw
         #: The output converter shared by every shard (None for NumPy outputs).
         self.output: Output | None = output

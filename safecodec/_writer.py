@@ -206,30 +206,8 @@ def save(
     alignment: int = 64,
     checksums: bool = False,
 ) -> bytes:
-    """Serialize tensors to safetensors bytes.
-
-    Args:
-        tensors: name -> anything ``numpy.asarray`` accepts (arrays, scalars, jax arrays).
-        metadata: Optional str -> str mapping stored as ``__metadata__``.
-        alignment: 64 (default) writes the zero-copy layout: data starts at a multiple of 64
-            and every tensor whose size is a multiple of 64 bytes starts 64-byte aligned.
-            8 writes exactly the bytes the reference writer writes.
-        checksums: Store a SHA-256 digest of every tensor in the metadata (key
-            ``safecodec.checksums``), checked on load with ``verify=True``.
-
-    Returns:
-        The file's bytes.
-
-    Raises:
-        SafecodecError: A bad name (NUL, ``__metadata__``), metadata that is not str -> str,
-            a dtype with no safetensors code, or a header over the size limit.
-
-    Example:
-        >>> import numpy as np, safecodec as sc
-        >>> data = sc.save({"a": np.ones(3, np.float32)}, alignment=8)
-        >>> data[8:40]
-        b'{"a":{"dtype":"F32","shape":[3],'
-    """
+    """Serialize tensors to safetensors bytes, in memory (the public documentation is
+    :func:`safecodec.save`'s)."""
     header, planned, values = prepare(tensors, metadata, alignment, checksums=checksums)
     digests: dict[str, str] | None = {} if checksums else None
     buf = io.BytesIO()
