@@ -18,7 +18,7 @@ from . import _integrity, _writer
 from ._errors import ChecksumError, SafecodecError
 from ._header import CHECKSUM_KEY, Header
 from ._reader import SafeOpen, normalize_framework, read_header_from
-from ._resolve import locate, open_source, resolve_target
+from ._resolve import Location, locate, open_source, resolve_target
 from ._sharded import ShardedSafeOpen, save_sharded
 
 __all__ = [
@@ -121,10 +121,18 @@ def safe_open(
         raise TypeError("safe_open() takes one source: a positional argument or filename=")
     if source is None:
         source = filename
-    copy = _copy_for(backend, copy)
+    return _open(source, locate(source, fs, storage_options), framework, fs=fs,
+                 copy=_copy_for(backend, copy), unpack=unpack, device=device,
+                 sharding=sharding, storage_options=storage_options, progress=progress,
+                 verify=verify, strict_x64=strict_x64)
+
+
+def _open(source: Any, location: Location | None, framework: str, *, fs: Any, copy: bool,
+          unpack: bool, device: Any, sharding: Any, storage_options: dict[str, Any] | None,
+          progress: bool, verify: bool, strict_x64: bool) -> Any:
+    """:func:`safe_open` once the resolver has said where ``source`` is."""
     fw = normalize_framework(framework)
     output = _jax_output(device, sharding, strict_x64) if fw == "jax" else None
-    location = locate(source, fs, storage_options)
     if location is not None and location.index is not None:
         return ShardedSafeOpen(location, fw, copy=copy, unpack=unpack, device=device,
                                sharding=sharding, progress=progress, verify=verify,
@@ -157,8 +165,10 @@ def read_header(source: Any, *, fs: Any = None,
         (2, 3)
     """
     location = locate(source, fs, storage_options)
-    if location is not None:
-        with safe_open(source, fs=fs, storage_options=storage_options) as handle:
+    if location is not None:  # a checkpoint directory or index: located once
+        with _open(source, location, "numpy", fs=fs, copy=False, unpack=True, device=None,
+                   sharding=None, storage_options=storage_options, progress=False,
+                   verify=False, strict_x64=False) as handle:
             return handle.header  # type: ignore[no-any-return]
     src = open_source(source, fs=fs, storage_options=storage_options)
     try:

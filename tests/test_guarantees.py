@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -116,18 +117,29 @@ def test_sharded_save_killed_before_publishing_leaves_the_old_checkpoint(tmp_pat
 # ----------------------------------------------------------------------------- 3. close vs reads
 
 
-def test_closing_a_copy_handle_while_threads_read_never_returns_another_files_bytes(tmp_path):
+@pytest.mark.parametrize(("threads", "words"), [(1, 1 << 16), (4, 3 << 20)],
+                         ids=["one-piece-reads", "split-reads"])
+def test_closing_a_copy_handle_while_threads_read_never_returns_another_files_bytes(
+        tmp_path, threads, words):
+    """Reads in flight finish or raise ClosedHandleError, never read a reused descriptor:
+    with plain positioned reads, and with reads split over threads (12 MiB tensor)."""
+    sc.set_threads(threads)
+    try:
+        _close_while_reading(tmp_path, np.arange(words, dtype=np.uint32))
+    finally:
+        sc.set_threads(None)
+
+
+def _close_while_reading(tmp_path, want: np.ndarray) -> None:
     path = tmp_path / "a.safetensors"
-    want = np.arange(1 << 16, dtype=np.uint32)
-    sc.save_file({"x": want}, path)
+    sc.save_file({"x": want}, path, alignment=8)
     decoys = []
     for i in range(8):
         p = tmp_path / f"decoy{i}.bin"
         p.write_bytes(b"\xee" * (want.nbytes + 4096))
         decoys.append(p)
-    wrong: list[str] = []
-    other: list[BaseException] = []
-    for _ in range(30):
+    problems: list[object] = []
+    for _ in range(12):
         f = sc.safe_open(path, copy=True)
         stop = threading.Event()
 
@@ -138,10 +150,10 @@ def test_closing_a_copy_handle_while_threads_read_never_returns_another_files_by
                 except sc.ClosedHandleError:
                     return
                 except BaseException as exc:  # a bare OSError is a failure too
-                    other.append(exc)
+                    problems.append(exc)
                     return
                 if not np.array_equal(got, want):
-                    wrong.append("wrong bytes")
+                    problems.append("wrong bytes")
                     return
 
         threads = [threading.Thread(target=reader) for _ in range(4)]
@@ -157,7 +169,7 @@ def test_closing_a_copy_handle_while_threads_read_never_returns_another_files_by
             t.join()
         for h in handles:
             h.close()
-    assert not wrong and not other, (wrong[:3], other[:3])
+    assert not problems, problems[:3]
 
 
 # ----------------------------------------------------------------------------- 4. verify reads once
@@ -407,3 +419,27 @@ def test_sharded_save_that_runs_out_of_space_names_the_shard_and_cleans_up(tmp_p
     assert proc.returncode == 3, (proc.stdout, proc.stderr)
     assert "model-00001-of-00002.safetensors" in proc.stdout
     assert sorted(os.listdir(d)) == []  # nothing of the failed save is left
+
+
+def test_index_identity_entries_are_checked(tmp_path):
+    d = tmp_path / "ck"
+    _save_sharded(_model(), str(d))
+    index = d / "model.safetensors.index.json"
+    obj = json.loads(index.read_text())
+    obj["metadata"]["safecodec.shards"].pop("model-00002-of-00004.safetensors")
+    index.write_text(json.dumps(obj))
+    with pytest.raises(sc.SafecodecError, match=re.escape(
+            "records no identity for shard 'model-00002-of-00004.safetensors'")):
+        sc.load_file(d)
+    obj["metadata"]["safecodec.shards"] = {"model-00001-of-00004.safetensors": {"size": "x"}}
+    index.write_text(json.dumps(obj))
+    with pytest.raises(sc.SafecodecError, match=re.escape("'safecodec.shards' is malformed")):
+        sc.safe_open(d)
+
+
+def test_a_jax_handle_needs_the_output_safe_open_builds(tmp_path):
+    path = tmp_path / "m.safetensors"
+    sc.save_file({"a": np.ones(2)}, path)
+    with pytest.raises(sc.SafecodecError, match=r"opened with safecodec.safe_open\(\.\.\., "
+                                                "framework='jax'\\)"):
+        sc.SafeOpen(path, "jax")

@@ -275,50 +275,6 @@ def test_closing_while_pieces_are_in_flight_defers_the_close(tmp_path, monkeypat
         src.readinto(0, memoryview(out))
 
 
-def test_closing_a_copy_handle_during_split_reads_never_returns_other_bytes(tmp_path):
-    sc.set_threads(4)
-    path = tmp_path / "a.safetensors"
-    want = np.arange(1 << 16, dtype=np.uint32)
-    sc.save_file({"x": want}, path, alignment=8)
-    decoys = []
-    for i in range(6):
-        p = tmp_path / f"decoy{i}.bin"
-        p.write_bytes(b"\xee" * (want.nbytes + 4096))
-        decoys.append(p)
-    problems: list[object] = []
-    for _ in range(10):
-        f = sc.safe_open(path, copy=True)
-        stop = threading.Event()
-
-        def reader(f=f, stop=stop) -> None:
-            while not stop.is_set():
-                try:
-                    got = f.get_tensor("x")
-                except sc.ClosedHandleError:
-                    return
-                except BaseException as exc:  # a bare OSError is a failure too
-                    problems.append(exc)
-                    return
-                if not np.array_equal(got, want):
-                    problems.append("wrong bytes")
-                    return
-
-        threads = [threading.Thread(target=reader) for _ in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(0.002)
-        f.close()
-        handles = [open(p, "rb") for p in decoys]  # noqa: SIM115
-        time.sleep(0.002)
-        stop.set()
-        for t in threads:
-            t.join()
-        for h in handles:
-            h.close()
-    assert not problems, problems[:3]
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
 def test_a_forked_child_gets_a_working_pool(tmp_path):
     """The pool's threads do not survive fork: the child must start its own, not wait on
     threads that do not exist."""
