@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
@@ -23,7 +19,7 @@ from safecodec import _remote
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "helpers"))
-from _cpu_devices import cpu_device_env  # noqa: E402
+import _two_processes  # noqa: E402
 from jax_remote_worker import FILES  # noqa: E402
 
 #: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in tests/helpers/conftest_remote.py.
@@ -37,58 +33,15 @@ HTTP_OVERHEAD = 1024
 #: seconds the two workers get in all (each dumps its stacks a little before)
 DEADLINE_S = 240
 #: what gRPC prints when process 0's coordinator cannot bind its port
-PORT_TAKEN = "Failed to add port to server"
+#: no credentials or AWS configuration in the workers but the ones passed
+_AWS_ISOLATION = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+                  "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 
 CASES = [
     {"name": "gpt2-rows", "file": "gpt2", "layout": "rows"},
     {"name": "wide-columns", "file": "wide", "layout": "columns"},
     {"name": "wide-interleaved", "file": "wide", "layout": "interleaved"},
 ]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _child_env() -> dict[str, str]:
-    """2 CPU devices each, no proxy variables (gRPC would send 127.0.0.1 through them),
-    and no credentials or configuration but the ones passed."""
-    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    return cpu_device_env(2, base, no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost",
-                          PYTHONFAULTHANDLER="1", AWS_EC2_METADATA_DISABLED="true",
-                          AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-
-
-def _run_workers(directory: pathlib.Path, config: pathlib.Path) -> tuple[list[int], list[str]]:
-    """Start both workers, wait for both (never leaving a child behind), return their exit
-    codes and outputs (written to files, not pipes: a full pipe would stall a worker)."""
-    port = str(_free_port())
-    logs = [directory / f"worker-{i}.log" for i in range(2)]
-    procs = []
-    for i, log in enumerate(logs):
-        with open(log, "w") as fh:
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "helpers", "jax_remote_worker.py"), str(i), port,
-                 str(config)], env=_child_env(), cwd=os.path.dirname(HERE), stdout=fh,
-                stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + DEADLINE_S
-    notes = ["", ""]
-    try:
-        for i, p in enumerate(procs):
-            try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                notes[i] = f"\n[killed after {DEADLINE_S} s]"
-            if i == 0 and p.returncode and PORT_TAKEN in logs[0].read_text():
-                break  # process 1 would only wait for a coordinator that never starts
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [p.returncode for p in procs], [log.read_text() + n for log, n in zip(logs, notes, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +66,9 @@ def run(s3_server, tmp_path_factory: pytest.TempPathFactory):
             for pair in proxies.values():
                 for p in pair:
                     p.counter.reset()
-            codes, logs = _run_workers(directory, config)
-            if not (codes[0] and PORT_TAKEN in logs[0]):
+            codes, logs = _two_processes.run("jax_remote_worker.py", [str(config)], directory,
+                                             DEADLINE_S, **_AWS_ISOLATION)
+            if not (codes[0] and _two_processes.PORT_TAKEN in logs[0]):
                 break
         report = "\n".join(f"---- process {i} (exit {c}) ----\n{log}"
                            for i, (c, log) in enumerate(zip(codes, logs, strict=True)))

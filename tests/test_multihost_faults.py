@@ -32,7 +32,6 @@ import json
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -46,12 +45,11 @@ import safecodec as sc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "helpers"))
-from _cpu_devices import cpu_device_env  # noqa: E402
+import _two_processes  # noqa: E402
 
 #: seconds all scenarios get in all (the workers dump their stacks and exit before)
 DEADLINE_S = 120
 #: what gRPC prints when the coordinator cannot bind its port (taken meanwhile)
-PORT_TAKEN = "Failed to add port to server"
 #: what JAX's client logs when it terminates a process over another one's death
 TERMINATED = "Terminating process because the JAX distributed service detected fatal errors"
 #: the scenarios: name -> (process that dies, JAX mode)
@@ -63,28 +61,9 @@ SCENARIOS = {
 PREVIOUS = {"previous": np.arange(10, dtype=np.float32)}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _child_env() -> dict[str, str]:
-    """2 CPU devices each; no proxy variables (gRPC would send 127.0.0.1 through them)."""
-    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    return cpu_device_env(2, base, PYTHONFAULTHANDLER="1")
-
-
 def _start(directory: pathlib.Path, victim: int, mode: str) -> list[subprocess.Popen[bytes]]:
-    port = str(_free_port())
-    procs = []
-    for i in range(2):
-        with open(directory / f"worker-{i}.log", "w") as fh:  # files, not pipes
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "helpers", "multihost_fault_worker.py"), str(i), port,
-                 str(directory), str(victim), mode],
-                env=_child_env(), cwd=os.path.dirname(HERE), stdout=fh, stderr=subprocess.STDOUT))
-    return procs
+    return _two_processes.start("multihost_fault_worker.py",
+                                [str(directory), str(victim), mode], directory)
 
 
 class Outcome:
@@ -131,7 +110,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
                 del running[name]
                 codes = [p.returncode for p in procs]
                 log0 = (dirs[name] / "worker-0.log").read_text()
-                if codes[0] and PORT_TAKEN in log0 and retries:
+                if codes[0] and _two_processes.PORT_TAKEN in log0 and retries:
                     retries -= 1
                     running[name] = _start(dirs[name], *SCENARIOS[name])
                     continue
