@@ -5,7 +5,9 @@ and processes.
 How a tensor reaches JAX (decided in ONE place, :func:`host_route`)
 --------------------------------------------------------------------
 * **alias**: CPU, 64-byte aligned, byte-sized dtype, same dtype in JAX, memory nobody can
-  write (a read-only mapping or immutable bytes): the host array is a view of the file's
+  change (safecodec's read-only mapping, or immutable ``bytes``; never a caller's
+  writable memory, even through a read-only view: :func:`aliasable_address` decides,
+  for every route below): the host array is a view of the file's
   mapping and the CPU client *aliases* it. Loading costs a header parse, not a memcpy.
   safecodec's writer (``alignment=64``, the default) puts every tensor whose byte size is
   a multiple of 64 at such an address. On accelerators the view itself is handed to the
@@ -125,11 +127,15 @@ _CANONICAL: dict[tuple[np.dtype, bool], np.dtype] = {}
 
 
 def aliasable_address(reader: TensorReader) -> int | None:
-    """Where tensor offset 0 lies in memory when the reader's buffer is one JAX may alias
-    (mapped read-only or immutable, little-endian host); None when every tensor must be
-    copied (no buffer: copy=True, no mmap, remote; or a buffer the caller can write)."""
+    """THE predicate "may JAX alias this reader's memory?", used by every route below:
+    where tensor offset 0 lies in memory when it may, None when every tensor must be
+    copied. It may when the memory can never change while an array uses it
+    (:meth:`safecodec._source.SourceBase.stable`: safecodec's own read-only mapping of a
+    file, or immutable ``bytes``), on a little-endian host. Not: no buffer (copy=True, no
+    mmap, remote), and not any memory its owner can write, whatever a view of it says:
+    a read-only memoryview of a ``bytearray`` changes when the ``bytearray`` does."""
     buf = reader.buffer
-    if buf is None or not buf.readonly or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+    if buf is None or not reader.stable or not _dtypes.HOST_IS_LITTLE_ENDIAN:
         return None
     base = np.frombuffer(buf, np.uint8, 0 if not len(buf) else 1).ctypes.data
     return int(base) + reader.header.data_start
@@ -161,8 +167,6 @@ def host_route(reader: TensorReader, info: TensorInfo, target: np.dtype, cpu: bo
         return "copy"
     if address is not None and (address + info.begin) % ALIGNMENT == 0:
         return "alias"
-    if not buf.readonly:
-        return "copy"  # the caller's writable memory: never alias it
     return "read" if reader.source.positioned and info.nbytes >= PREAD_MIN else "copy"
 
 
@@ -378,7 +382,8 @@ class JaxOutput:
         base = reader.header.data_start + info.begin
         self.bytes_loaded += sum(b - a for a, b in runs) * itemsize
         buf = reader.buffer
-        if buf is not None and buf.readonly and len(runs) == 1 and target == dt.numpy:
+        if (buf is not None and len(runs) == 1 and target == dt.numpy
+                and aliasable_address(reader) is not None):
             view = np.frombuffer(buf, dt.numpy, runs[0][1] - runs[0][0],
                                  base + runs[0][0] * itemsize).reshape(block_shape)
             if is_aligned(view):
@@ -416,10 +421,9 @@ class JaxOutput:
             arr = cast_aligned(arr, target)
         elif cpu and not is_aligned(arr):
             arr = aligned_copy(arr)
-        elif cpu and arr.flags.writeable and not arr.flags.owndata:
-            buf = reader.buffer
-            if buf is not None and not buf.readonly:
-                arr = aligned_copy(arr)  # a view of a caller's writable buffer
+        elif (cpu and not arr.flags.owndata and reader.buffer is not None
+              and aliasable_address(reader) is None):
+            arr = aligned_copy(arr)  # a view of memory that can change under JAX
         return placement().single(arr, device, committed)
 
     def load_tensor(self, reader: TensorReader, info: TensorInfo) -> jax.Array:

@@ -181,6 +181,9 @@ class TensorReader:
         self.mode = mode
         self.digests = digests
         self.buffer: memoryview | None = None if copy else source.buffer(mode)
+        #: Whether ``buffer`` can never change while an array uses it (outputs that must
+        #: not change, JAX's, may alias it only then; see ``Source.stable``).
+        self.stable = self.buffer is not None and bool(source.stable(mode))
         self._verified: set[str] = set()
         self._lock = _thread.allocate_lock()
 
