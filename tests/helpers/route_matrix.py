@@ -438,6 +438,7 @@ def _local_put(root: str) -> Callable[[str, bytes], None]:
 def stores(workdir: str) -> Iterator[dict[str, Store]]:
     """A :class:`Store` per remote and local source kind, servers started on 127.0.0.1."""
     import fsspec
+
     from conftest_remote import serve_http, serve_s3
 
     local = os.path.join(workdir, "local")
