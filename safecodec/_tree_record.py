@@ -362,10 +362,9 @@ class _Decoder:
             # "w" name the same place in a template).
             clash = next((s for s in seen if s == key), _NOTHING) if key in seen else _NOTHING
             if clash is not _NOTHING:
-                same = "appears twice" if type(clash) is type(key) and clash == key else (
-                    f"and {clash!r} are the same key once rebuilt ({key!r} == {clash!r} "
-                    "in Python)")
-                raise _fault(path, f"key {key!r} {same}", obj)
+                also = "" if type(clash) is type(key) else (
+                    f" (as {clash!r}: equal keys in Python, a dict cannot hold both)")
+                raise _fault(path, f"key {key!r} appears twice{also}", obj)
             seen.add(key)
             elem = (str(k), key)
             out.append((elem, self.node(child, (*path, elem), depth + 1)))

@@ -193,6 +193,16 @@ def test_a_callers_file_object_closed_and_its_number_reused(tmp_path: Any, backe
         os.close(number)
 
 
+def test_a_file_object_without_descriptor_closed_by_its_owner(tmp_path: Any) -> None:
+    import io
+
+    fh = io.BytesIO(sc.save(_model()))
+    with sc.safe_open(fh, backend="pread") as f:
+        fh.close()
+        with pytest.raises(sc.RemoteIOError, match="closed the file object"):
+            f.get_tensor("b")
+
+
 def test_the_duplicated_descriptor_is_closed_with_the_handle(tmp_path: Any) -> None:
     path = str(tmp_path / "m.safetensors")
     sc.save_file(_model(), path)
