@@ -10,7 +10,7 @@ import pytest
 # Make the helpers importable (tests/helpers: _oracle.py, block_safetensors.py, workers...).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 
-import _warning_policy  # noqa: E402  (tests/helpers, on the path from the line above)
+import _warning_policy
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 
 import pytest
 
-from _cpu_devices import cpu_device_env
 import _warning_policy
+from _cpu_devices import cpu_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

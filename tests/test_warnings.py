@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+
 from _warning_policy import ROOT, our_modules, third_party_pattern
 
 OURS = ("safecodec", "tests", "benchmarks", "docs")
