@@ -45,8 +45,18 @@ def mesh_sharding() -> Any:
     return pick
 
 
+#: A hang prints every thread's stack and exits before the test gives up on the worker.
+HANG_S = 420
+
+
 def main() -> None:
+    import faulthandler
+
+    from _warning_policy import strict
+
     cells_file, out_file, workdir = sys.argv[1:4]
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    strict()  # the suite's warning policy: a warning of ours fails its cell
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     with open(cells_file) as fh:
         wanted = set(json.load(fh))
