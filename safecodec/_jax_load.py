@@ -15,8 +15,8 @@ How a tensor reaches JAX (decided in ONE place, :func:`host_route`)
 * **read**: one positioned read from the page cache into fresh aligned memory
   (``copy=True``, no mmap, a tensor not aligned in a local file: cheaper than faulting the
   mapping in).
-* **copy**: one memcpy from the buffer into fresh aligned memory (the caller's writable
-  buffer, or a small unaligned tensor).
+* **copy**: one memcpy from the buffer into fresh aligned memory (memory its owner can
+  write, read-only view or not, or a small unaligned tensor).
 * **cast**: 64-bit values with x64 off: narrowed into fresh aligned memory (JAX's rule).
 * **decode**: packed F4 is unpacked once into ``float4_e2m1fn``; big-endian hosts swap.
   **F6** has no JAX dtype: a :class:`~safecodec.DtypeError` points to the NumPy output.
