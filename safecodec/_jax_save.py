@@ -39,7 +39,7 @@ from ._errors import DtypeError, SafecodecError
 from ._header import PlannedTensor
 from ._indexing import index_key, plan_runs
 from ._packed import pack
-from ._sink import LocalAtomicFile, temporary_name
+from ._sink import LocalAtomicFile, publishing, temporary_name
 
 __all__ = ["holds_jax_arrays", "save", "save_file", "write_shard"]
 
@@ -181,13 +181,8 @@ def save_file(tensors: Mapping[str, Any], path: str, metadata: Mapping[str, str]
     if collective:
         _save_collective(header, planned, values, path, total, timeout_s)
         return
-    sink = LocalAtomicFile(path, size=total)
-    try:
+    with publishing(LocalAtomicFile(path, size=total)) as (sink,):
         _write_all(_Positioned(sink=sink), header, planned, values, process=0, collective=False)
-    except BaseException:
-        sink.discard()
-        raise
-    sink.commit()
 
 
 _SAVE_COUNTER = itertools.count()

@@ -17,7 +17,9 @@ shard starting whenever the next tensor would push the current one over
 ``max_shard_size`` (counting tensor bytes, like Hugging Face); a tensor larger than the
 limit gets a shard of its own. Every shard is first written completely to a temporary
 file; only when all are written are they renamed into place, then the index. So a save
-that fails or is killed while writing leaves the previous checkpoint untouched, and the
+that fails or is killed while writing leaves the previous checkpoint untouched; a rename
+that fails (the index's included) puts back the shards already renamed
+(:func:`safecodec._sink.commit_all`: all or none); and the
 only window in which a reader can meet old and new shards side by side (the renames,
 milliseconds) is caught by the identity check: a reader gets the old checkpoint, the new
 one, or an error naming the shard, never a mix.
@@ -47,6 +49,7 @@ from ._shardindex import (
     split_target,
 )
 from ._threads import run_concurrently
+from ._sink import publishing
 from ._writer import open_sink, stream_file, tensor_nbytes
 
 __all__ = ["SHARDS_KEY", "ShardedSafeOpen", "save_sharded", "shard_identity", "write_checkpoint"]
@@ -419,9 +422,10 @@ def write_checkpoint(
     weight_map: dict[str, str] = {}
     identities: dict[str, dict[str, Any]] = {}
     total_size = 0
-    pending: list[Any] = []
     save_id = os.urandom(8).hex()  # makes every shard header of this save unique
-    try:
+    # Everything is written first; then the shards are published, then the index (the
+    # commit point), all or none (a failed index rename puts the old shards back).
+    with publishing() as pending:
         with ProgressBar(None, f"save {len(shards)} shards", progress, unit="shard") as bar:
             for shard, part, user_metadata in shards:
                 metadata = {**(user_metadata or {}), CHECKPOINT_KEY: save_id}
@@ -444,13 +448,6 @@ def write_checkpoint(
         pending.append(index_sink)
         index_sink.write(index_bytes(weight_map, total_size, extra))
         index_sink.flush()
-    except BaseException:
-        for sink in pending:
-            sink.discard()
-        raise
-    # Everything is written: publish the shards, then the index (the commit point).
-    for sink in pending:
-        sink.commit()
     return index_target.name
 
 
