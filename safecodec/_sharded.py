@@ -48,8 +48,8 @@ from ._shardindex import (
     plan_shards,
     split_target,
 )
-from ._threads import run_concurrently
 from ._sink import publishing
+from ._threads import run_concurrently
 from ._writer import open_sink, stream_file, tensor_nbytes
 
 __all__ = ["SHARDS_KEY", "ShardedSafeOpen", "save_sharded", "shard_identity", "write_checkpoint"]

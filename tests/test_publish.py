@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import pathlib
 
-from fsspec.implementations.memory import MemoryFileSystem
 import numpy as np
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 import safecodec as sc
 from safecodec import _sink
