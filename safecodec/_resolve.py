@@ -79,12 +79,13 @@ def resolve_fs(
 
 
 def _remote_info(fs: Any, path: str, name: str) -> Mapping[str, Any]:
-    """``fs.info(path)``, with every failure but a missing object as RemoteIOError."""
-    from ._remote import describe_failure
+    """``fs.info(path)`` from the server (:func:`safecodec._remote.fresh_info`), with every
+    failure but a missing object as RemoteIOError."""
+    from ._remote import describe_failure, fresh_info
 
     began = time.monotonic()
     try:
-        info: Mapping[str, Any] = fs.info(path)
+        info: Mapping[str, Any] = fresh_info(fs, path)
     except FileNotFoundError:
         raise
     except Exception as exc:
@@ -96,8 +97,9 @@ def _remote_info(fs: Any, path: str, name: str) -> Mapping[str, Any]:
 
 
 def open_remote(path: str, fs: Any = None, storage_options: Mapping[str, Any] | None = None,
-                *, progress: bool = False) -> Any:
-    """An :class:`~safecodec._remote.FsspecSource` on ``path`` (one ``info`` request).
+                *, progress: bool = False, name: str | None = None) -> Any:
+    """An :class:`~safecodec._remote.FsspecSource` on ``path`` (one ``info`` request);
+    ``name`` is what messages call it (default: ``path``).
 
     Raises:
         FileNotFoundError: The object does not exist.
@@ -107,7 +109,8 @@ def open_remote(path: str, fs: Any = None, storage_options: Mapping[str, Any] | 
     from ._remote import FsspecSource
 
     filesystem, fpath = resolve_fs(path, fs, storage_options)
-    return FsspecSource(filesystem, fpath, _remote_info(filesystem, fpath, path), name=path,
+    shown = name or path
+    return FsspecSource(filesystem, fpath, _remote_info(filesystem, fpath, shown), name=shown,
                         progress=progress)
 
 

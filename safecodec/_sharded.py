@@ -33,12 +33,12 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from ._errors import ClosedHandleError, RemoteIOError, SafecodecError
+from ._errors import ClosedHandleError, SafecodecError
 from ._header import CHECKPOINT_KEY, Header, TensorInfo, check_metadata
 from ._integrity import sha256_hex
 from ._progress import ProgressBar
 from ._reader import Output, SafeOpen, check_output, missing_tensor
-from ._resolve import Location, Target
+from ._resolve import Location, Target, open_remote
 from ._shardindex import (
     MAX_INDEX_SIZE,
     SHARD_PATTERN,
@@ -134,12 +134,16 @@ class ShardedSafeOpen:
             with open(loc.index, "rb") as f:
                 data = f.read(MAX_INDEX_SIZE + 1)
         else:
+            # sized by one metadata request before any byte is read, then read exactly
+            # (length-checked, pinned to the version sized) like every remote file
+            source = open_remote(loc.index, loc.fs, name=loc.name)
             try:
-                data = bytes(loc.fs.cat_file(loc.index))
-            except FileNotFoundError:
-                raise
-            except Exception as exc:
-                raise RemoteIOError(f"reading index {loc.name} failed: {exc}") from exc
+                if source.size > MAX_INDEX_SIZE:
+                    raise SafecodecError(f"index {loc.name} is {source.size} bytes, over the "
+                                         f"{MAX_INDEX_SIZE} limit")
+                data = bytes(source.read(0, source.size, "index"))
+            finally:
+                source.close()
         if len(data) > MAX_INDEX_SIZE:
             raise SafecodecError(f"index {loc.name} is {len(data)} bytes, over the {MAX_INDEX_SIZE} limit")
         self._index_bytes = len(data)
