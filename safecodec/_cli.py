@@ -490,19 +490,15 @@ def _output_files(ckpt: Checkpoint, output: str) -> tuple[Target, list[Target]]:
         if out.name.endswith(INDEX_SUFFIX):
             raise UsageError(f"{ckpt.source} is a single file; OUT must be a file, not an index")
         if out.is_dir():
-            out = out.join(_base_name(ckpt.parts[0].source))
+            out = out.join(os.path.basename(ckpt.parts[0].source))
         return out, [out]
     if out.is_dir():
-        out = out.join(_base_name(ckpt.handle.name))
+        out = out.join(os.path.basename(ckpt.handle.name))
     if not out.name.endswith(INDEX_SUFFIX):
         raise UsageError(f"{ckpt.source} is a sharded checkpoint; OUT must be an index path "
                          f"ending in {INDEX_SUFFIX!r} or an existing directory")
     folder, _ = out.split()
     return out, [out] + [folder.join(part.shard) for part in ckpt.parts if part.shard]
-
-
-def _base_name(path_or_url: str) -> str:
-    return path_or_url.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _refuse_overwriting_input(ckpt: Checkpoint, written: list[Target]) -> None:
