@@ -319,12 +319,17 @@ class LocalAtomicFile:
             return None
         keep = temporary_name(self.destination, f"{os.getpid()}.{os.urandom(4).hex()}.previous")
         try:
-            os.link(self.destination, keep)
-        except OSError:  # a filesystem without hard links: a copy
-            import shutil
+            try:
+                os.link(self.destination, keep)
+            except OSError:  # a filesystem without hard links: a copy
+                import shutil
 
-            shutil.copyfile(self.destination, keep)
-        fd = os.open(keep, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                shutil.copyfile(self.destination, keep)
+            fd = os.open(keep, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(keep)
+            raise
         _hold_lock(fd)  # so that no concurrent save takes it for a dead writer's temporary
         return keep, fd
 

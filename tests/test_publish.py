@@ -77,9 +77,17 @@ def _sharded(tmp_path: pathlib.Path, tensors: dict[str, np.ndarray]) -> pathlib.
     return tmp_path / "model.safetensors.index.json"
 
 
-def test_sharded_save_whose_index_rename_fails_keeps_the_old_checkpoint(tmp_path) -> None:
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+def test_sharded_save_whose_index_rename_fails_keeps_the_old_checkpoint(tmp_path, monkeypatch,
+                                                                        links) -> None:
     """Shards are renamed into place before the index; when the index's rename fails,
-    the old shards come back and the old checkpoint still opens with its old values."""
+    the old shards come back and the old checkpoint still opens with its old values (the
+    replaced shards are kept by a hard link, or by a copy where links are refused)."""
+    if links == "no hard links":
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise PermissionError(1, "no hard links here")
+
+        monkeypatch.setattr(os, "link", refuse)
     index = _sharded(tmp_path, OLD)
     shards_before = {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")}
     assert len(shards_before) == 2
