@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(HERE, "helpers"))
 import _two_processes  # noqa: E402
 
 #: seconds all scenarios get in all (the workers dump their stacks and exit before)
-DEADLINE_S = 120
+DEADLINE_S = 150
 #: what gRPC prints when the coordinator cannot bind its port (taken meanwhile)
 #: what JAX's client logs when it terminates a process over another one's death
 TERMINATED = "Terminating process because the JAX distributed service detected fatal errors"

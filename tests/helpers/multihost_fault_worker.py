@@ -19,8 +19,9 @@ import os
 import sys
 
 #: a worker still running after this long dumps its stacks and exits (the test's own
-#: deadline is longer), so that a hang says where it hung
-HANG_S = 50
+#: deadline is longer), so that a hang says where it hung; it counts from the start, and
+#: eight workers importing jax at once on a loaded 2-core machine take a while
+HANG_S = 80
 #: seconds without a heartbeat after which JAX's coordination service declares a process
 #: dead (the default, 100 s, is too long for a test)
 HEARTBEAT_S = 5
