@@ -501,10 +501,14 @@ def _output_files(ckpt: Checkpoint, output: str) -> tuple[Target, list[Target]]:
     return out, [out] + [folder.join(part.shard) for part in ckpt.parts if part.shard]
 
 
-def _refuse_overwriting_input(ckpt: Checkpoint, written: list[Target]) -> None:
+def _refuse_overwriting_input(ckpt: Checkpoint, out: Target, written: list[Target]) -> None:
     """Refuse a rewrite that would replace a file the input checkpoint is made of (its
     file, its index, one of its shards: by path, symbolic or hard link), before anything
-    is written: the input must still open, unchanged, afterwards.
+    is written: the input must still open, unchanged, afterwards. The one exception is a
+    rewrite in place (OUT is IN's file or index): the new checkpoint replaces the old one
+    whole, through the same atomic publish as a re-save (one rename; for a sharded
+    checkpoint every shard, then the index, or nothing), so no file of the input is left
+    needing a replaced one.
 
     Raises:
         UsageError: naming the output file and the input file it would replace.
@@ -512,6 +516,8 @@ def _refuse_overwriting_input(ckpt: Checkpoint, written: list[Target]) -> None:
     inputs = [part.source for part in ckpt.parts]
     if ckpt.sharded:
         inputs.append(ckpt.handle.name)
+    if out.same_file(resolve_target(inputs[-1], what="IN")):
+        return
     for spelled in inputs:
         source = resolve_target(spelled, what="IN")
         for target in written:
@@ -527,7 +533,7 @@ def _rewrite(args: argparse.Namespace, target: DType | None, only: list[str] | N
     with Checkpoint(args.input) as ckpt:
         progress_total = sum(p.handle.header.file_size for p in ckpt.parts)
         out, written = _output_files(ckpt, args.output)
-        _refuse_overwriting_input(ckpt, written)
+        _refuse_overwriting_input(ckpt, out, written)
         if not ckpt.sharded:
             with _progress(progress_total, verb, not args.quiet) as bar:
                 lazy, metadata, checksums, cast = _lazy_part(ckpt.parts[0], target, only, bar)

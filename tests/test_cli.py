@@ -162,12 +162,10 @@ def test_align_rewrites_into_the_zero_copy_layout(tmp_path, ref_file):
     assert_same_tensors(sc.load_file(out), sc.load_file(ref_file))
     assert proc.stdout.strip() == f"wrote {out.name}: 6 tensors; 4 of 6 are 64-byte aligned"
 
-    # Onto its input: refused before anything is written (the input stays intact).
-    original = ref_file.read_bytes()
+    # In place: the writer replaces the file atomically while it is still mapped.
     again = run("align", "-q", ref_file.name, ref_file.name, cwd=tmp_path)
-    assert (again.returncode, again.stdout) == (2, "")
-    assert "OUT would overwrite" in again.stderr
-    assert ref_file.read_bytes() == original
+    assert (again.returncode, again.stdout) == (0, "")
+    assert ref_file.read_bytes() == out.read_bytes()
 
 
 def test_diff_reports_names_changes_and_max_abs_difference(tmp_path, ref_file):

@@ -1,8 +1,9 @@
 """Where the CLI's rewrites write, and what its output shows (issue 18, findings 7, 8, 14).
 
-* ``align`` / ``convert`` refuse an output that would replace a file of the input (the
-  file itself, through a symbolic or hard link, the index, a shard) before writing
-  anything: the input stays intact.
+* ``align`` / ``convert`` refuse an output that would replace a file the input still needs
+  (a shard of a sharded input, by path, symbolic or hard link, under another index) before
+  writing anything: the input stays intact. OUT = IN (any spelling) is a rewrite in place,
+  published atomically like a re-save.
 * A sharded rewrite asks the resolver where OUT is: a ``memory://`` or ``s3://`` index
   gets its shards there, written through the same atomic sink, never a local folder.
 * Names and metadata from a file cannot forge output lines: every control character is
@@ -63,13 +64,19 @@ def test_sharded_rewrite_next_to_its_input_is_refused(sharded, capsys, verb) -> 
         np.testing.assert_array_equal(got[name], value)
 
 
-def test_sharded_rewrite_into_its_own_folder_or_index_is_refused(sharded, capsys) -> None:
+def test_sharded_rewrite_in_place_replaces_the_whole_checkpoint(sharded) -> None:
+    """OUT is IN's own index (spelled as the index or as its folder): not a clash but a
+    re-save, published like one (every shard, then the index), so the result opens."""
     folder = sharded.parent
-    before = _snapshot(folder)
     for out in (folder, sharded):
-        assert _cli.main(["align", str(sharded), str(out)]) == 2
-        assert "OUT would overwrite" in capsys.readouterr().err
-    assert _snapshot(folder) == before
+        assert _cli.main(["convert", "-q", str(sharded), str(out), "--dtype", "float16"]) == 0
+        got = sc.load_file(sharded)
+        for name, value in MODEL.items():
+            np.testing.assert_array_equal(got[name], value.astype(np.float16)
+                                          if value.dtype == np.float32 else value)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json"]
 
 
 def _links(path: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -82,16 +89,28 @@ def _links(path: pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 @pytest.mark.parametrize("verb", ["convert", "align"])
-def test_single_file_rewrite_onto_its_input_is_refused(tmp_path, capsys, verb) -> None:
-    path = tmp_path / "model.safetensors"
-    sc.save_file(MODEL, path, alignment=8)
+def test_single_file_rewrite_onto_its_input_is_in_place(tmp_path, verb) -> None:
+    """A single file rewritten onto itself (by any spelling, a symlink or a hard link) is
+    replaced atomically: the input was mapped whole, nothing else needs it."""
     extra = ["--dtype", "float16"] if verb == "convert" else []
-    for how, out in _links(path).items():
-        before = _snapshot(tmp_path)
-        assert _cli.main([verb, str(path), str(out), *extra]) == 2, how
-        assert "which is IN itself" in capsys.readouterr().err, how
-        assert _snapshot(tmp_path) == before, how
-    np.testing.assert_array_equal(sc.load_file(path)["w"], MODEL["w"])
+    want = MODEL["w"].astype(np.float16) if verb == "convert" else MODEL["w"]
+    for how, out in _links_fresh(tmp_path).items():
+        path = tmp_path / how.replace(" ", "_") / "model.safetensors"
+        assert _cli.main([verb, "-q", str(path), str(out), *extra]) == 0, how
+        written = out / "model.safetensors" if out.is_dir() else out
+        np.testing.assert_array_equal(sc.load_file(written)["w"], want, err_msg=how)
+        assert sc.read_header(written).data_start % 64 == 0, how
+
+
+def _links_fresh(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """One folder per spelling, each with its own input file, so the cases do not mix."""
+    outs = {}
+    for how in ("same path", "symlink", "hard link", "folder", "spelled differently"):
+        path = tmp_path / how.replace(" ", "_") / "model.safetensors"
+        path.parent.mkdir()
+        sc.save_file(MODEL, path, alignment=8)
+        outs[how] = _links(path)[how]
+    return outs
 
 
 def test_rewrite_to_another_file_still_works(tmp_path, sharded) -> None:
@@ -133,8 +152,9 @@ def test_sharded_align_to_a_memory_url_writes_there(sharded, tmp_path) -> None:
             header = sc.read_header(f"memory://{root}/{shard}")
             assert all((header.data_start + t.begin) % 64 == 0 for t in header.tensors.values()
                        if t.nbytes % 64 == 0)
-        # and the refusal holds across filesystems: OUT onto the memory input itself
-        assert _cli.main(["convert", "-q", url, url, "--dtype", "float16"]) == 2
+        # in place on the memory filesystem too
+        assert _cli.main(["convert", "-q", url, url, "--dtype", "float16"]) == 0
+        assert sc.load_file(url)["w"].dtype == np.float16
     finally:
         fs.rm(f"/{root}", recursive=True)
 
