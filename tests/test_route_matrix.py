@@ -30,18 +30,16 @@ import route_matrix as rm  # noqa: E402
 EVERY = rm.cells()
 CELLS = rm.sample(EVERY)
 
-#: Cells whose fix is on another branch (issue 18 items 1 and 12): they fail here, and
-#: strictly so; the marks go once those branches are merged.
-ELSEWHERE = "fixed on branch engine17/disk18"
+#: Cells whose fix is on another branch (issue 18 item 1, in the read engine): they fail
+#: here, and strictly so; the mark goes once that branch is merged.
+ELSEWHERE = "fixed on branch engine17"
 
 
 def fixed_elsewhere(cell: rm.Cell) -> bool:
     """Item 1: verify=True skipped on sharded JAX loads that read blocks (pread, copy,
-    remote). Item 12: a sharded checkpoint on versioned S3, loaded by its directory URL."""
-    item1 = (cell.condition == "corrupted" and cell.verify and cell.sharding == "mesh"
-             and not cell.memory_route)
-    item12 = cell.source == "s3-versioned-sharded"
-    return item1 or item12
+    remote)."""
+    return (cell.condition == "corrupted" and cell.verify and cell.sharding == "mesh"
+            and not cell.memory_route)
 
 
 def _param(cell: rm.Cell) -> object:
@@ -109,7 +107,7 @@ def test_the_issue_items_are_cells_of_the_sample() -> None:
     def has(**want: object) -> bool:
         return any(all(getattr(c, k) == v for k, v in want.items()) for c in CELLS)
 
-    assert any(fixed_elsewhere(c) and c.source != "s3-versioned-sharded" for c in CELLS)  # 1
+    assert any(fixed_elsewhere(c) for c in CELLS)  # 1
     assert has(source="http-etag-on-head-only", condition="replaced")  # 2
     assert has(source="ro-view", condition="replaced", framework="jax")  # 3
     assert has(source="fileobj", condition="replaced", backend="pread")  # 4
