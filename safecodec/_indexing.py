@@ -20,6 +20,7 @@ import numpy as np
 from ._errors import SliceIndexError
 
 __all__ = [
+    "Box",
     "BoxLayout",
     "ascending_box",
     "box_layout",
@@ -305,12 +306,15 @@ def box_layout(shape: tuple[int, ...], box: Box, itemsize: int) -> BoxLayout:
                      tuple((c, st) for c, st in reversed(outer)), tuple(groups))
 
 
-def coalesce(layout: BoxLayout, budget: float, small_gap: int) -> BoxLayout:
+def coalesce(layout: BoxLayout, budget: float, small_gap: int,
+             max_spans: int | None = None) -> BoxLayout:
     """Widen the runs of ``layout`` level by level, innermost repeat axis first, reading
     the gaps between runs with the data, as long as the bytes read stay within ``budget``
     times the box's bytes, or the gap is at most ``small_gap`` bytes (cheaper to read than
-    a request). ``run`` becomes the length of a span (gaps included); ``outer`` keeps
-    the axes that still repeat spans. O(ndim).
+    a request); then, while more than ``max_spans`` spans remain, the innermost level is
+    widened whatever it costs (the smallest gaps first: past that many requests, the
+    bytes between are cheaper). ``run`` becomes the length of a span (gaps included);
+    ``outer`` keeps the axes that still repeat spans. O(ndim).
 
     Example:
         >>> lay = box_layout((1000, 2), ((0, 1000, 1), (0, 1, 1)), 4)  # one column
@@ -323,7 +327,8 @@ def coalesce(layout: BoxLayout, budget: float, small_gap: int) -> BoxLayout:
         count, stride = outer[-1]
         wider = (count - 1) * stride + run
         rest = math.prod(c for c, _ in outer[:-1])
-        if stride - run > small_gap and wider * rest > limit:
+        if stride - run > small_gap and wider * rest > limit and (
+                max_spans is None or count * rest <= max_spans):
             break
         outer.pop()
         run = wider
@@ -335,6 +340,8 @@ def coalesce(layout: BoxLayout, budget: float, small_gap: int) -> BoxLayout:
 def span_starts(layout: BoxLayout) -> np.ndarray:
     """The byte offset (from the tensor's start) of every span of ``layout``, ascending,
     as one int64 array: ``layout.spans`` numbers, no Python object per span."""
+    if not layout.run:
+        return np.empty(0, np.int64)
     starts = np.array([layout.offset], np.int64)
     for count, stride in layout.outer:
         starts = (starts[:, None] + np.arange(count, dtype=np.int64) * stride).reshape(-1)

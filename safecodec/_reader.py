@@ -46,6 +46,7 @@ from ._header import (
     parse_header,
 )
 from ._indexing import (
+    Box,
     BoxLayout,
     ascending_box,
     box_layout,
@@ -95,6 +96,9 @@ SMALL_GAP: Final = 512
 #: A tensor checked under ``verify=True`` without being read whole is hashed in pieces
 #: of this many bytes (one read each): host memory holds one piece, not the tensor.
 VERIFY_PIECE: Final = 16 << 20
+#: Positioned reads of a box pass through at most about this many bytes of the file at a
+#: time (spans are read into scratch memory of that size, then copied into the result).
+PREAD_WINDOW: Final = 16 << 20
 #: Spans of a box that is not read whole are copied with a vectorised gather when shorter
 #: than this (one NumPy call per batch of spans), one slice copy each when longer.
 GATHER_RUN: Final = 4096
@@ -425,9 +429,10 @@ class TensorReader:
                 arr = alloc(layout.shape, dt.numpy)
                 _copy_strided(arr, self._strided(info, layout))
             elif self.source.positioned:
-                arr = self._pread_box(info, layout, alloc)
+                arr = self._pread_box(info, key, layout, alloc)
             else:
-                fetch.append((k, info, layout, coalesce(layout, READ_BUDGET, SMALL_GAP)))
+                fetch.append((k, info, layout,
+                              coalesce(layout, READ_BUDGET, SMALL_GAP, BOX_REQUESTS)))
                 continue
             out[k] = self._finish_box(info, arr, whole)
         if fetch:
@@ -455,9 +460,12 @@ class TensorReader:
             return np.empty(layout.shape, info.dtype.numpy)
         return np.ndarray(layout.shape, info.dtype.numpy, self.buffer, start, layout.strides)
 
-    def _pread_box(self, info: TensorInfo, layout: BoxLayout,
+    def _pread_box(self, info: TensorInfo, key: Box, layout: BoxLayout,
                    alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> np.ndarray:
-        """A box of a local file by positioned reads: one per span (:func:`coalesce`)."""
+        """A box of a local file by positioned reads: one per span (:func:`coalesce`:
+        exact bytes unless the budget allows a gap, at most :data:`BOX_REQUESTS` spans),
+        :data:`PREAD_WINDOW` bytes of the file at a time along the box's first long axis
+        (the memory the spans pass through stays bounded)."""
         base = self.header.data_start + info.begin
         arr = alloc(layout.shape, info.dtype.numpy)
         what = f"tensor {info.name!r}"
@@ -465,18 +473,25 @@ class TensorReader:
             self.source.readinto(base + layout.offset,
                                  _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)), what)
             return arr
-        # exact bytes locally: a gap is read only within the budget (no request to save)
-        spans = coalesce(layout, READ_BUDGET, 0)
-        packed = np.empty(spans.spans * spans.run, np.uint8)
-        view = _dtypes.as_memoryview(packed)
-        run = spans.run
-        readinto = self.source.readinto
-        starts = span_starts(spans)
-        for a in range(0, len(starts), 1 << 16):  # Python ints for one batch at a time
-            for i, start in enumerate(starts[a : a + (1 << 16)].tolist(), a):
-                readinto(base + start, view[i * run : (i + 1) * run], what)
-        _copy_strided(arr, np.ndarray(layout.shape, info.dtype.numpy, packed, 0,
-                                      span_strides(spans)))
+        axis = next(d for d, n in enumerate(layout.shape) if n > 1)
+        start, _, step = key[axis]
+        rows = layout.shape[axis]
+        per = max(1, PREAD_WINDOW // max(1, layout.strides[axis]))
+        itemsize = info.dtype.itemsize
+        for a in range(0, rows, per):
+            b = min(rows, a + per)
+            part = key[:axis] + ((start + a * step, start + (b - 1) * step + 1, step),) \
+                + key[axis + 1 :]
+            sub = box_layout(info.shape, part, itemsize)
+            spans = coalesce(sub, READ_BUDGET, 0, BOX_REQUESTS)
+            packed = np.empty(spans.spans * spans.run, np.uint8)
+            view = _dtypes.as_memoryview(packed)
+            run = spans.run
+            for i, at in enumerate(span_starts(spans).tolist()):
+                self.source.readinto(base + at, view[i * run : (i + 1) * run], what)
+            dst = arr[(slice(None),) * axis + (slice(a, b),)]
+            _copy_strided(dst, np.ndarray(sub.shape, info.dtype.numpy, packed, 0,
+                                          span_strides(spans)))
         return arr
 
     def _fetch_boxes(self, boxes: list[tuple[int, TensorInfo, BoxLayout, BoxLayout]],
@@ -558,7 +573,7 @@ def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.empty(shape, dtype)
 
 
-def _key(info: TensorInfo, box: tuple[Any, ...]) -> tuple[tuple[int, int, int], ...]:
+def _key(info: TensorInfo, box: tuple[Any, ...]) -> Box:
     """A box (one slice per axis, or ``(start, stop, step)`` triples) as triples, checked:
     start and stop within the axis, step >= 1.
 
