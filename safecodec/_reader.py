@@ -64,10 +64,10 @@ from ._source import BufferSource, MapMode
 
 __all__ = [
     "FIRST_READ",
-    "READ_BUDGET",
-    "SMALL_GAP",
     "JAX_FRAMEWORKS",
     "NUMPY_FRAMEWORKS",
+    "READ_BUDGET",
+    "SMALL_GAP",
     "Output",
     "SafeOpen",
     "TensorReader",
@@ -480,8 +480,8 @@ class TensorReader:
         itemsize = info.dtype.itemsize
         for a in range(0, rows, per):
             b = min(rows, a + per)
-            part = key[:axis] + ((start + a * step, start + (b - 1) * step + 1, step),) \
-                + key[axis + 1 :]
+            part = (*key[:axis], (start + a * step, start + (b - 1) * step + 1, step),
+                    *key[axis + 1 :])
             sub = box_layout(info.shape, part, itemsize)
             spans = coalesce(sub, READ_BUDGET, 0, BOX_REQUESTS)
             packed = np.empty(spans.spans * spans.run, np.uint8)

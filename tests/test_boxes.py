@@ -26,7 +26,7 @@ from safecodec._errors import ChecksumError, SafecodecError, SliceIndexError
 from safecodec._indexing import box_layout, coalesce, span_starts, span_strides
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
-import _oracle  # noqa: E402
+import _oracle
 
 #: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in tests/helpers/conftest_remote.py.
 pytest_plugins = ["conftest_remote"]
@@ -222,7 +222,7 @@ def test_requests_remote_memory(saved: Any, mem_url: str) -> None:
     """memory://: the spans of every box of a call go out together, merged."""
     import fsspec
 
-    path, reference = saved
+    path, _ = saved
     with open(path, "rb") as fh:
         fsspec.filesystem("memory").pipe(f"{mem_url}/m.safetensors", fh.read())
     with sc.safe_open(f"{mem_url}/m.safetensors") as f:

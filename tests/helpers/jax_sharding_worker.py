@@ -454,7 +454,7 @@ def sharded_verify_on_every_block_route(tmp: str) -> None:
                     pass
                 else:
                     raise AssertionError(f"{route}: get_slice(sharding=) skipped verify")
-        for route, (src, kw) in _routes(path, tmp).items():
+        for src, kw in _routes(path, tmp).values():
             out = sc.load_file(src, framework="jax", sharding={"w": sharding}, verify=True, **kw)
             _assert_shards(out["w"], reference["w"], sharding)
 
@@ -477,7 +477,7 @@ def get_slice_with_a_sharding(tmp: str) -> None:
         ("t", (slice(0, 64), slice(10, 12)), NamedSharding(_mesh(), P("x"))),
         ("h", (slice(None), slice(0, 32)), m2),
     ]
-    for route, (src, kw) in _routes(path, tmp).items():
+    for src, kw in _routes(path, tmp).values():
         with sc.safe_open(src, "jax", sharding={"t": m2}, **kw) as f:
             for name, index, sharding in cases:
                 got = f.get_slice(name, sharding=sharding)[index]
@@ -491,6 +491,16 @@ def get_slice_with_a_sharding(tmp: str) -> None:
                 assert "cannot be laid out" in str(exc), exc
             else:
                 raise AssertionError("a sharding of the wrong rank was accepted")
+    # a sharded checkpoint: the slice is read from its shard, the same way
+    ckpt = os.path.join(tmp, "ckpt")
+    os.makedirs(ckpt)
+    sc.save_file({"t": t, "h": _model()["h"]}, f"{ckpt}/model.safetensors",
+                 max_shard_size=4096)
+    with sc.safe_open(ckpt, "jax", backend="pread") as f:
+        assert len(f.shard_files()) == 2, f.shard_files()
+        for name, index, sharding in cases:
+            _assert_shards(f.get_slice(name, sharding=sharding)[index], ref[name][index],
+                           sharding)
     # positioned reads count one box per distinct block: 8 devices, 8 blocks, exact bytes
     with sc.safe_open(path, "jax", backend="pread") as f:
         before = dict(f.stats)
