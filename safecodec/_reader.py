@@ -769,7 +769,8 @@ class SafeOpen:
             :func:`safecodec._resolve.open_source`).
         framework: ``"numpy"``/``"np"``, or ``"jax"``/``"flax"`` (then ``output`` is the
             JAX output that :func:`safecodec.safe_open` builds).
-        fs, storage_options, progress: For remote sources.
+        fs, storage_options: For remote sources.
+        progress: A progress bar on loads (local: bytes per tensor; remote: the transfer).
         copy: Every read is a copy (positioned reads, no mapping).
         unpack: Unpack F4/F6 tensors.
         device: NumPy outputs accept only None or ``"cpu"`` (as the reference wheel does);
