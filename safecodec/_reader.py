@@ -351,15 +351,6 @@ class TensorReader:
         return arr
 
     # -- boxes: THE read engine for parts of tensors
-    def box_view(self, info: TensorInfo, box: tuple[slice, ...]) -> np.ndarray | None:
-        """``tensor[box]`` as a strided view of the reader's buffer (no copy), or None when
-        the reader has no buffer or the tensor is packed. Counted as one request."""
-        if self.buffer is None or info.dtype.packed:
-            return None
-        layout = box_layout(info.shape, _key(info, box), info.dtype.itemsize)
-        self.verify(info)
-        return self._strided(info, layout)
-
     def read_box(self, info: TensorInfo, box: tuple[slice, ...], *,
                  empty: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
                  ) -> np.ndarray:
