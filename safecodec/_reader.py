@@ -2,11 +2,19 @@
 source become arrays, lazily, one tensor or one slice at a time.
 
 Views, not copies. When the source is memory (bytes, a mapping), tensors are NumPy views
-of it. Copies happen in exactly one place, :meth:`TensorReader.read_span`, and only when
-the caller asked (``copy=True``), the source is not addressable memory (a file object
-without mmap, a remote object), the dtype is packed (F4/F6 are unpacked), or the host is
-big-endian. With stored checksums and ``verify=True``, what is hashed is the memory that
-is returned: the view of the mapping, or the buffer the copy landed in (read once).
+of it. Whole tensors are copied in exactly one place, :meth:`TensorReader.read_span`, and
+only when the caller asked (``copy=True``), the source is not addressable memory (a file
+object without mmap, a remote object), the dtype is packed (F4/F6 are unpacked), or the
+host is big-endian. With stored checksums and ``verify=True``, what is hashed is the
+memory that is returned: the view of the mapping, or the buffer the copy landed in (read
+once).
+
+Parts of tensors (slices without a mapping, the blocks of sharded JAX loads, remote
+batches) are *boxes*, read by ONE engine, :meth:`TensorReader.read_boxes`: a plan of
+O(ndim) numbers per box (:func:`safecodec._indexing.box_layout`), one strided copy from
+memory, or as few reads as the source allows within a read-amplification budget
+(:data:`READ_BUDGET`). Under ``verify=True`` a box is returned only once its whole tensor
+has been checked.
 
 A :class:`SafeOpen` handle produces NumPy arrays itself; other outputs (JAX) come from an
 :class:`Output` object given at construction, which receives the handle's
