@@ -293,7 +293,7 @@ def test_missing_shard_is_an_error(tmp_path):
         np.testing.assert_array_equal(f.get_tensor("step"), _model()["step"])  # others work
         with pytest.raises(sc.SafecodecError,
                            match=r"shard 'model-00003-of-00004.safetensors' listed in index .* "
-                                 r"for 1 tensors \(e.g. 'embed'\) does not exist"):
+                                 r"for 1 tensor \(e.g. 'embed'\) does not exist"):
             f.get_tensor("embed")
     with pytest.raises(sc.SafecodecError, match="does not exist"):
         sc.load_file(d)
@@ -318,8 +318,8 @@ def test_index_pointing_at_a_tensor_missing_from_its_shard(tmp_path):
     _index(d, {"a": "s1.safetensors", "b": "s1.safetensors"})
     with sc.safe_open(d) as f, pytest.raises(
             sc.SafecodecError,
-            match=r"maps 1 tensors to shard 's1.safetensors' that it does not hold: 'b' "
-                  r"\(the shard holds 1 tensors\)"):
+            match=r"maps 1 tensor to shard 's1.safetensors' that it does not hold: 'b' "
+                  r"\(the shard holds 1 tensor\)"):
         f.get_tensor("a")
 
 
