@@ -120,17 +120,18 @@ TENSOR_FIELDS: Final = ("dtype", "shape", "data_offsets")
 FOREIGN_MAGIC: Final = (
     (b"PK\x03\x04",
      "a zip archive, which is how torch.save stores a PyTorch checkpoint (.pt/.bin; a NumPy "
-     ".npz is one too); it is not a safetensors file: load it with "
-     "torch.load(path, weights_only=True) (or numpy.load for .npz) and write the tensors "
-     "with safecodec.save_file"),
+     ".npz is one too)",
+     "Load it with torch.load(path, weights_only=True) (numpy.load for an .npz) and write "
+     "the tensors with safecodec.save_file"),
     *((bytes([0x80, protocol]),
-       f"a Python pickle (protocol {protocol}), which is how older torch.save wrote a PyTorch "
-       "checkpoint (.pt/.bin); it is not a safetensors file: load it with "
-       "torch.load(path, weights_only=True) (never unpickle an untrusted file) and write the "
-       "tensors with safecodec.save_file")
+       f"a Python pickle (protocol {protocol}): a PyTorch checkpoint (.pt/.bin) as older "
+       "torch.save wrote them, or another pickled object",
+       "Load it with torch.load(path, weights_only=True) (never unpickle an untrusted file) "
+       "and write the tensors with safecodec.save_file")
       for protocol in range(2, 6)),
-    (b"GGUF", "a GGUF file (llama.cpp); it is not a safetensors file"),
-    (b"\x93NUMPY", "a NumPy .npy file; it is not a safetensors file: load it with numpy.load"),
+    (b"GGUF", "a GGUF file (llama.cpp)", "Convert it with llama.cpp's tools"),
+    (b"\x93NUMPY", "a NumPy .npy file",
+     "Load it with numpy.load and write it with safecodec.save_file"),
 )
 _U64 = struct.Struct("<Q")
 _WS: Final = " \t\n\r"  # JSON whitespace; nothing else may surround the object
@@ -305,29 +306,30 @@ def visible_metadata(raw: dict[str, str] | None) -> dict[str, str] | None:
 # ----------------------------------------------------------------------------- parsing
 
 
-def foreign_format(prefix: bytes | bytearray | memoryview) -> str | None:
-    """What a file that starts with ``prefix`` is when it is a known other format (a
-    PyTorch checkpoint...) and what to do with it (:data:`FOREIGN_MAGIC`), else None.
+def foreign_format(prefix: bytes | bytearray | memoryview) -> tuple[str, str] | None:
+    """``(what the file is, what to do)`` when a file that starts with ``prefix`` is a known
+    other format (a PyTorch checkpoint...; :data:`FOREIGN_MAGIC`), else None.
 
     Examples:
-        >>> foreign_format(b"PK\\x03\\x04\\x14\\x00\\x00\\x00")[:13]
+        >>> foreign_format(b"PK\\x03\\x04\\x14\\x00\\x00\\x00")[0][:13]
         'a zip archive'
     """
     head = bytes(prefix[:8])
-    for magic, description in FOREIGN_MAGIC:
+    for magic, what, todo in FOREIGN_MAGIC:
         if head.startswith(magic):
-            return description
+            return what, todo
     return None
 
 
 def explain_foreign(exc: HeaderError, prefix: bytes | bytearray | memoryview) -> HeaderError:
     """``exc`` itself, or, when the file is a known other format, a :class:`HeaderError`
-    of the same class that says first what the file is (the format check's own words
-    follow). The verdict never changes, only the words."""
-    description = foreign_format(prefix)
-    if description is None:
+    of the same class that says first what the file is and what to do, then the format
+    check's own words. The verdict never changes, only the words."""
+    known = foreign_format(prefix)
+    if known is None:
         return exc
-    return type(exc)(f"not a safetensors file: this is {description} ({exc})")
+    what, todo = known
+    return type(exc)(f"not a safetensors file: this is {what}. {todo}. Format check: {exc}")
 
 
 def decode_length(prefix: bytes | bytearray | memoryview, source_size: int) -> int:
