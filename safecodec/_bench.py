@@ -514,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
     shape = MODEL_SIZES[args.size]
     print(f"safecodec bench: GPT-2-style model '{args.size}' ({shape.layers} layers, width "
-          f"{shape.width}, vocabulary {shape.vocab}), float32, {args.repeat} run(s) each; "
+          f"{shape.width}, vocabulary {shape.vocab}), float32, {args.repeat} timed run(s) of each "
+          "operation after a warm-up; "
           "progress on stderr",
           flush=True)
     if args.dir is not None:
