@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -103,11 +104,11 @@ def test_a_real_pytorch_checkpoint_says_what_it_is(tmp_path):
     torch = pytest.importorskip("torch")
     path = tmp_path / "pytorch_model.bin"
     torch.save({"weight": torch.ones(3, 4)}, path)
-    with pytest.raises(HeaderError, match=f"^{ZIP_WORDS}"):
+    with pytest.raises(HeaderError, match="^" + re.escape(ZIP_WORDS)):
         sc.load_file(path)
     legacy = tmp_path / "legacy.pt"
     torch.save({"weight": torch.ones(3, 4)}, legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(HeaderError, match="^not a safetensors file: this is a Python pickle"):
+    with pytest.raises(HeaderError, match=r"^not a safetensors file: this is a Python pickle"):
         sc.load_file(legacy)
 
 
