@@ -431,7 +431,7 @@ def parse_dtype(text: str) -> DType:
     try:
         row = dtype_from_text(text)
     except DtypeError as exc:
-        raise UsageError(f"--dtype: {exc}; use a floating type such as bf16, fp16 or fp32") from None
+        raise UsageError(f"--dtype: {exc}") from None
     if row.code not in FLOAT_CODES:
         raise UsageError(f"--dtype must be a floating type, got {text!r} ({row.code}); "
                          f"choose one of {', '.join(sorted(FLOAT_CODES))} (or bf16, fp16, fp32)")

@@ -25,7 +25,9 @@ path:
   creating and locking it). Where ``fcntl`` is missing (Windows), only temporaries older
   than :data:`STALE_UNLOCKED_AGE` are removed.
 * **Errors name the file.** An ``OSError`` raised while writing (``ENOSPC``, ``EDQUOT``...)
-  carries the target's path in its ``filename``.
+  carries the target's path in its ``filename``; so does the error of creating the
+  temporary (a folder that does not exist, no permission), worded for the target, never
+  naming the hidden temporary.
 """
 
 from __future__ import annotations
