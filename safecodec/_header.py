@@ -1251,8 +1251,8 @@ def _walk(parsed: _Parsed, header_size: int, source_size: int) -> Header:
     if expected != source_size:
         raise OffsetError(
             "incomplete metadata, file not fully covered: header and tensors account for "
-            f"{expected} bytes, the file has {source_size} ({source_size - expected} bytes "
-            "after the last tensor)"
+            f"{expected} bytes, the file has {source_size} "
+            f"({counted(source_size - expected, 'byte')} after the last tensor)"
         )
     return Header(tensors, parsed.metadata, header_size, source_size)
 
@@ -1294,9 +1294,9 @@ def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int)
         OffsetError: Offsets, shapes and dtypes do not tile the data section (checks 6-7).
 
     Examples:
-        >>> h = parse_header(b'{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}', 8 + 54 + 2)
+        >>> h = parse_header(b'{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}', 8 + 53 + 2)
         >>> h.tensors["a"].shape, h.data_start
-        ((2,), 62)
+        ((2,), 61)
     """
     n = len(header_bytes)
     try:

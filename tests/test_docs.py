@@ -268,3 +268,31 @@ def test_api_examples_render_as_code_blocks(site: Site) -> None:
         end = api.find("<h2 id=", start + 1)
         own = api[start : end if end > 0 else len(api)]
         assert _PROMPT in "".join(_PRE.findall(own)), f"{name}: no example code block"
+
+
+#: Modules whose docstrings hold the examples the API reference shows (and a few more).
+DOCSTRING_MODULES = [
+    "safecodec._api", "safecodec._header", "safecodec._dtypes", "safecodec._shardindex",
+    "safecodec._remote", "safecodec._tree", "safecodec._safejax", "safecodec._treepath",
+    "safecodec._sharded", "safecodec.numpy", "safecodec.jax", "safecodec.flax",
+    "safecodec.haiku", "safecodec.objax", "safecodec.orbax",
+]
+
+
+@pytest.mark.parametrize("name", DOCSTRING_MODULES)
+def test_docstring_examples_run(name: str, tmp_path, monkeypatch) -> None:
+    """The ``Examples:`` of the docstrings, which the API reference renders as code, are
+    right: each runs as a doctest and prints what it shows."""
+    import doctest
+    import importlib
+    import io
+
+    module = importlib.import_module(name)
+    monkeypatch.chdir(tmp_path)
+    tests = [t for t in doctest.DocTestFinder().find(module, name) if t.examples]
+    assert tests, f"{name} has no docstring examples"
+    out = io.StringIO()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in tests:
+        runner.run(test, out=out.write)
+    assert runner.failures == 0, out.getvalue()
