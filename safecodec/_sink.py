@@ -514,7 +514,7 @@ def publishing(*sinks: Any) -> Iterator[list[Any]]:
     when the block or a commit raises (anything, KeyboardInterrupt included), every sink
     of the group is discarded. The one commit-or-discard of every writer.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> d = tempfile.mkdtemp()
         >>> with publishing() as group:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import re
 import zipfile
 
 import numpy as np
@@ -98,18 +97,6 @@ def test_a_foreign_file_says_what_it_is(tmp_path, name, data, words, check):
     _oracle.require()
     verdict = _oracle.deserialize(data)
     assert not verdict.ok, "the reference accepts it: only the words may change, not the verdict"
-
-
-def test_a_real_pytorch_checkpoint_says_what_it_is(tmp_path):
-    torch = pytest.importorskip("torch")
-    path = tmp_path / "pytorch_model.bin"
-    torch.save({"weight": torch.ones(3, 4)}, path)
-    with pytest.raises(HeaderError, match="^" + re.escape(ZIP_WORDS)):
-        sc.load_file(path)
-    legacy = tmp_path / "legacy.pt"
-    torch.save({"weight": torch.ones(3, 4)}, legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(HeaderError, match=r"^not a safetensors file: this is a Python pickle"):
-        sc.load_file(legacy)
 
 
 def test_a_safetensors_file_is_never_taken_for_a_foreign_one():
