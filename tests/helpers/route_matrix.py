@@ -161,8 +161,6 @@ RULES: dict[str, str] = {
     "pread-needs-a-file": "backend='pread' is a way to read a local file (positioned "
                           "reads instead of a mapping); memory and remote sources have none",
     "sharding-needs-jax": "sharding= places jax.Arrays: framework='jax' only",
-    "slice-is-one-device": "get_slice()[...] places the slice on one device; a handle's "
-                           "sharding= is not used by it",
     "closed-needs-a-handle": "only safe_open returns a handle that can be closed before a read",
     "bytes-cannot-change": "nothing can replace or write the contents of a bytes object",
     "views-share-caller-memory": "NumPy outputs of a caller's writable memory without copy "
@@ -188,8 +186,6 @@ def excluded(cell: Cell) -> str | None:
         return "pread-needs-a-file"
     if cell.sharding is not None and cell.framework != "jax":
         return "sharding-needs-jax"
-    if cell.sharding is not None and cell.entry == "get_slice":
-        return "slice-is-one-device"
     if cell.condition == "closed" and not entry.handle:
         return "closed-needs-a-handle"
     if cell.condition == "replaced":
@@ -667,10 +663,13 @@ class Matrix:
         if cell.entry == "load_tree":
             return sc.load_tree(arg, storage_options=storage_options, **kw)  # type: ignore[no-any-return]
         framework = kw.pop("framework")
+        # get_slice(name, sharding=) lays a Sharding over each slice (the handle's own
+        # sharding= is for whole tensors): the "mesh" rule, asked for the slice's shape
+        per_slice = kw.pop("sharding", None) if cell.entry == "get_slice" else None
         with sc.safe_open(arg, framework, storage_options=storage_options, **kw) as f:
             names = f.offset_keys()
-            slices = ({n: f.get_slice(n) for n in names} if cell.entry == "get_slice"
-                      else None)
+            slices = ({n: f.get_slice(n, **self._slice_sharding(n, per_slice))
+                       for n in names} if cell.entry == "get_slice" else None)
             if cell.condition == "closed":
                 f.close()
             if slices is not None:
@@ -678,6 +677,14 @@ class Matrix:
             if cell.entry == "get_tensor":
                 return {n: f.get_tensor(n) for n in names}
             return f.get_tensors()  # type: ignore[no-any-return]
+
+    def _slice_sharding(self, name: str, rule: Any) -> dict[str, Any]:
+        """``get_slice``'s ``sharding=`` for tensor ``name`` under a "mesh" cell."""
+        if rule is None:
+            return {}
+        arr = self.tensors[name]
+        shape = arr[selection(arr)].shape
+        return {"sharding": rule(name, shape, arr.dtype)}
 
 
 def run_all(chosen: list[Cell], workdir: str, sharding: Any) -> dict[str, dict[str, str]]:
