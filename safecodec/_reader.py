@@ -441,7 +441,15 @@ class TensorReader:
                 arr = alloc(layout.shape, dt.numpy)
                 _copy_strided(arr, self._strided(info, layout))
             elif self.source.positioned:
-                arr = self._pread_box(info, key, layout, alloc)
+                try:
+                    arr = self._pread_box(info, key, layout, alloc)
+                except ClosedHandleError:
+                    if self.buffer is None:
+                        raise
+                    # The handle is closed, its mapping is not: a slice of a mapped file
+                    # outlives its handle (TensorSlice), whichever way its box is read.
+                    arr = alloc(layout.shape, dt.numpy)
+                    _copy_strided(arr, self._strided(info, layout))
             else:
                 fetch.append((k, info, layout,
                               coalesce(layout, READ_BUDGET, SMALL_GAP, BOX_REQUESTS)))

@@ -30,23 +30,6 @@ import route_matrix as rm  # noqa: E402
 EVERY = rm.cells()
 CELLS = rm.sample(EVERY)
 
-#: Cells whose fix is on another branch (issue 18 item 1, in the read engine): they fail
-#: here, and strictly so; the mark goes once that branch is merged.
-ELSEWHERE = "fixed on branch engine17"
-
-
-def fixed_elsewhere(cell: rm.Cell) -> bool:
-    """Item 1: verify=True skipped on sharded JAX loads that read blocks (pread, copy,
-    remote)."""
-    return (cell.condition == "corrupted" and cell.verify and cell.sharding == "mesh"
-            and not cell.memory_route)
-
-
-def _param(cell: rm.Cell) -> object:
-    marks = [pytest.mark.xfail(strict=True, reason=ELSEWHERE)] if fixed_elsewhere(cell) else []
-    return pytest.param(cell, id=cell.id, marks=marks)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
     tmp = tmp_path_factory.mktemp("route-matrix")
@@ -63,7 +46,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str
     return got
 
 
-@pytest.mark.parametrize("cell", [_param(c) for c in CELLS])
+@pytest.mark.parametrize("cell", CELLS, ids=[c.id for c in CELLS])
 def test_cell(results: dict[str, dict[str, str]], cell: rm.Cell) -> None:
     outcome = results[cell.id]
     assert outcome["ok"], f"{cell.id}: {outcome['why']}"
@@ -107,7 +90,7 @@ def test_the_issue_items_are_cells_of_the_sample() -> None:
     def has(**want: object) -> bool:
         return any(all(getattr(c, k) == v for k, v in want.items()) for c in CELLS)
 
-    assert any(fixed_elsewhere(c) for c in CELLS)  # 1
+    assert has(source="s3", condition="corrupted", verify=True, sharding="mesh")  # 1
     assert has(source="http-etag-on-head-only", condition="replaced")  # 2
     assert has(source="ro-view", condition="replaced", framework="jax")  # 3
     assert has(source="fileobj", condition="replaced", backend="pread")  # 4
