@@ -17,7 +17,7 @@ from typing import Any
 from . import _integrity, _writer
 from ._errors import ChecksumError, SafecodecError
 from ._header import CHECKSUM_KEY, Header
-from ._reader import SafeOpen, normalize_framework, read_header_from
+from ._reader import BACKENDS, ReadOptions, SafeOpen, read_header_from
 from ._resolve import Location, locate, open_source, resolve_target
 from ._sharded import ShardedSafeOpen, save_sharded
 
@@ -33,24 +33,11 @@ __all__ = [
     "verify_handle",
 ]
 
-#: ``backend=`` values, as in the reference wheel: ``"mmap"`` maps the file (views),
-#: ``"pread"`` reads every tensor with positioned reads into private memory (``copy=True``).
-BACKENDS = ("mmap", "pread")
-
-
-def _copy_for(backend: str, copy: bool) -> bool:
-    if backend not in BACKENDS:
-        raise SafecodecError(
-            f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
-        )
-    return copy or backend == "pread"
-
-
-def _jax_output(device: Any, sharding: Any, strict_x64: bool) -> Any:
+def _jax_output(options: ReadOptions) -> Any:
     # jax is expensive to import: only JAX outputs pay for it.
     from ._jax_load import JaxOutput
 
-    return JaxOutput(device=device, sharding=sharding, strict_x64=strict_x64)
+    return JaxOutput.for_options(options)
 
 
 def safe_open(
@@ -122,28 +109,22 @@ def safe_open(
         raise TypeError("safe_open() takes one source: a positional argument or filename=")
     if source is None:
         source = filename
-    return _open(source, locate(source, fs, storage_options), framework, fs=fs,
-                 copy=_copy_for(backend, copy), unpack=unpack, device=device,
-                 sharding=sharding, storage_options=storage_options, progress=progress,
-                 verify=verify, strict_x64=strict_x64)
+    location = locate(source, fs, storage_options)
+    return _open(source, location, ReadOptions(
+        framework=framework, copy=copy, unpack=unpack, verify=verify, progress=progress,
+        backend=backend, device=device, sharding=sharding, strict_x64=strict_x64, fs=fs,
+        storage_options=storage_options))
 
 
-def _open(source: Any, location: Location | None, framework: str, *, fs: Any, copy: bool,
-          unpack: bool, device: Any, sharding: Any, storage_options: dict[str, Any] | None,
-          progress: bool, verify: bool, strict_x64: bool) -> Any:
-    """:func:`safe_open` once the resolver has said where ``source`` is."""
-    fw = normalize_framework(framework)
-    output = _jax_output(device, sharding, strict_x64) if fw == "jax" else None
+def _open(source: Any, location: Location | None, options: ReadOptions) -> Any:
+    """:func:`safe_open` once the resolver has said where ``source`` is: the one place
+    that builds a handle, from the options built once by the caller."""
+    output = _jax_output(options) if options.framework == "jax" else None
     if location is not None and location.index is not None:
-        return ShardedSafeOpen(location, fw, copy=copy, unpack=unpack, device=device,
-                               sharding=sharding, progress=progress, verify=verify,
-                               output=output)
+        return ShardedSafeOpen(location, output=output, options=options)
     if location is not None:  # a directory holding one unsharded file
-        source, storage_options = location.single, None
-        fs = location.fs
-    return SafeOpen(source, fw, fs=fs, copy=copy, unpack=unpack, device=device,
-                    sharding=sharding, storage_options=storage_options, progress=progress,
-                    verify=verify, output=output)
+        source, options = location.single, options.located(location.fs)
+    return SafeOpen(source, output=output, options=options)
 
 
 def read_header(source: Any, *, fs: Any = None,
@@ -167,9 +148,8 @@ def read_header(source: Any, *, fs: Any = None,
     """
     location = locate(source, fs, storage_options)
     if location is not None:  # a checkpoint directory or index: located once
-        with _open(source, location, "numpy", fs=fs, copy=False, unpack=True, device=None,
-                   sharding=None, storage_options=storage_options, progress=False,
-                   verify=False, strict_x64=False) as handle:
+        with _open(source, location,
+                   ReadOptions(fs=fs, storage_options=storage_options)) as handle:
             return handle.header  # type: ignore[no-any-return]
     src = open_source(source, fs=fs, storage_options=storage_options)
     try:
@@ -206,8 +186,9 @@ def load(data: Any, *, copy: bool = False, unpack: bool = True, verify: bool = F
                 f"load() takes bytes-like data, got {type(data).__name__}; use load_file() "
                 "for paths and file objects"
             ) from None
-    with safe_open(data, framework, copy=copy, unpack=unpack, verify=verify, device=device,
-                   sharding=sharding, strict_x64=strict_x64) as f:
+    options = ReadOptions(framework=framework, copy=copy, unpack=unpack, verify=verify,
+                          device=device, sharding=sharding, strict_x64=strict_x64)
+    with _open(data, locate(data, None, None), options) as f:
         return f.get_tensors()  # type: ignore[no-any-return]
 
 
@@ -256,10 +237,12 @@ def load_file(
         RemoteIOError: A remote object came back short or changed while being read.
         FileNotFoundError: ``path_or_url`` does not exist.
     """
-    with safe_open(path_or_url, framework, fs=fs, copy=copy, unpack=unpack,
-                   storage_options=storage_options, progress=progress, verify=verify,
-                   backend=backend, device=device, sharding=sharding,
-                   strict_x64=strict_x64) as f:
+    location = locate(path_or_url, fs, storage_options)
+    options = ReadOptions(framework=framework, copy=copy, unpack=unpack, verify=verify,
+                          progress=progress, backend=backend, device=device,
+                          sharding=sharding, strict_x64=strict_x64, fs=fs,
+                          storage_options=storage_options)
+    with _open(path_or_url, location, options) as f:
         return f.get_tensors()  # type: ignore[no-any-return]
 
 

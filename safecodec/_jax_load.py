@@ -74,7 +74,7 @@ from ._jax_put import (
     is_aligned,
     placement,
 )
-from ._reader import TensorReader
+from ._reader import ReadOptions, TensorReader
 
 __all__ = ["JaxOutput", "PrecisionWarning", "check_sharding_names", "host_route"]
 
@@ -208,6 +208,12 @@ class JaxOutput:
         self.bytes_loaded = 0
         #: Arrays that share the mapped memory (no copy), for measurement.
         self.aliased = 0
+
+    @classmethod
+    def for_options(cls, options: ReadOptions) -> JaxOutput:
+        """The output of a handle read with ``options`` (its device, sharding, strict_x64)."""
+        return cls(device=options.device, sharding=options.sharding,
+                   strict_x64=options.strict_x64)
 
     @staticmethod
     def _check_spec(sharding: Any) -> None:

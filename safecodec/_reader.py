@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import _thread
 import bisect
+import enum
 import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -74,12 +76,16 @@ from ._resolve import open_source
 from ._source import BufferSource, MapMode
 
 __all__ = [
+    "BACKENDS",
     "FIRST_READ",
     "JAX_FRAMEWORKS",
+    "MEMORY_ROUTES",
     "NUMPY_FRAMEWORKS",
     "READ_BUDGET",
     "SMALL_GAP",
     "Output",
+    "ReadOptions",
+    "Route",
     "SafeOpen",
     "TensorReader",
     "TensorSlice",
@@ -89,6 +95,7 @@ __all__ = [
     "normalize_framework",
     "read_header_bytes",
     "read_header_from",
+    "read_route",
 ]
 
 #: Bytes fetched by the first read of a source: the length prefix and, usually, the whole
@@ -139,6 +146,64 @@ def normalize_framework(framework: Any) -> str:
     )
 
 
+#: ``backend=`` values, as in the reference wheel: ``"mmap"`` maps the file (views),
+#: ``"pread"`` reads every tensor with positioned reads into private memory (``copy=True``).
+BACKENDS: Final = ("mmap", "pread")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOptions:
+    """Every option of a read (``safe_open``, ``load_file``, ``safecodec.jax.load_file``...),
+    in one frozen value: built once by the routers (:mod:`safecodec._api`) from the public
+    keyword arguments, then passed down whole (sharded handles give it to every shard).
+
+    Building one checks it: ``backend`` is one of :data:`BACKENDS` (``"pread"`` sets
+    ``copy``), and ``framework`` is normalised (:func:`normalize_framework`).
+
+    Attributes:
+        framework: ``"numpy"`` or ``"jax"`` (normalised).
+        copy: Every read is a copy (positioned reads, no mapping); True for
+            ``backend="pread"``.
+        unpack: Unpack F4/F6 tensors.
+        verify: Check stored checksums on every tensor read.
+        progress: A progress bar on loads.
+        backend: ``"mmap"`` or ``"pread"``.
+        device, sharding, strict_x64: Placement and dtype policy of JAX outputs (NumPy
+            outputs accept only device None or ``"cpu"`` and no sharding).
+        fs, storage_options: For remote sources.
+
+    Raises:
+        SafecodecError: An unknown backend or framework.
+    """
+
+    framework: str = "numpy"
+    copy: bool = False
+    unpack: bool = True
+    verify: bool = False
+    progress: bool = False
+    backend: str = "mmap"
+    device: Any = None
+    sharding: Any = None
+    strict_x64: bool = False
+    fs: Any = None
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise SafecodecError(
+                f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}"
+            )
+        if self.backend == "pread" and not self.copy:
+            object.__setattr__(self, "copy", True)
+        object.__setattr__(self, "framework", normalize_framework(self.framework))
+
+    def located(self, fs: Any) -> ReadOptions:
+        """These options for a file the resolver located (a shard, the one file of a
+        directory): on ``fs`` (None: local), the caller's ``storage_options`` already
+        spent on building ``fs``."""
+        return replace(self, fs=fs, storage_options=None)
+
+
 def read_header_from(source: Any) -> Header:
     """Read and validate the header of an opened source (at most two reads; a long header's
     remainder is read straight into the one buffer that holds it)."""
@@ -179,6 +244,48 @@ def missing_tensor(name: object, names: Sequence[str], where: str) -> TensorNotF
     return TensorNotFoundError(f"no tensor named {name!r} in {where} ({counted(len(names), 'tensor')}){hint}")
 
 
+class Route(enum.Enum):
+    """How a tensor's bytes reach the array returned for it: the value of THE read-route
+    decision, :func:`read_route`, which every reader (NumPy views and copies, slices,
+    the JAX output, the tree loader through them) asks."""
+
+    #: A view of memory nothing can change while an array uses it (safecodec's read-only
+    #: mapping, immutable ``bytes``): JAX may alias it.
+    ALIAS = "alias"
+    #: A view of memory its owner can change (a copy-on-write mapping, a caller's
+    #: buffer): NumPy outputs view it; JAX outputs copy it once.
+    VIEW = "view"
+    #: Positioned reads into fresh memory (``copy=True``, ``backend="pread"``, no mmap).
+    READ = "read"
+    #: Range requests of a remote object (or a source without positioned reads) into
+    #: fresh memory.
+    FETCH = "fetch"
+    #: Values converted into fresh memory from the source's bytes: F4/F6 unpacked,
+    #: byte-swapped on big-endian hosts, or cast to the dtype the output holds.
+    DECODE = "decode"
+
+
+#: The routes whose tensors are views of the reader's buffer.
+MEMORY_ROUTES: Final = frozenset({Route.ALIAS, Route.VIEW})
+
+
+def read_route(reader: TensorReader, dtype: DType, target: np.dtype | None = None) -> Route:
+    """THE read-route decision for a whole tensor of ``dtype`` read by ``reader``.
+
+    It depends on the source and the options (their half is fixed when the reader opens:
+    :attr:`TensorReader.route`: a buffer that cannot change -> ALIAS, one that can ->
+    VIEW, no buffer -> READ with positioned reads, else FETCH) and on the tensor's
+    dtype: packed dtypes, big-endian hosts and a ``target`` dtype other than the file's
+    (JAX with x64 off) -> DECODE. It depends on nothing else, so hot loops ask it once
+    per dtype. Checksums are checked on the route's memory by one method,
+    :meth:`TensorReader.verify`.
+    """
+    if (dtype.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN
+            or (target is not None and target != dtype.numpy)):
+        return Route.DECODE
+    return reader.route
+
+
 def _native(arr: np.ndarray, dtype: DType) -> np.ndarray:
     """Little-endian data into native byte order (only runs on big-endian hosts, or when
     tests force the path): a byte-swapping copy through the unsigned storage type."""
@@ -205,17 +312,20 @@ def _views(reader: TensorReader, infos: list[TensorInfo]) -> dict[str, np.ndarra
     buf = reader.buffer
     base = reader.header.data_start
     make = np.ndarray
-    dtypes: dict[str, np.dtype] = {}
+    # dtype code -> its NumPy dtype when read_route views it, None when it decodes
+    dtypes: dict[str, np.dtype | None] = {}
     out: dict[str, np.ndarray] = {}
     for info in infos:
         dt = info.dtype
         shape = info.shape
-        if info.end == info.begin or dt.bits & 7 or len(shape) > VIEW_MAX_NDIM:
+        try:
+            np_dtype = dtypes[dt.code]
+        except KeyError:
+            np_dtype = dtypes[dt.code] = (dt.numpy if read_route(reader, dt) in MEMORY_ROUTES
+                                          else None)
+        if np_dtype is None or info.end == info.begin or len(shape) > VIEW_MAX_NDIM:
             out[info.name] = reader.array(info)
             continue
-        np_dtype = dtypes.get(dt.code)
-        if np_dtype is None:
-            np_dtype = dtypes[dt.code] = dt.numpy
         out[info.name] = make(shape, np_dtype, buf, base + info.begin)
     return out
 
@@ -233,38 +343,54 @@ class TensorReader:
         digests: name -> stored checksum when reads are verified, else None.
     """
 
-    def __init__(self, source: Any, header: Header, *, copy: bool, unpack: bool,
+    def __init__(self, source: Any, header: Header, options: ReadOptions, *,
                  mode: MapMode, digests: dict[str, str] | None = None) -> None:
         self.source = source
         self.header = header
-        self.copy = copy
-        self.unpack = unpack
+        self.options = options
+        self.copy = options.copy
+        self.unpack = options.unpack
         self.mode = mode
         self.digests = digests
-        self.buffer: memoryview | None = None if copy else source.buffer(mode)
+        self.buffer: memoryview | None = None if options.copy else source.buffer(mode)
         #: Whether ``buffer`` can never change while an array uses it (outputs that must
         #: not change, JAX's, may alias it only then; see ``Source.stable``).
         self.stable = self.buffer is not None and bool(source.stable(mode))
+        #: The source's and the options' half of :func:`read_route`, decided once.
+        self.route: Route = (
+            (Route.ALIAS if self.stable else Route.VIEW) if self.buffer is not None
+            else Route.READ if source.positioned else Route.FETCH)
         self._verified: set[str] = set()
         self._lock = _thread.allocate_lock()
         #: The bar a load in progress advances, per tensor, by its bytes (None: no bar).
         self.progress: ProgressBar | None = None
 
     # -- checksums
-    def verify(self, info: TensorInfo, *, eager: bool = False) -> None:
-        """With stored checksums: check a tensor whose bytes are the buffer's (once). When
-        reads are copies, each copy is checked as it is read (:meth:`read_span`); with
-        ``eager`` (a slice is about to be read) the whole tensor is read and checked now."""
-        if self.digests is None or info.name in self._verified:
+    def verify(self, info: TensorInfo, data: Any = None, *, eager: bool = False,
+               fresh: bool = False) -> None:
+        """THE checksum check (with stored checksums and ``verify=True``): every route
+        checks its tensors here, on the memory it returns, once per tensor.
+
+        * ``data`` None, a memory route (:data:`MEMORY_ROUTES`): the buffer's bytes,
+          before a view of them is handed out.
+        * ``data`` None, ``eager`` (a part is about to be read without a buffer): the
+          whole tensor, read :data:`VERIFY_PIECE` bytes at a time.
+        * ``data`` None otherwise: nothing now; the read checks the bytes it returns.
+        * ``data``: the whole tensor's bytes just read (``fresh``: checked even when the
+          tensor was checked before, since they are the bytes returned)."""
+        if self.digests is None or (info.name in self._verified and not fresh):
             return
-        start = self.header.data_start + info.begin
-        if self.buffer is not None:
-            _integrity.check(info.name, self.buffer[start : start + info.nbytes], self.digests)
-        elif eager:
-            _integrity.check_pieces(info.name, self._pieces(start, info.nbytes, info.name),
-                                    self.digests)
-        else:
-            return
+        if data is None:
+            start = self.header.data_start + info.begin
+            if self.buffer is not None:
+                data = self.buffer[start : start + info.nbytes]
+            elif eager:
+                _integrity.check_pieces(info.name, self._pieces(start, info.nbytes, info.name),
+                                        self.digests)
+            else:
+                return
+        if data is not None:
+            _integrity.check(info.name, data, self.digests)
         with self._lock:
             self._verified.add(info.name)
 
@@ -272,13 +398,6 @@ class TensorReader:
         """The bytes ``start..start+length`` of the source, :data:`VERIFY_PIECE` at a time."""
         for at in range(start, start + length, VERIFY_PIECE):
             yield self.source.read(at, min(VERIFY_PIECE, start + length - at), f"tensor {name!r}")
-
-    def _verified_now(self, info: TensorInfo, data: Any) -> None:
-        """Check ``data``, the whole tensor ``info`` just read, when reads are verified."""
-        if self.digests is not None and info.name not in self._verified:
-            _integrity.check(info.name, data, self.digests)
-            with self._lock:
-                self._verified.add(info.name)
 
     def raw_bytes(self, info: TensorInfo) -> Any:
         """The tensor's bytes exactly as stored (a view when the source is memory; else
@@ -308,7 +427,7 @@ class TensorReader:
         if self.digests is not None:
             for info in infos:
                 a = info.begin - first.begin
-                _integrity.check(info.name, out[a : a + info.nbytes], self.digests)
+                self.verify(info, out[a : a + info.nbytes], fresh=True)
 
     def copies(self, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
         """Every tensor as an array of its own, read with positioned reads (``copy=True``
@@ -320,9 +439,9 @@ class TensorReader:
         total = 0
         for info in infos:
             dt = info.dtype
-            if (dt.packed or not info.nbytes or len(info.shape) > VIEW_MAX_NDIM
-                    or info.nbytes >= 2 * _threads.MIN_PIECE
-                    or not _dtypes.HOST_IS_LITTLE_ENDIAN):
+            if (read_route(self, dt) is not Route.READ or not info.nbytes
+                    or len(info.shape) > VIEW_MAX_NDIM
+                    or info.nbytes >= 2 * _threads.MIN_PIECE):
                 out[info.name] = None  # type: ignore[assignment]  # keeps file order
                 continue
             arr = np.empty(info.shape, dt.numpy)
@@ -351,7 +470,7 @@ class TensorReader:
             check_numpy_shape(info)
         offset = self.header.data_start + info.begin
         dt = info.dtype
-        if dt.packed:
+        if dt.packed:  # DECODE from the source's bytes
             if self.buffer is not None:
                 raw = np.frombuffer(self.buffer, np.uint8, info.nbytes, offset)
             else:
@@ -463,8 +582,8 @@ class TensorReader:
         return out
 
     def _finish_box(self, info: TensorInfo, arr: np.ndarray, whole: bool) -> np.ndarray:
-        if whole:
-            self._verified_now(info, _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)))
+        if whole and self.digests is not None:
+            self.verify(info, _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)))
         if self.progress is not None:
             self.progress.update(arr.nbytes)
         return arr if _dtypes.HOST_IS_LITTLE_ENDIAN else _native(arr, info.dtype)
@@ -585,8 +704,9 @@ class TensorReader:
         self.source.readinto_ranges(
             memoryview(memory), [(start + i.begin, start + i.end) for i in infos], "tensors"
         )
-        return TensorReader(BufferSource(memory, self.source.name), self.header, copy=False,
-                            unpack=self.unpack, mode="copy", digests=self.digests)
+        return TensorReader(BufferSource(memory, self.source.name), self.header,
+                            replace(self.options, copy=False), mode="copy",
+                            digests=self.digests)
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -764,7 +884,7 @@ class TensorSlice:
         reader = self._reader
         info = self._info
         per_dim, new_axes = self._normalized(index)
-        if reader.buffer is not None and not info.dtype.packed:
+        if reader.route in MEMORY_ROUTES and not info.dtype.packed:
             full = reader.array(info)
             part: np.ndarray = full[numpy_index(per_dim, new_axes)]
             return part
@@ -798,6 +918,8 @@ class SafeOpen:
         sharding: Only for JAX outputs (taken from ``output``).
         verify: Check stored checksums on every tensor read.
         output: The output converter for non-NumPy frameworks.
+        options: Every option above in one :class:`ReadOptions` (what the routers
+            pass); given, it replaces the keyword options.
     """
 
     def __init__(
@@ -814,19 +936,29 @@ class SafeOpen:
         progress: bool = False,
         verify: bool = False,
         output: Output | None = None,
+        options: ReadOptions | None = None,
     ) -> None:
-        fw, output = check_output(framework, device, sharding, output)
+        if options is None:
+            options = ReadOptions(framework=framework, fs=fs, copy=copy, unpack=unpack,
+                                  device=device, sharding=sharding,
+                                  storage_options=storage_options, progress=progress,
+                                  verify=verify)
+        fw, output = check_output(options.framework, options.device, options.sharding,
+                                  output)
         self.framework: str = fw
         #: The output converter (None for NumPy outputs).
         self.output: Output | None = output
+        #: The options this handle reads with.
+        self.options: ReadOptions = options
         self._reader: TensorReader | None = None
-        self._progress = progress
-        self._source = open_source(source, fs=fs, storage_options=storage_options,
-                                   progress=progress)
+        self._progress = options.progress
+        self._source = open_source(source, fs=options.fs,
+                                   storage_options=options.storage_options,
+                                   progress=options.progress)
         try:
             self._header, self._raw_header = read_header_bytes(self._source)
             digests = None
-            if verify:
+            if options.verify:
                 digests = _integrity.decode(self._header.raw_metadata)
                 if digests is None:
                     raise ChecksumError(
@@ -834,8 +966,8 @@ class SafeOpen:
                         f"(metadata key {CHECKSUM_KEY!r}; write them with checksums=True)"
                     )
             mode: MapMode = "copy" if fw == "numpy" else "read"
-            self._reader = TensorReader(self._source, self._header, copy=copy, unpack=unpack,
-                                        mode=mode, digests=digests)
+            self._reader = TensorReader(self._source, self._header, options, mode=mode,
+                                        digests=digests)
         except BaseException:
             self._source.close()
             raise
@@ -958,19 +1090,26 @@ class SafeOpen:
 
     def _load_infos_now(self, reader: TensorReader, infos: list[TensorInfo], sharding: Any,
                         check_names: bool) -> dict[str, Any]:
-        if reader.buffer is not None and reader.digests is not None:
+        """Every tensor of ``infos``, by the route :func:`read_route` gives the reader: a
+        remote FETCH of a whole load streams the tensors into private memory in one pass
+        first (their route is then VIEW); memory routes hand out views (a tensor that
+        needs DECODE takes :meth:`TensorReader.array`), READ spreads positioned reads
+        over the threads (:meth:`TensorReader.copies`). Tensors handed out as views are
+        checked (:meth:`TensorReader.verify`) before any is returned; read ones as they
+        are read."""
+        route = reader.route
+        if route is Route.FETCH and infos and self.output is None and self._source.remote:
+            reader = reader.fetched(infos)
+            route = reader.route
+        if route in MEMORY_ROUTES and reader.digests is not None:
             for info in infos:
                 reader.verify(info)
         if self.output is not None:
             return self.output.load_all(reader, infos, sharding=sharding,
                                         check_names=check_names)
-        if reader.buffer is None and infos and self._source.remote:
-            reader = reader.fetched(infos)
-            for info in infos:
-                reader.verify(info)
-        if reader.buffer is not None and _dtypes.HOST_IS_LITTLE_ENDIAN:
+        if route in MEMORY_ROUTES and _dtypes.HOST_IS_LITTLE_ENDIAN:
             return _views(reader, infos)
-        if reader.buffer is None and reader.source.positioned:
+        if route is Route.READ:
             return reader.copies(infos)
         array = reader.array
         return {info.name: array(info) for info in infos}

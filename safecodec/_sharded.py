@@ -34,13 +34,14 @@ import _thread
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Final
 
 from ._errors import ClosedHandleError, RemoteIOError, SafecodecError, counted
 from ._header import CHECKPOINT_KEY, Header, TensorInfo, check_metadata
 from ._integrity import sha256_hex
 from ._progress import ProgressBar
-from ._reader import Output, SafeOpen, check_output, missing_tensor
+from ._reader import Output, ReadOptions, SafeOpen, check_output, missing_tensor
 from ._resolve import Location, Target, open_remote
 from ._shardindex import (
     MAX_INDEX_SIZE,
@@ -104,16 +105,21 @@ class ShardedSafeOpen:
     def __init__(self, location: Location, framework: str = "numpy", *,
                  copy: bool = False, unpack: bool = True, device: Any = None,
                  sharding: Any = None, progress: bool = False, verify: bool = False,
-                 output: Output | None = None) -> None:
+                 output: Output | None = None, options: ReadOptions | None = None) -> None:
         assert location.index is not None
-        fw, output = check_output(framework, device, sharding, output)
+        if options is None:
+            options = ReadOptions(framework=framework, copy=copy, unpack=unpack,
+                                  device=device, sharding=sharding, progress=progress,
+                                  verify=verify)
+        fw, output = check_output(options.framework, options.device, options.sharding,
+                                  output)
         self.framework: str = fw
         #: The output converter shared by every shard (None for NumPy outputs).
         self.output: Output | None = output
+        #: The options every shard is read with (a remote shard shows the transfer's
+        #: progress bar; a local one none).
+        self.options: ReadOptions = options
         self._loc = location
-        self._options: dict[str, Any] = dict(framework=fw, copy=copy, unpack=unpack,
-                                             verify=verify, output=output)
-        self._progress = progress
         self._index_bytes = 0
         data = self._read_index()
         self._weight_map, self._index_metadata = parse_index(data, location.name)
@@ -163,11 +169,10 @@ class ShardedSafeOpen:
         path = self._loc.join(shard)
         wanted = self._names_by_shard[shard]
         try:
+            options = self.options.located(self._loc.fs)
             if self._loc.fs is None:
-                handle = SafeOpen(path, **self._options)
-            else:
-                handle = SafeOpen(path, fs=self._loc.fs, progress=self._progress,
-                                  **self._options)
+                options = replace(options, progress=False)
+            handle = SafeOpen(path, output=self.output, options=options)
         except FileNotFoundError as exc:
             raise SafecodecError(
                 f"shard {shard!r} listed in index {self._loc.name} for {counted(len(wanted), 'tensor')} "
