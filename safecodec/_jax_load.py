@@ -74,9 +74,19 @@ from ._jax_put import (
     is_aligned,
     placement,
 )
-from ._reader import ReadOptions, TensorReader
+from ._reader import MEMORY_ROUTES, ReadOptions, Route, TensorReader, read_route
 
-__all__ = ["JaxOutput", "PrecisionWarning", "check_sharding_names", "host_route"]
+__all__ = [
+    "HostRoutes",
+    "JaxOutput",
+    "LoadCounters",
+    "Policy",
+    "PrecisionWarning",
+    "ReadPlan",
+    "aliasable_address",
+    "check_sharding_names",
+    "host_route",
+]
 
 _F6_CODES: Final = frozenset({"F6_E2M3", "F6_E3M2"})
 #: Unaligned tensors at least this large are copied with a positioned read instead of
@@ -134,22 +144,28 @@ _CANONICAL: dict[tuple[np.dtype, bool], np.dtype] = {}
 def aliasable_address(reader: TensorReader) -> int | None:
     """THE predicate "may JAX alias this reader's memory?", used by every route below:
     where tensor offset 0 lies in memory when it may, None when every tensor must be
-    copied. It may when the memory can never change while an array uses it
-    (:meth:`safecodec._source.SourceBase.stable`: safecodec's own read-only mapping of a
+    copied. It may when the read route of the reader's source is
+    :attr:`~safecodec._reader.Route.ALIAS` (:func:`safecodec._reader.read_route`: memory
+    that can never change while an array uses it, see
+    :meth:`safecodec._source.SourceBase.stable`: safecodec's own read-only mapping of a
     file, or immutable ``bytes``), on a little-endian host. Not: no buffer (copy=True, no
     mmap, remote), and not any memory its owner can write, whatever a view of it says:
     a read-only memoryview of a ``bytearray`` changes when the ``bytearray`` does."""
     buf = reader.buffer
-    if buf is None or not reader.stable or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+    if buf is None or reader.route is not Route.ALIAS or not _dtypes.HOST_IS_LITTLE_ENDIAN:
         return None
     base = np.frombuffer(buf, np.uint8, 0 if not len(buf) else 1).ctypes.data
     return int(base) + reader.header.data_start
 
 
 def host_route(reader: TensorReader, info: TensorInfo, target: np.dtype, cpu: bool,
-               address: int | None) -> str:
-    """THE alias-or-copy decision for one whole tensor on its way to JAX (see the module
-    docstring): ``"decode"``, ``"alias"``, ``"read"``, ``"copy"`` or ``"cast"``.
+               address: int | None) -> Route:
+    """The route of one whole tensor on its way to JAX (see the module docstring):
+    :func:`safecodec._reader.read_route` (DECODE: unpack, byte swap or cast; READ/FETCH:
+    no buffer, a read into fresh aligned memory), then, for a view of memory, what JAX
+    does with it: ALIAS (hand the view over: aliased on CPU, transferred elsewhere) or
+    VIEW (one memcpy into fresh aligned memory), READ for a large unaligned tensor of a
+    local file (a positioned read beats faulting the mapping in).
 
     Args:
         reader: The handle's reader.
@@ -158,39 +174,47 @@ def host_route(reader: TensorReader, info: TensorInfo, target: np.dtype, cpu: bo
         cpu: Whether the device is a CPU (aliasing is possible only there).
         address: :func:`aliasable_address` of ``reader`` (None: nothing may be aliased).
     """
-    dt = info.dtype
-    if dt.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN:
-        return "decode"
-    buf = reader.buffer
-    if buf is None:
-        return "read"
-    if target != dt.numpy:
-        return "cast"
+    route = read_route(reader, info.dtype, target)
+    if route not in MEMORY_ROUTES:
+        return Route.READ if route is Route.FETCH else route
     if not cpu:
-        return "alias"  # the transfer is the copy
+        return Route.ALIAS  # the transfer is the copy
     if not info.nbytes:
-        return "copy"
+        return Route.VIEW
     if address is not None and (address + info.begin) % ALIGNMENT == 0:
-        return "alias"
-    return "read" if reader.source.positioned and info.nbytes >= PREAD_MIN else "copy"
+        return Route.ALIAS
+    return Route.READ if reader.source.positioned and info.nbytes >= PREAD_MIN else Route.VIEW
 
 
-class JaxOutput:
-    """The JAX output of a handle (framework ``"jax"``): see the module docstring. Built
-    by :func:`safecodec.safe_open`; every method receives the handle's reader.
+class LoadCounters:
+    """What an output placed, for measurement: updated in one place, :meth:`add`.
 
-    Args:
-        device: Default device (committed placement), or None for JAX's default device
-            (uncommitted, like ``jax.device_put(x)``).
-        sharding: A ``jax.sharding.Sharding`` for every tensor, a mapping name -> Sharding
-            (tensors not in it get default placement), or a callable called positionally as
-            ``fn(name, shape, dtype)`` returning a Sharding or None.
-        strict_x64: Raise instead of warning when a 64-bit tensor would be narrowed
-            because JAX's x64 mode is off.
+    Attributes:
+        bytes_loaded: Bytes of tensor data placed (views and copies).
+        aliased: Arrays that share the mapped memory (no copy).
     """
 
-    def __init__(self, *, device: Any = None, sharding: Any = None,
-                 strict_x64: bool = False) -> None:
+    __slots__ = ("aliased", "bytes_loaded")
+
+    def __init__(self) -> None:
+        self.bytes_loaded = 0
+        self.aliased = 0
+
+    def add(self, nbytes: int, aliased: int = 0) -> None:
+        """Count ``nbytes`` placed, ``aliased`` of the arrays without a copy."""
+        self.bytes_loaded += nbytes
+        self.aliased += aliased
+
+
+class Policy:
+    """Where and as what tensors land: the device, the sharding spec and the dtype JAX
+    holds (narrowing of 64-bit values warned about once, or refused with ``strict_x64``).
+    Mutable only in its warning state.
+
+    Args: see :class:`JaxOutput`.
+    """
+
+    def __init__(self, device: Any, sharding: Any, strict_x64: bool) -> None:
         if device is not None and isinstance(device, jax.sharding.Sharding):
             sharding, device = (device if sharding is None else sharding), None
         if device is not None and not isinstance(device, jax.Device):
@@ -198,25 +222,15 @@ class JaxOutput:
                 "device= takes a jax.Device (such as jax.devices('cpu')[0]) or a "
                 f"jax.sharding.Sharding; got {type(device).__name__} {device!r}"
             )
-        self._check_spec(sharding)
+        self.check_spec(sharding)
         self.device = device
         self.sharding = sharding
         self.strict_x64 = strict_x64
         self._warned = False
         self._narrowed: list[str] | None = None  # collecting names during load_all
-        #: Bytes of tensor data this output placed (views and copies), for measurement.
-        self.bytes_loaded = 0
-        #: Arrays that share the mapped memory (no copy), for measurement.
-        self.aliased = 0
-
-    @classmethod
-    def for_options(cls, options: ReadOptions) -> JaxOutput:
-        """The output of a handle read with ``options`` (its device, sharding, strict_x64)."""
-        return cls(device=options.device, sharding=options.sharding,
-                   strict_x64=options.strict_x64)
 
     @staticmethod
-    def _check_spec(sharding: Any) -> None:
+    def check_spec(sharding: Any) -> None:
         if sharding is not None and not (isinstance(sharding, (jax.sharding.Sharding, Mapping))
                                          or callable(sharding)):
             raise SafecodecError(
@@ -224,14 +238,14 @@ class JaxOutput:
                 f"callable fn(name, shape, dtype); got {type(sharding).__name__}"
             )
 
-    # -- policy
-    def _target(self) -> tuple[Any, bool]:
+    def target(self) -> tuple[Any, bool]:
+        """The device of unsharded tensors, and whether placement is committed."""
         if self.device is not None:
             return self.device, True
         return _default_device(), False
 
     @staticmethod
-    def _sharding_for(spec: Any, info: TensorInfo) -> Any:
+    def sharding_for(spec: Any, info: TensorInfo) -> Any:
         if spec is None:
             return None
         out: object
@@ -248,8 +262,8 @@ class JaxOutput:
             )
         return out
 
-    def _check_dtype(self, reader: TensorReader, info: TensorInfo,
-                     cache: dict[str, np.dtype] | None = None) -> np.dtype:
+    def check_dtype(self, reader: TensorReader, info: TensorInfo,
+                    cache: dict[str, np.dtype] | None = None) -> np.dtype:
         """The dtype JAX will hold; raises for F6, warns (or raises) for narrowing.
 
         ``cache`` (code -> dtype, for one batch of tensors) skips the work for a dtype
@@ -297,7 +311,11 @@ class JaxOutput:
                 stacklevel=_dtypes.caller_stacklevel(),
             )
 
-    def _flush_warning(self) -> None:
+    def collect_warnings(self) -> None:
+        """Narrowed tensors are collected from now on, for one :meth:`flush_warning`."""
+        self._narrowed = [] if not self._warned else None
+
+    def flush_warning(self) -> None:
         names, self._narrowed = self._narrowed, None
         if names and not self._warned:
             self._warned = True
@@ -310,45 +328,95 @@ class JaxOutput:
                 stacklevel=_dtypes.caller_stacklevel(),
             )
 
-    # -- host arrays
-    def _host_full(self, reader: TensorReader, info: TensorInfo, target: np.dtype, cpu: bool,
-                   address: int | None) -> np.ndarray:
+
+class HostRoutes:
+    """Host arrays for JAX, by route (:func:`host_route`): whole tensors one by one
+    (:meth:`full`) or in a batch (:meth:`many`, the zero-copy hot loop), runs of
+    unaligned neighbours in one read (:meth:`_copy_runs`), and blocks of a tensor
+    (:meth:`block`). Every byte placed is counted in ``counters``."""
+
+    def __init__(self, counters: LoadCounters) -> None:
+        self.counters = counters
+
+    def full(self, reader: TensorReader, info: TensorInfo, target: np.dtype, cpu: bool,
+             address: int | None) -> np.ndarray:
         """The whole tensor as a host array JAX may alias (CPU) or transfer from, by the
         route :func:`host_route` chooses."""
-        self.bytes_loaded += info.nbytes
         route = host_route(reader, info, target, cpu, address)
-        if route == "decode":
-            arr = reader.array(info)  # a fresh array: unpacked or byte-swapped
-            return arr if arr.dtype == target else arr.astype(target)
-        if route == "alias":
-            self.aliased += 1 if cpu and info.nbytes else 0
+        if route is Route.DECODE:
+            self.counters.add(info.nbytes)
+            arr = reader.array(info)  # a fresh array: unpacked, byte-swapped or read
+            return arr if arr.dtype == target else cast_aligned(arr, target)
+        if route is Route.ALIAS:
+            self.counters.add(info.nbytes, 1 if cpu and info.nbytes else 0)
             return reader.array(info)
-        if route == "cast":
-            return cast_aligned(reader.array(info), target)
+        self.counters.add(info.nbytes)
         out = aligned_empty(info.shape, info.dtype.numpy)
         if info.nbytes:
             flat = _dtypes.as_memoryview(out.reshape(-1).view(np.uint8))
-            if route == "read":
+            if route is Route.READ:
                 reader.read_span([info], flat)
-            else:
+            else:  # VIEW: one memcpy out of memory JAX may not alias
                 start = reader.header.data_start + info.begin
-                assert reader.buffer is not None  # "copy" is chosen only with a buffer
+                assert reader.buffer is not None  # VIEW is chosen only with a buffer
                 _threads.copy(np.frombuffer(flat, np.uint8),
                               np.frombuffer(reader.buffer, np.uint8, info.nbytes, start))
-        return out if out.dtype == target else cast_aligned(out, target)
+        return out
+
+    def many(self, reader: TensorReader, plain: list[tuple[TensorInfo, np.dtype]],
+             cpu: bool) -> list[np.ndarray]:
+        """Host arrays for tensors placed whole (``plain``: info and the dtype JAX holds).
+        On CPU, the ALIAS route of :func:`host_route` is taken inline for every tensor
+        it applies to (this loop is the hot path of a zero-copy load: one ndarray view per
+        tensor, nothing else; the route is asked once per dtype); every other tensor
+        takes :meth:`full`, after :meth:`_copy_runs` has read runs of unaligned
+        neighbours in one go."""
+        address = aliasable_address(reader) if cpu else None
+        hosts: list[np.ndarray | None] = []
+        rest: list[int] = []
+        if address is None:
+            hosts, rest = [None] * len(plain), list(range(len(plain)))
+        else:
+            buf, offset0 = reader.buffer, reader.header.data_start
+            make = np.ndarray
+            viewable: dict[str, bool] = {}
+            nbytes = aliased = 0
+            for info, target in plain:
+                dt, begin = info.dtype, info.begin
+                ok = viewable.get(dt.code)
+                if ok is None:
+                    ok = viewable[dt.code] = read_route(reader, dt, target) is Route.ALIAS
+                if (ok and begin != info.end and (address + begin) % ALIGNMENT == 0
+                        and len(info.shape) <= VIEW_MAX_NDIM):
+                    hosts.append(make(info.shape, target, buf, offset0 + begin))
+                    nbytes += info.end - begin
+                    aliased += 1
+                else:
+                    rest.append(len(hosts))
+                    hosts.append(None)
+            self.counters.add(nbytes, aliased)
+        if rest:
+            todo = [plain[k] for k in rest]
+            copied = (self._copy_runs(reader, [i for i, t in todo if t == i.dtype.numpy], cpu,
+                                      address) if cpu else {})
+            for k, (info, target) in zip(rest, todo, strict=True):
+                host = copied.get(info.name)
+                hosts[k] = (host if host is not None
+                            else self.full(reader, info, target, cpu, address))
+        return hosts  # type: ignore[return-value]  # every None was filled above
 
     def _copy_runs(self, reader: TensorReader, infos: list[TensorInfo], cpu: bool,
                    address: int | None) -> dict[str, np.ndarray]:
-        """Tensors that :func:`host_route` sends to "read" or "copy" and that follow each
-        other in the file are copied per run: one read per run into one buffer placed so
-        that most of them land 64-byte aligned (in a file from the reference writer,
+        """Tensors that :func:`host_route` sends to READ or VIEW (a copy) and that follow
+        each other in the file are copied per run: one read per run into one buffer placed
+        so that most of them land 64-byte aligned (in a file from the reference writer,
         usually all of them: their sizes are multiples of 64, so they share one
         misalignment). Those alias the buffer; the rest get their own aligned copy."""
         start = reader.header.data_start
         runs: list[list[TensorInfo]] = []
         for info in infos:
             if not info.nbytes or host_route(reader, info, info.dtype.numpy, cpu,
-                                             address) not in ("read", "copy"):
+                                             address) not in (Route.READ, Route.VIEW):
                 continue
             if runs and runs[-1][-1].end == info.begin:
                 runs[-1].append(info)
@@ -373,21 +441,21 @@ class JaxOutput:
                 piece = region[start + info.begin - lo : start + info.end - lo]
                 arr = piece.view(info.dtype.numpy).reshape(info.shape)
                 out[info.name] = arr if is_aligned(arr) else aligned_copy(arr)
-                self.bytes_loaded += info.nbytes
+            self.counters.add(hi - lo)
         return out
 
-    def _host_block(self, reader: TensorReader, info: TensorInfo,
-                    key: tuple[tuple[int, int, int], ...], target: np.dtype) -> np.ndarray:
+    def block(self, reader: TensorReader, info: TensorInfo, key: Key,
+              target: np.dtype) -> np.ndarray:
         """One shard (a strided block of the tensor) of a local file or buffer as a host
         array, reading only its bytes: a view when it is one aligned range of memory JAX
-        may alias (:func:`aliasable_address`), else one box read (:meth:`TensorReader.read_box`: a strided copy from
-        the mapping, or positioned reads of its spans). Remote blocks are read together
-        by :meth:`_read_blocks`."""
+        may alias (:func:`aliasable_address`), else one box read
+        (:meth:`TensorReader.read_box`: a strided copy from the mapping, or positioned
+        reads of its spans). Remote blocks are read together by :class:`ReadPlan`."""
         dt = info.dtype
         if dt.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN:
             # Sub-byte elements do not map to byte ranges shard by shard; unpack the
             # tensor once and cut the block out of it.
-            full = self._host_full(reader, info, target, True, None)
+            full = self.full(reader, info, target, True, None)
             return np.ascontiguousarray(full[tuple(slice(*k) for k in key)])
         layout = box_layout(info.shape, key, dt.itemsize)
         buf = reader.buffer
@@ -397,157 +465,59 @@ class JaxOutput:
             view = np.frombuffer(buf, dt.numpy, layout.nbytes // dt.itemsize,
                                  start).reshape(layout.shape)
             if is_aligned(view):
-                self.bytes_loaded += layout.nbytes
-                self.aliased += 1
+                self.counters.add(layout.nbytes, 1)
                 return view
         out = reader.read_box(info, tuple(slice(*k) for k in key), empty=aligned_empty)
-        self.bytes_loaded += out.nbytes
+        self.counters.add(out.nbytes)
         return out if target == dt.numpy else cast_aligned(out, target)
 
-    # -- the Output interface
-    def check_names(self, infos: list[TensorInfo], sharding: Any, where: str) -> None:
-        """A ``sharding=`` mapping (this call's, else the output's) may only name
-        tensors of ``infos``."""
-        check_sharding_names(self.sharding if sharding is None else sharding, infos, where)
 
-    def convert(self, reader: TensorReader, arr: Any, info: TensorInfo) -> jax.Array:
-        """A NumPy array cut from tensor ``info`` (a slice; a NumPy scalar for one
-        element) -> jax.Array on the device."""
-        arr = np.asarray(arr)
-        target = self._check_dtype(reader, info)
-        device, committed = self._target()
-        cpu = device.platform == "cpu"
-        if arr.dtype != target:
-            arr = cast_aligned(arr, target)
-        elif cpu and not is_aligned(arr):
-            arr = aligned_copy(arr)
-        elif (cpu and not arr.flags.owndata and reader.buffer is not None
-              and aliasable_address(reader) is None):
-            arr = aligned_copy(arr)  # a view of memory that can change under JAX
-        return placement().single(arr, device, committed)
+class ReadPlan:
+    """Sharded reads: ONE plan per process for every sharded tensor of a call (module
+    docstring): the distinct blocks of its devices, remote ones fetched in batches of
+    :data:`FETCH_BATCH` bytes (:meth:`TensorReader.read_boxes`), local ones by
+    :meth:`HostRoutes.block`; and slices laid out with a sharding (:meth:`load_slice`)."""
 
-    def load_tensor(self, reader: TensorReader, info: TensorInfo) -> jax.Array:
-        """The whole tensor ``info`` as a jax.Array (placed or sharded)."""
-        sharding = self._sharding_for(self.sharding, info)
-        if sharding is not None:
-            return self._load_sharded_many(reader, [(info, sharding)])[info.name]
-        target = self._check_dtype(reader, info)
-        device, committed = self._target()
-        cpu = device.platform == "cpu"
-        host = self._host_full(reader, info, target, cpu,
-                               aliasable_address(reader) if cpu else None)
-        return placement().single(host, device, committed)
-
-    def load_all(self, reader: TensorReader, infos: list[TensorInfo], *,
-                 sharding: Any = None, check_names: bool = True) -> dict[str, jax.Array]:
-        """Every tensor in ``infos``; unsharded tensors are placed in one batch per
-        device, sharded ones read by one plan for this process (module docstring). One warning at most names every narrowed 64-bit tensor. ``sharding``
-        replaces the output's own for this call."""
-        spec = self.sharding if sharding is None else sharding
-        self._check_spec(spec)
-        if check_names:
-            check_sharding_names(spec, infos, "file")
-        self._narrowed = [] if not self._warned else None
-        try:
-            device, committed = self._target()
-            cpu = device.platform == "cpu"
-            out: dict[str, Any] = {}
-            plain: list[tuple[TensorInfo, np.dtype]] = []
-            sharded: list[tuple[TensorInfo, Any]] = []
-            targets: dict[str, np.dtype] = {}
-            for info in infos:
-                shard_spec = self._sharding_for(spec, info) if spec is not None else None
-                out[info.name] = None  # keeps file order
-                if shard_spec is not None:
-                    sharded.append((info, shard_spec))
-                else:
-                    plain.append((info, self._check_dtype(reader, info, targets)))
-            if sharded:  # one read plan for this process, every sharded tensor at once
-                out.update(self._load_sharded_many(reader, sharded))
-            hosts = self._hosts(reader, plain, cpu)
-            for (info, _), arr in zip(plain, placement().many(hosts, device, committed),
-                                      strict=True):
-                out[info.name] = arr
-        finally:
-            self._flush_warning()
-        return out
-
-    def _hosts(self, reader: TensorReader, plain: list[tuple[TensorInfo, np.dtype]],
-               cpu: bool) -> list[np.ndarray]:
-        """Host arrays for tensors placed whole (``plain``: info and the dtype JAX holds).
-        On CPU, the "alias" route of :func:`host_route` is taken inline for every tensor
-        it applies to (this loop is the hot path of a zero-copy load: one ndarray view per
-        tensor, nothing else); every other tensor takes :meth:`_host_full`, after
-        :meth:`_copy_runs` has read runs of unaligned neighbours in one go."""
-        address = aliasable_address(reader) if cpu else None
-        hosts: list[np.ndarray | None] = []
-        rest: list[int] = []
-        if address is None:
-            hosts, rest = [None] * len(plain), list(range(len(plain)))
-        else:
-            buf, offset0 = reader.buffer, reader.header.data_start
-            make = np.ndarray
-            viewable: dict[str, bool] = {}
-            nbytes = aliased = 0
-            for info, target in plain:
-                dt, begin = info.dtype, info.begin
-                ok = viewable.get(dt.code)
-                if ok is None:
-                    ok = viewable[dt.code] = not dt.packed and target == dt.numpy
-                if (ok and begin != info.end and (address + begin) % ALIGNMENT == 0
-                        and len(info.shape) <= VIEW_MAX_NDIM):
-                    hosts.append(make(info.shape, target, buf, offset0 + begin))
-                    nbytes += info.end - begin
-                    aliased += 1
-                else:
-                    rest.append(len(hosts))
-                    hosts.append(None)
-            self.bytes_loaded += nbytes
-            self.aliased += aliased
-        if rest:
-            todo = [plain[k] for k in rest]
-            copied = (self._copy_runs(reader, [i for i, t in todo if t == i.dtype.numpy], cpu,
-                                      address) if cpu else {})
-            for k, (info, target) in zip(rest, todo, strict=True):
-                host = copied.get(info.name)
-                hosts[k] = (host if host is not None
-                            else self._host_full(reader, info, target, cpu, address))
-        return hosts  # type: ignore[return-value]  # every None was filled above
+    def __init__(self, policy: Policy, hosts: HostRoutes) -> None:
+        self.policy = policy
+        self.hosts = hosts
+        self.counters = hosts.counters
 
     def _shard_job(self, reader: TensorReader, info: TensorInfo, sharding: Any) -> _ShardJob:
         """What one process must build for tensor ``info`` laid out with ``sharding``: its
         addressable devices and the block (index key) each one holds."""
-        target = self._check_dtype(reader, info)
+        target = self.policy.check_dtype(reader, info)
         devices, keys = _device_keys(f"tensor {info.name!r}", info.shape, sharding)
         return _ShardJob(info, target, sharding, devices, keys)
 
-    def _load_sharded_many(self, reader: TensorReader,
-                           items: list[tuple[TensorInfo, Any]]) -> dict[str, jax.Array]:
+    def load_many(self, reader: TensorReader,
+                  items: list[tuple[TensorInfo, Any]]) -> dict[str, jax.Array]:
         """Sharded tensors (info, sharding), read by ONE plan for this process (see the
         module docstring): distinct blocks only; remotely, all of them read in batches of
         :data:`FETCH_BATCH` bytes, one box plan per batch; locally, a view of the mapping
         or one box read per block. Each tensor is placed as soon as its blocks are
         there."""
         jobs = [self._shard_job(reader, info, sharding) for info, sharding in items]
-        by_ranges = reader.buffer is None and not reader.source.positioned  # remote, mostly
+        by_ranges = reader.route is Route.FETCH  # remote, mostly
         address = aliasable_address(reader)
         out: dict[str, jax.Array] = {}
         fetch: list[tuple[_ShardJob, Key]] = []
         for job in jobs:
-            info, dt = job.info, job.info.dtype
+            info = job.info
             full_key = tuple((0, d, 1) for d in info.shape)
+            fetched = by_ranges and read_route(reader, info.dtype) is Route.FETCH
             for d, key in zip(job.devices, job.keys, strict=True):
                 if key in job.blocks or key in job.pending:
                     continue  # identical (replicated) blocks are read once
-                if by_ranges and not dt.packed and _dtypes.HOST_IS_LITTLE_ENDIAN:
+                if fetched:
                     job.pending.add(key)
                     fetch.append((job, key))
                 elif key == full_key:
                     cpu = d.platform == "cpu"
-                    job.blocks[key] = self._host_full(reader, info, job.target, cpu,
+                    job.blocks[key] = self.hosts.full(reader, info, job.target, cpu,
                                                       address if cpu else None)
                 else:
-                    job.blocks[key] = self._host_block(reader, info, key, job.target)
+                    job.blocks[key] = self.hosts.block(reader, info, key, job.target)
             if not job.pending:
                 out[info.name] = job.place()
         batch: list[tuple[_ShardJob, Key]] = []
@@ -572,7 +542,7 @@ class JaxOutput:
             empty=aligned_empty)
         done: list[_ShardJob] = []
         for (job, key), host in zip(batch, hosts, strict=True):
-            self.bytes_loaded += host.nbytes
+            self.counters.add(host.nbytes)
             dt = job.info.dtype
             job.blocks[key] = host if job.target == dt.numpy else cast_aligned(host, job.target)
             job.pending.discard(key)
@@ -586,7 +556,7 @@ class JaxOutput:
         as a jax.Array laid out with ``sharding``: each distinct block of this process's
         devices is one box of the tensor, and the boxes are read by one plan
         (:meth:`TensorReader.read_boxes`)."""
-        target = self._check_dtype(reader, info)
+        target = self.policy.check_dtype(reader, info)
         shape = [len(range(*e)) for e in per_dim if not isinstance(e, int)]
         for pos in sorted(new_axes):
             shape.insert(pos, 1)
@@ -606,10 +576,138 @@ class JaxOutput:
                 arr = cast_aligned(arr, target)
             elif not is_aligned(arr):
                 arr = aligned_copy(arr)
-            self.bytes_loaded += arr.nbytes
+            self.counters.add(arr.nbytes)
             blocks[key] = arr
         return placement().sharded(tuple(shape), target, sharding, [blocks[k] for k in keys],
                                    devices)
+
+
+class JaxOutput:
+    """The JAX output of a handle (framework ``"jax"``): see the module docstring. Built
+    by :func:`safecodec.safe_open`; every method receives the handle's reader. It joins
+    four parts, one concern each: :class:`Policy` (device, sharding spec, dtype and
+    narrowing), :class:`HostRoutes` (host arrays by route), :class:`ReadPlan` (sharded
+    reads) and :class:`LoadCounters` (what was placed).
+
+    Args:
+        device: Default device (committed placement), or None for JAX's default device
+            (uncommitted, like ``jax.device_put(x)``).
+        sharding: A ``jax.sharding.Sharding`` for every tensor, a mapping name -> Sharding
+            (tensors not in it get default placement), or a callable called positionally as
+            ``fn(name, shape, dtype)`` returning a Sharding or None.
+        strict_x64: Raise instead of warning when a 64-bit tensor would be narrowed
+            because JAX's x64 mode is off.
+    """
+
+    def __init__(self, *, device: Any = None, sharding: Any = None,
+                 strict_x64: bool = False) -> None:
+        self.policy = Policy(device, sharding, strict_x64)
+        self.counters = LoadCounters()
+        self.hosts = HostRoutes(self.counters)
+        self.plan = ReadPlan(self.policy, self.hosts)
+
+    @classmethod
+    def for_options(cls, options: ReadOptions) -> JaxOutput:
+        """The output of a handle read with ``options`` (its device, sharding, strict_x64)."""
+        return cls(device=options.device, sharding=options.sharding,
+                   strict_x64=options.strict_x64)
+
+    @property
+    def device(self) -> Any:
+        return self.policy.device
+
+    @property
+    def sharding(self) -> Any:
+        return self.policy.sharding
+
+    @property
+    def strict_x64(self) -> bool:
+        return self.policy.strict_x64
+
+    @property
+    def bytes_loaded(self) -> int:
+        """Bytes of tensor data this output placed (views and copies), for measurement."""
+        return self.counters.bytes_loaded
+
+    @property
+    def aliased(self) -> int:
+        """Arrays that share the mapped memory (no copy), for measurement."""
+        return self.counters.aliased
+
+    # -- the Output interface
+    def check_names(self, infos: list[TensorInfo], sharding: Any, where: str) -> None:
+        """A ``sharding=`` mapping (this call's, else the output's) may only name
+        tensors of ``infos``."""
+        check_sharding_names(self.sharding if sharding is None else sharding, infos, where)
+
+    def convert(self, reader: TensorReader, arr: Any, info: TensorInfo) -> jax.Array:
+        """A NumPy array cut from tensor ``info`` (a slice; a NumPy scalar for one
+        element) -> jax.Array on the device."""
+        arr = np.asarray(arr)
+        target = self.policy.check_dtype(reader, info)
+        device, committed = self.policy.target()
+        cpu = device.platform == "cpu"
+        if arr.dtype != target:
+            arr = cast_aligned(arr, target)
+        elif cpu and not is_aligned(arr):
+            arr = aligned_copy(arr)
+        elif (cpu and not arr.flags.owndata and reader.buffer is not None
+              and aliasable_address(reader) is None):
+            arr = aligned_copy(arr)  # a view of memory that can change under JAX
+        return placement().single(arr, device, committed)
+
+    def load_tensor(self, reader: TensorReader, info: TensorInfo) -> jax.Array:
+        """The whole tensor ``info`` as a jax.Array (placed or sharded)."""
+        sharding = self.policy.sharding_for(self.sharding, info)
+        if sharding is not None:
+            return self.plan.load_many(reader, [(info, sharding)])[info.name]
+        target = self.policy.check_dtype(reader, info)
+        device, committed = self.policy.target()
+        cpu = device.platform == "cpu"
+        host = self.hosts.full(reader, info, target, cpu,
+                               aliasable_address(reader) if cpu else None)
+        return placement().single(host, device, committed)
+
+    def load_all(self, reader: TensorReader, infos: list[TensorInfo], *,
+                 sharding: Any = None, check_names: bool = True) -> dict[str, jax.Array]:
+        """Every tensor in ``infos``; unsharded tensors are placed in one batch per
+        device, sharded ones read by one plan for this process (module docstring). One
+        warning at most names every narrowed 64-bit tensor. ``sharding`` replaces the
+        output's own for this call."""
+        policy = self.policy
+        spec = self.sharding if sharding is None else sharding
+        policy.check_spec(spec)
+        if check_names:
+            check_sharding_names(spec, infos, "file")
+        policy.collect_warnings()
+        try:
+            device, committed = policy.target()
+            cpu = device.platform == "cpu"
+            out: dict[str, Any] = {}
+            plain: list[tuple[TensorInfo, np.dtype]] = []
+            sharded: list[tuple[TensorInfo, Any]] = []
+            targets: dict[str, np.dtype] = {}
+            for info in infos:
+                shard_spec = policy.sharding_for(spec, info) if spec is not None else None
+                out[info.name] = None  # keeps file order
+                if shard_spec is not None:
+                    sharded.append((info, shard_spec))
+                else:
+                    plain.append((info, policy.check_dtype(reader, info, targets)))
+            if sharded:  # one read plan for this process, every sharded tensor at once
+                out.update(self.plan.load_many(reader, sharded))
+            hosts = self.hosts.many(reader, plain, cpu)
+            for (info, _), arr in zip(plain, placement().many(hosts, device, committed),
+                                      strict=True):
+                out[info.name] = arr
+        finally:
+            policy.flush_warning()
+        return out
+
+    def load_slice(self, reader: TensorReader, info: TensorInfo, per_dim: list[Any],
+                   new_axes: list[int], sharding: Any) -> jax.Array:
+        """``tensor[index]`` laid out with ``sharding`` (:meth:`ReadPlan.load_slice`)."""
+        return self.plan.load_slice(reader, info, per_dim, new_axes, sharding)
 
 
 def _device_keys(what: str, shape: tuple[int, ...], sharding: Any) -> tuple[list[Any], list[Key]]:
