@@ -2,9 +2,13 @@
 zero-copy where the hardware allows, one copy everywhere else, sharded across devices
 and processes.
 
-How a tensor reaches JAX (decided in ONE place, :func:`host_route`)
---------------------------------------------------------------------
-* **alias**: CPU, 64-byte aligned, byte-sized dtype, same dtype in JAX, memory nobody can
+How a tensor reaches JAX (:func:`host_route`, from THE read route)
+------------------------------------------------------------------
+The route of a tensor is decided once, by :func:`safecodec._reader.read_route` (from the
+source, the options and the tensor); :func:`host_route` only adds what JAX does with a
+view of memory. Its value is a :class:`~safecodec._reader.Route`:
+
+* **ALIAS**: CPU, 64-byte aligned, byte-sized dtype, same dtype in JAX, memory nobody can
   change (safecodec's read-only mapping, or immutable ``bytes``; never a caller's
   writable memory, even through a read-only view: :func:`aliasable_address` decides,
   for every route below): the host array is a view of the file's
@@ -12,14 +16,22 @@ How a tensor reaches JAX (decided in ONE place, :func:`host_route`)
   safecodec's writer (``alignment=64``, the default) puts every tensor whose byte size is
   a multiple of 64 at such an address. On accelerators the view itself is handed to the
   transfer, which is the one copy.
-* **read**: one positioned read from the page cache into fresh aligned memory
+* **READ**: one positioned read from the page cache into fresh aligned memory
   (``copy=True``, no mmap, a tensor not aligned in a local file: cheaper than faulting the
-  mapping in).
-* **copy**: one memcpy from the buffer into fresh aligned memory (memory its owner can
+  mapping in; a remote FETCH of a whole tensor reads the same way).
+* **VIEW**: one memcpy from the buffer into fresh aligned memory (memory its owner can
   write, read-only view or not, or a small unaligned tensor).
-* **cast**: 64-bit values with x64 off: narrowed into fresh aligned memory (JAX's rule).
-* **decode**: packed F4 is unpacked once into ``float4_e2m1fn``; big-endian hosts swap.
+* **DECODE**: packed F4 is unpacked once into ``float4_e2m1fn``; big-endian hosts swap;
+  64-bit values with x64 off are narrowed into fresh aligned memory (JAX's rule).
   **F6** has no JAX dtype: a :class:`~safecodec.DtypeError` points to the NumPy output.
+
+Checksums (``verify=True``) are checked by the reader on the route's memory
+(:meth:`safecodec._reader.TensorReader.verify`), never here.
+
+The output is four parts, one concern each: :class:`Policy` (device, sharding spec,
+dtype and narrowing warnings), :class:`HostRoutes` (host arrays by route),
+:class:`ReadPlan` (sharded reads) and :class:`LoadCounters` (what was placed, counted in
+one method); :class:`JaxOutput` joins them behind the reader's ``Output`` interface.
 
 Sharding: one read plan per process
 -----------------------------------
@@ -27,7 +39,7 @@ With a sharding, each process builds only the shards addressable on it, and read
 their bytes. Each block is a *box* of the tensor, read by the reader's box engine
 (:meth:`safecodec._reader.TensorReader.read_boxes`; its plan is O(ndim) numbers per
 block, never one per row: a column-sharded ``(N, 2)`` tensor costs what its bytes cost).
-The plan is per process, not per device (:meth:`JaxOutput._load_sharded_many`, for every
+The plan is per process, not per device (:meth:`ReadPlan.load_many`, for every
 sharded tensor of a ``load_all`` at once): the distinct blocks of the process's devices (a
 replicated block, same index on several devices, is read once and shared), then
 
@@ -40,7 +52,7 @@ replicated block, same index on several devices, is read once and shared), then
   strided copy from the mapping (or, with ``copy=True``, positioned reads of its spans).
 
 ``get_slice(name, sharding=s)[index]`` lays ``s`` over the slice's shape and reads each
-device's block as one box of the tensor (:meth:`JaxOutput.load_slice`).
+device's block as one box of the tensor (:meth:`ReadPlan.load_slice`).
 
 Lifetime
 --------

@@ -1,13 +1,18 @@
 """The single-file reader: a validated :class:`~safecodec._header.Header` plus an opened
 source become arrays, lazily, one tensor or one slice at a time.
 
-Views, not copies. When the source is memory (bytes, a mapping), tensors are NumPy views
-of it. Whole tensors are copied in exactly one place, :meth:`TensorReader.read_span`, and
-only when the caller asked (``copy=True``), the source is not addressable memory (a file
-object without mmap, a remote object), the dtype is packed (F4/F6 are unpacked), or the
-host is big-endian. With stored checksums and ``verify=True``, what is hashed is the
-memory that is returned: the view of the mapping, or the buffer the copy landed in (read
-once).
+Views, not copies. How a tensor's bytes reach its array is decided by ONE function,
+:func:`read_route`, from the source, the options and the tensor; its value, a
+:class:`Route`, is what every reader here, the JAX output and the tree loader (through
+them) follow. When the source is memory (bytes, a mapping: routes ALIAS and VIEW),
+tensors are NumPy views of it. Whole tensors are read into fresh memory (READ, FETCH)
+only when the caller asked (``copy=True``) or the source is not addressable memory (a
+file object without mmap, a remote object), and decoded (DECODE) when the dtype is
+packed (F4/F6 are unpacked) or the host is big-endian. With stored checksums and
+``verify=True``, one method checks them, :meth:`TensorReader.verify`, on the memory that
+is returned: the view of the mapping, or the buffer the read landed in (read once).
+Every option of a read travels as one frozen :class:`ReadOptions`, built once by the
+routers.
 
 Parts of tensors (slices without a mapping, the blocks of sharded JAX loads, remote
 batches) are *boxes*, read by ONE engine, :meth:`TensorReader.read_boxes`: a plan of
