@@ -377,7 +377,8 @@ class _ChunkPiece(Op):
     j: int
 
     def __repr__(self) -> str:
-        return f"chunk({self.axis}, {self.split})[{self.j}]"
+        split_ = list(self.split) if isinstance(self.split, tuple) else self.split
+        return f"chunk({self.axis}, {split_})" + (f"[{self.j}]" if self.j >= 0 else "")
 
     def sizes(self, n: int) -> tuple[int, ...]:
         if isinstance(self.split, int):
@@ -867,6 +868,8 @@ class _Planner:
         self.targets: dict[str, _Target] = {}
         self.used: set[str] = set()
         self.problems: list[str] = []
+        self.failed: set[str] = set()  # targets with a problem of their own
+        self.matched: set[int] = set()  # rules whose pattern matches some name
 
     def run(self) -> dict[str, _Target]:
         names = list(self.header.tensors)
@@ -882,7 +885,7 @@ class _Planner:
                 self.problems.append(f"unmapped source: {name!r} {_describe(info.shape, info.dtype.numpy)} "
                                      "(no rule maps it and no ignore= pattern matches)")
         for name in self.order:
-            if name not in self.targets:
+            if name not in self.targets and name not in self.failed:
                 leaf = self.leaves[name]
                 self.problems.append(f"unfilled target: {name!r} {_describe(leaf.shape, leaf.dtype)} "
                                      "(no rule fills this template leaf)")
@@ -898,6 +901,7 @@ class _Planner:
             hits = [(r, m, n) for r, rx, n in compiled if (m := rx.fullmatch(name)) is not None]
             if not hits:
                 continue
+            self.matched.update(id(r) for r, _, _ in hits)
             best = max(n for _, _, n in hits)
             top = [(r, m) for r, m, n in hits if n == best]
             if len(top) > 1:
@@ -911,7 +915,7 @@ class _Planner:
 
     def _apply_rule(self, rule: Rule, matches: list[tuple[str, dict[str, str]]]) -> None:
         if not matches:
-            if not rule.optional:
+            if not rule.optional and id(rule) not in self.matched:
                 self.problems.append(f"rule matches nothing: {rule!r} (no tensor of the checkpoint "
                                      "has such a name; pass optional=True if that is expected)")
             return
@@ -956,6 +960,7 @@ class _Planner:
         if leaf is None:
             self.problems.append(f"unknown target: {both}: the template has no leaf {tname!r} ({desc})")
             return
+        self.failed.add(tname)  # until it is planned
         if tname in self.targets:
             self.problems.append(f"target filled twice: {tname!r} by {self.targets[tname].sources[0]!r} "
                                  f"and {src!r}")
@@ -994,6 +999,7 @@ class _Planner:
             kind = "none"
         target.cast = kind if src_dtype != leaf.dtype else "none"
         self.targets[tname] = target
+        self.failed.discard(tname)
 
     # -- torch_to_flax ------------------------------------------------------------------
 
@@ -1197,9 +1203,16 @@ class Plan:
         return [(s, _box(box), steps) for s in sources]
 
     def summary(self) -> dict[str, Any]:
-        """Per target and in total, what this process reads: ``{"targets": [TargetSummary],
-        "total": {"bytes", "requests", "source_bytes"}, "casts": [...], "whole": [...],
-        "requests_estimated": True}``."""
+        """Per target and in total, what this process reads.
+
+        Returns:
+            ``{"targets": [TargetSummary, ...], "total": {"bytes", "requests",
+            "source_bytes"}, "casts": [...], "whole": [...], "requests_estimated": True}``:
+            ``source_bytes`` is the full size of the mapped source tensors, ``casts`` one
+            line per cast target (``exact`` or ``lossy``), ``whole`` the targets read
+            whole (:func:`fn`). Requests are estimated as the read engine makes them:
+            one per contiguous run of each box.
+        """
         rows = []
         for name, t in self.targets.items():
             nbytes = requests = 0
@@ -1212,8 +1225,8 @@ class Plan:
                     requests += box_requests(full, shape)
             rows.append(TargetSummary(name, t.sources, t.leaf.shape, t.leaf.dtype.name, t.cast,
                                       t.whole, len(t.blocks), nbytes, requests))
-        src_bytes = sum(self._handle.header.tensors[s].nbytes for t in self.targets.values()
-                        for s in t.sources)
+        tensors = self._handle.header.tensors
+        src_bytes = sum(tensors[s].nbytes for s in {s for t in self.targets.values() for s in t.sources})
         return {
             "targets": rows,
             "total": {"bytes": sum(r.bytes for r in rows), "requests": sum(r.requests for r in rows),
@@ -1297,9 +1310,15 @@ class Plan:
         return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, arrays)
 
     def close(self) -> None:
-        """Close the checkpoint (when the plan opened it)."""
+        """Close the checkpoint (when the plan opened it); :meth:`load` does it too."""
         if self._close:
             self._handle.close()
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         s = self.summary()["total"]
