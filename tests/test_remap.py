@@ -437,6 +437,7 @@ def test_device_blocks_under_real_shardings(hf, tmp_path) -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["checked"] >= 40, result
-    # a column-sharded (N, 2) tensor: one box per block, not a tuple per row
-    assert result["column_requests"] == 8 * 1 and result["column_plan_ok"]
+    assert result["checked"] >= 60, result
+    # a column-sharded (N, 2) tensor: one box per block, host memory ~ its bytes, not rows
+    assert result["column_blocks"] == 2
+    assert result["column_peak_ratio"] <= 2.0, result
