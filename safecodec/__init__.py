@@ -30,9 +30,9 @@ from ._threads import get_threads, set_threads
 from ._version import __version__
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__); named here for tools
+    from . import remap
     from ._safejax import deserialize, serialize
     from ._tree import load_tree, save_tree
-    from . import remap
 
 __all__ = [
     "ChecksumError",

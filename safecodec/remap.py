@@ -62,6 +62,7 @@ import numpy as np
 from ._api import read_header, safe_open
 from ._errors import SafecodecError, TreeStructureError
 from ._header import Header, visible_metadata
+from ._jax_put import aligned_empty, placement
 from ._progress import ProgressBar
 from ._pytree import (
     CONTAINERS,
@@ -75,6 +76,7 @@ from ._pytree import (
     leaf_spec,
     split,
 )
+from ._threads import get_threads, run_concurrently
 from ._treepath import Path, join_path, render_path
 
 __all__ = [
@@ -96,8 +98,6 @@ __all__ = [
 
 #: How many problems one TreeStructureError lists before summarising the rest.
 MAX_LISTED: Final = 200
-#: Host memory JAX's CPU client aliases instead of copying starts at a multiple of this.
-_ALIGNMENT: Final = 64
 _PLACEHOLDER: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 Region = tuple[range, ...]
@@ -949,10 +949,10 @@ class _Planner:
                 sources = (by_index[0],)
             for j, tpat in enumerate(rule.targets):
                 self._target(tpat.format(**binding), rule, sources, rule.stack is not None,
-                             rule.chain(j), repr(rule))
+                             rule.chain(j), rule)
 
     def _target(self, tname: str, rule: Rule | str, sources: tuple[str, ...], stacked: bool,
-                ops: tuple[Op, ...], desc: str) -> None:
+                ops: tuple[Op, ...], desc: Rule | str) -> None:
         src = sources[0]
         info = self.header.tensors[src]
         leaf = self.leaves.get(tname)
@@ -1014,7 +1014,7 @@ class _Planner:
                     available.discard(cand)
                     self.used.add(cand)
                     self._target(tname, "torch_to_flax()", (cand,), False, ops,
-                                 f"torch_to_flax(): {cand!r} -> {tname!r}")
+                                 "torch_to_flax()")
                     break
         for n in list(available):
             if n.endswith(".num_batches_tracked"):
@@ -1093,7 +1093,7 @@ def _blocks(leaf: _Leaf) -> list[tuple[Region, list[Any]]]:
     jax = jax_module()
     sharding = leaf.sharding
     if sharding is None:
-        return [(full, [jax.local_devices()[0]])]
+        return [(full, [jax.local_devices()[0]])]  # JAX's default device
     by_region: dict[Region, list[Any]] = {}
     for device, idx in sharding.addressable_devices_indices_map(leaf.shape).items():
         region = tuple(range(*s.indices(n)) for s, n in zip(idx, leaf.shape, strict=True))
@@ -1155,15 +1155,6 @@ def _read_boxes(handle: Any, requests: Sequence[tuple[str, tuple[slice, ...]]]) 
     for name, box in requests:
         part = handle.get_slice(name)[box]
         out.append(np.asarray(part))
-    return out
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-    """Uninitialised C-ordered memory JAX's CPU client can alias (64-byte aligned)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
-    start = (-raw.ctypes.data) % _ALIGNMENT
-    out: np.ndarray = raw[start:start + nbytes].view(dtype).reshape(shape)
     return out
 
 
@@ -1238,33 +1229,40 @@ class Plan:
             "requests_estimated": True,
         }
 
-    def _block(self, t: _Target, region: Region, bar: ProgressBar) -> np.ndarray:
-        shape = tuple(len(r) for r in region)
-        out = _aligned_empty(shape, t.leaf.dtype)
+    def _fill(self, t: _Target, job: tuple[np.ndarray, int | None, str, tuple[slice, ...], list[_Step]],
+              bar: ProgressBar) -> None:
+        """Read one box, run the operations forward on it, cast it into its block."""
+        out, i, src, box, steps = job
+        part = _read_boxes(self._handle, [(src, box)])[0]
+        nbytes = part.nbytes
+        if t.whole:
+            for op in t.ops:
+                part = op.forward(part)
+            expect = t.leaf.shape[1:] if t.stacked else t.leaf.shape
+            if part.shape != tuple(expect):
+                raise TreeStructureError(f"{src!r} -> {t.leaf.name!r}: the operations gave "
+                                         f"{list(part.shape)}, the template wants {list(expect)}")
+            part = part[_box(steps[0][2])] if steps else part
+        else:
+            for forward, cover, wanted in steps:
+                part = _residual(forward(part), cover, wanted)
+        if i is None:
+            np.copyto(out, part, casting="unsafe")
+        else:
+            np.copyto(out[i], part, casting="unsafe")
+        bar.update(nbytes)
+
+    def _jobs(self, t: _Target, region: Region,
+              out: np.ndarray) -> list[tuple[np.ndarray, int | None, str, tuple[slice, ...], list[_Step]]]:
+        """One job per source box of a block (per layer for stacked targets)."""
+        jobs: list[tuple[np.ndarray, int | None, str, tuple[slice, ...], list[_Step]]] = []
         reads = self._requests(t, region)
-        if not reads:
-            return out
-        parts = _read_boxes(self._handle, [(s, b) for s, b, _ in reads])
-        for i, ((_src, _, steps), part) in enumerate(zip(reads, parts, strict=True)):
-            if t.whole:
-                for op in t.ops:
-                    part = op.forward(part)
-                expect = t.leaf.shape[1:] if t.stacked else t.leaf.shape
-                if part.shape != tuple(expect):
-                    raise TreeStructureError(f"{t.sources[i]!r} -> {t.leaf.name!r}: the operations "
-                                             f"gave {list(part.shape)}, the template wants "
-                                             f"{list(expect)}")
+        for k, (src, box, steps) in enumerate(reads):
+            if t.whole:  # the whole tensor; the block's part of the result is cut afterwards
                 rest = region[1:] if t.stacked else region
-                part = part[_box(rest)]
-            else:
-                for forward, cover, wanted in steps:
-                    part = _residual(forward(part), cover, wanted)
-            bar.update(part.size * t.src_dtype.itemsize)
-            if t.stacked:
-                out[i] = part
-            else:
-                out[...] = part
-        return out
+                steps = [(lambda b: b, rest, rest)] if rest else []
+            jobs.append((out, k if t.stacked else None, src, box, steps))
+        return jobs
 
     def load(self, progress: bool | Callable[[str, int], Any] = False) -> Any:
         """Read, transform and place every leaf; the template's structure and types come
@@ -1289,25 +1287,30 @@ class Plan:
         return _rebuild(self._like, values)
 
     def _place(self, t: _Target, bar: ProgressBar) -> Any:
+        """Build every distinct block of ``t`` (boxes read and transformed concurrently)
+        and place them: on the template's devices, or as a NumPy value."""
         leaf = t.leaf
+        blocks = [(devs, aligned_empty(tuple(len(r) for r in region), leaf.dtype), region)
+                  for region, devs in t.blocks]
+        jobs = [job for _, out, region in blocks for job in self._jobs(t, region, out)]
+        run_concurrently(lambda job: self._fill(t, job, bar), jobs, max_workers=get_threads())
         if leaf.kind != "jax":
-            arr = self._block(t, t.blocks[0][0], bar)
+            arr = blocks[0][1]
             if leaf.kind == "numpy":
                 return arr
             if leaf.kind == "numpy_scalar":
                 return arr[()]
             return {"int": int, "float": float, "bool": bool, "complex": complex}[leaf.kind](arr[()])
-        jax = jax_module()
-        arrays = []
-        devices = []
-        for region, devs in t.blocks:
-            host = self._block(t, region, bar)
-            for d in devs:
-                arrays.append(jax.device_put(host, d))
-                devices.append(d)
+        put = placement()
         if leaf.sharding is None:
-            return arrays[0]
-        return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, arrays)
+            return put.single(blocks[0][1], blocks[0][0][0], False)
+        host_of = {d: out for devs, out, _ in blocks for d in devs}
+        # the placement takes the shards in the sharding's own device order (as _jax_load)
+        devices = list(getattr(leaf.sharding, "_addressable_device_assignment", None) or host_of)
+        # one call for every device, no XLA compile (the public fallback is
+        # jax.make_array_from_single_device_arrays)
+        return put.sharded(leaf.shape, leaf.dtype, leaf.sharding, [host_of[d] for d in devices],
+                           devices)
 
     def close(self) -> None:
         """Close the checkpoint (when the plan opened it); :meth:`load` does it too."""

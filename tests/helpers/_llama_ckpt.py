@@ -16,7 +16,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-H, NH, KV, HD, I, L, V = 32, 4, 2, 8, 48, 4, 64  # hidden, heads, kv heads, head dim, mlp, layers, vocab
+H, NH, KV, HD, FF, L, V = 32, 4, 2, 8, 48, 4, 64  # hidden, heads, kv heads, head dim, feed-forward, layers, vocab
 BF16 = ml_dtypes.bfloat16
 INDEX = "model.safetensors.index.json"
 
@@ -33,8 +33,8 @@ def tensors(seed: int = 0) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}."
         t[p + "self_attn.qkv_proj.weight"] = w((NH + 2 * KV) * HD, H)
         t[p + "self_attn.o_proj.weight"] = w(H, NH * HD)
-        t[p + "mlp.gate_up_proj.weight"] = w(2 * I, H)
-        t[p + "mlp.down_proj.weight"] = w(H, I)
+        t[p + "mlp.gate_up_proj.weight"] = w(2 * FF, H)
+        t[p + "mlp.down_proj.weight"] = w(H, FF)
         t[p + "input_layernorm.weight"] = w(H)
         t[p + "post_attention_layernorm.weight"] = w(H)
         t[p + "self_attn.rotary_emb.inv_freq"] = np.arange(HD // 2, dtype=np.float32)
@@ -81,8 +81,8 @@ def reference(t: dict[str, np.ndarray], *, scanned: bool = True) -> dict[str, np
             "attn.k": qkv[NH * HD:(NH + KV) * HD].T.reshape(H, KV, HD),
             "attn.v": qkv[(NH + KV) * HD:].T.reshape(H, KV, HD),
             "attn.o": t[p + "self_attn.o_proj.weight"].T.reshape(NH, HD, H),
-            "mlp.gate": gu[:I].T,
-            "mlp.up": gu[I:].T,
+            "mlp.gate": gu[:FF].T,
+            "mlp.up": gu[FF:].T,
             "mlp.down": t[p + "mlp.down_proj.weight"].T,
             "attn_norm": t[p + "input_layernorm.weight"].astype(np.float32),
             "mlp_norm": t[p + "post_attention_layernorm.weight"].astype(np.float32),

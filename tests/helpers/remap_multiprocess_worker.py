@@ -28,11 +28,12 @@ force_cpu_devices(4)
 
 import json
 
-import _llama_ckpt as ck
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+import _llama_ckpt as ck
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import safecodec as sc

@@ -22,15 +22,15 @@ import itertools
 import json
 import tracemalloc
 
-import _llama_ckpt as ck
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
+import _llama_ckpt as ck
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import safecodec as sc
 from safecodec import remap as R
 
 MESH = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
