@@ -46,7 +46,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("safecodec", "tunix-style", "safetensors.flax")
 #: (hidden, heads, kv heads, head dim, mlp, layers, vocab)
-SMALL = (512, 8, 4, 64, 1408, 8, 8000)
+SMALL = (512, 8, 4, 64, 1408, 6, 8000)
 FULL = (1024, 16, 8, 64, 2816, 20, 32000)  # 603 MB in bf16, as in the issue
 INDEX = "model.safetensors.index.json"
 
