@@ -76,7 +76,7 @@ from ._pytree import (
     leaf_spec,
     split,
 )
-from ._threads import get_threads, run_concurrently
+from ._threads import MIN_PIECE, get_threads, run_concurrently
 from ._treepath import Path, join_path, render_path
 
 __all__ = [
@@ -987,17 +987,15 @@ class _Planner:
                                  f"template wants {list(leaf.shape)} (source "
                                  f"{_describe(info.shape, src_dtype)}, {desc})")
             return
-        kind = cast_kind(chain_dtype, leaf.dtype)
-        asked = any(isinstance(op, _Astype) for op in ops)
-        if kind == "lossy" and not (asked and chain_dtype == leaf.dtype):
+        if cast_kind(chain_dtype, leaf.dtype) == "lossy":
             self.problems.append(f"refused cast: {both}: {chain_dtype.name} -> {leaf.dtype.name} "
                                  "loses range or precision; write it as astype() in the rule")
             return
-        if asked:
-            kind = "lossy" if cast_kind(src_dtype, chain_dtype) == "lossy" else cast_kind(src_dtype, leaf.dtype)
-        elif kind == "none":
-            kind = "none"
-        target.cast = kind if src_dtype != leaf.dtype else "none"
+        # What the plan reports: source dtype -> template dtype, lossy when an astype was
+        if any(isinstance(op, _Astype) for op in ops) and cast_kind(src_dtype, chain_dtype) == "lossy":
+            target.cast = "lossy"
+        else:
+            target.cast = cast_kind(src_dtype, leaf.dtype)
         self.targets[tname] = target
         self.failed.discard(tname)
 
@@ -1222,9 +1220,8 @@ class Plan:
             "targets": rows,
             "total": {"bytes": sum(r.bytes for r in rows), "requests": sum(r.requests for r in rows),
                       "source_bytes": src_bytes},
-            "casts": [f"{r.target}: {t.chain_dtype.name if t.cast == 'lossy' else t.src_dtype.name} -> "
-                      f"{r.dtype} ({r.cast})" for r, t in zip(rows, self.targets.values(), strict=True)
-                      if r.cast != "none"],
+            "casts": [f"{r.target}: {t.src_dtype.name} -> {r.dtype} ({r.cast})"
+                      for r, t in zip(rows, self.targets.values(), strict=True) if r.cast != "none"],
             "whole": [r.target for r in rows if r.whole],
             "requests_estimated": True,
         }
@@ -1242,6 +1239,11 @@ class Plan:
             if part.shape != tuple(expect):
                 raise TreeStructureError(f"{src!r} -> {t.leaf.name!r}: the operations gave "
                                          f"{list(part.shape)}, the template wants {list(expect)}")
+            if cast_kind(part.dtype, out.dtype) == "lossy":
+                raise TreeStructureError(f"{src!r} -> {t.leaf.name!r}: the operations gave "
+                                         f"{part.dtype.name}, and {part.dtype.name} -> "
+                                         f"{out.dtype.name} loses range or precision; end the "
+                                         "rule with astype()")
             part = part[_box(steps[0][2])] if steps else part
         else:
             for forward, cover, wanted in steps:
@@ -1270,20 +1272,22 @@ class Plan:
 
         Args:
             progress: True for a progress bar (bytes, per target); or a callable
-                ``(target name, bytes)`` called after each block.
+                ``(target name, bytes read)`` called after each target.
         """
-        total = self.summary()["total"]["bytes"]
         callback = progress if callable(progress) else None
+        summary = self.summary() if progress else None  # only a progress report needs it
+        total = summary["total"]["bytes"] if summary else 0
+        read = {row.target: row.bytes for row in summary["targets"]} if summary else {}
         values: dict[str, Any] = {}
-        with ProgressBar(total, "remap", progress is True) as bar:
-            for name, t in self.targets.items():
-                bar.describe(name)
-                values[name] = self._place(t, bar)
-                if callback is not None:
-                    callback(name, sum(math.prod(len(r) for r in reg) for reg, _ in t.blocks)
-                             * t.src_dtype.itemsize)
-        if self._close:
-            self._handle.close()
+        try:
+            with ProgressBar(total, "remap", progress is True) as bar:
+                for name, t in self.targets.items():
+                    bar.describe(name)
+                    values[name] = self._place(t, bar)
+                    if callback is not None:
+                        callback(name, read[name])
+        finally:
+            self.close()  # the arrays handed out keep their mapping alive
         return _rebuild(self._like, values)
 
     def _place(self, t: _Target, bar: ProgressBar) -> Any:
@@ -1293,7 +1297,13 @@ class Plan:
         blocks = [(devs, aligned_empty(tuple(len(r) for r in region), leaf.dtype), region)
                   for region, devs in t.blocks]
         jobs = [job for _, out, region in blocks for job in self._jobs(t, region, out)]
-        run_concurrently(lambda job: self._fill(t, job, bar), jobs, max_workers=get_threads())
+        nbytes = sum(out.nbytes for _, out, _ in blocks)
+        if len(jobs) > 1 and nbytes >= 2 * MIN_PIECE * len(jobs) // 8:
+            # threads pay off only for large copies (as _threads decides for one copy)
+            run_concurrently(lambda job: self._fill(t, job, bar), jobs, max_workers=get_threads())
+        else:
+            for job in jobs:
+                self._fill(t, job, bar)
         if leaf.kind != "jax":
             arr = blocks[0][1]
             if leaf.kind == "numpy":

@@ -297,6 +297,12 @@ def test_chunk_by_count_and_sizes_and_fn_is_whole(tmp_path) -> None:
     s = p.summary()
     assert s["whole"] == ["a"] and s["total"]["bytes"] == src.nbytes
     np.testing.assert_array_equal(p.load()["a"], src[:4].T)
+    # fn's result is checked when it is known: its shape, and a cast it would need
+    with pytest.raises(sc.TreeStructureError, match=r"the operations gave \[3, 3\]"):
+        sc.load_tree(path, like={"a": like["a"]}, remap=R.Rules(R.map("w", "a", R.fn(lambda a: a[:3]))))
+    with pytest.raises(sc.TreeStructureError, match="float64 -> float32 loses"):
+        sc.load_tree(path, like={"a": like["a"]},
+                     remap=R.Rules(R.map("w", "a", R.fn(lambda a: a[:4].T.astype(np.float64)))))
 
 
 def test_lossy_casts_need_astype_and_are_listed(tmp_path) -> None:
@@ -306,7 +312,7 @@ def test_lossy_casts_need_astype_and_are_listed(tmp_path) -> None:
     with pytest.raises(sc.TreeStructureError, match=r"refused cast: 'w' -> 'w': float32 -> bfloat16"):
         R.plan(path, R.Rules(R.map("w", "w")), like=like)
     p = R.plan(path, R.Rules(R.map("w", "w", R.astype("bfloat16"))), like=like)
-    assert p.summary()["casts"] == ["w: bfloat16 -> bfloat16 (lossy)"]
+    assert p.summary()["casts"] == ["w: float32 -> bfloat16 (lossy)"]
     np.testing.assert_array_equal(np.asarray(p.load()["w"]), src.astype(ml_dtypes.bfloat16))
 
 
