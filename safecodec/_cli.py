@@ -148,14 +148,26 @@ class Checkpoint:
 # ----------------------------------------------------------------------------- output helpers
 
 
-#: Control characters (C0, DEL, C1) that a terminal would act on.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: Control characters (C0 with tab and newline, DEL, C1) that a terminal would act on.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: How :func:`clean` shows the common ones (the others as ``\\xNN``).
+_ESCAPES: Final = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+#: What JSON output escapes beyond ``json.dumps(ensure_ascii=False)``: DEL and C1.
+_JSON_CONTROL = re.compile("[\x7f-\x9f]")
 
 
 def clean(text: str) -> str:
-    """``text`` with terminal control characters escaped (``\\x1b``...): names and
-    metadata in an untrusted file must not clear the screen or retitle the window."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with terminal control characters escaped (``\\n``, ``\\t``, ``\\x1b``...):
+    names and metadata in an untrusted file must not clear the screen, retitle the window
+    or start a line of their own (a forged ``OK``)."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
+def dump_json(data: Any, out: IO[str], **options: Any) -> None:
+    """``data`` as indented JSON on ``out``, non-ASCII text kept readable but every control
+    character escaped (``json.dumps`` leaves DEL and C1 raw, e.g. U+009B, a terminal's CSI)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, **options)
+    out.write(_JSON_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
 def human_bytes(n: int) -> str:
@@ -172,10 +184,11 @@ def human_bytes(n: int) -> str:
 
 def _table(rows: list[list[str]], right: set[int], out: IO[str]) -> None:
     """Print rows as aligned columns; the first row is the heading."""
+    rows = [[clean(c) for c in row] for row in rows]  # escaped before measuring
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        print(clean("  ".join(cells).rstrip()), file=out)
+        print("  ".join(cells).rstrip(), file=out)
         if k == 0:
             print("  ".join("-" * w for w in widths), file=out)
 
@@ -239,8 +252,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         data = _inspect_data(ckpt)
     out = sys.stdout
     if args.json:
-        json.dump(data, out, indent=2, ensure_ascii=False)
-        print(file=out)
+        dump_json(data, out)
         return 0
     tensors = data["tensors"]
     if args.sort == "name":
@@ -464,28 +476,70 @@ def _lazy_part(part: Part, target: DType | None, only: list[str] | None,
     return lazy, metadata, checksums, cast
 
 
+def _output_files(ckpt: Checkpoint, output: str) -> tuple[Target, list[Target]]:
+    """Where a rewrite of ``ckpt`` writes, as the resolver spells it: the output (the file,
+    or the index of a sharded checkpoint) and every file it replaces (the index and each
+    shard, under the input's shard names). An existing folder receives the input's name.
+
+    Raises:
+        UsageError: OUT does not fit the input (an index for a single file, or the
+            reverse).
+    """
+    out = resolve_target(output, what="OUT")
+    if not ckpt.sharded:
+        if out.name.endswith(INDEX_SUFFIX):
+            raise UsageError(f"{ckpt.source} is a single file; OUT must be a file, not an index")
+        if out.is_dir():
+            out = out.join(os.path.basename(ckpt.parts[0].source))
+        return out, [out]
+    if out.is_dir():
+        out = out.join(os.path.basename(ckpt.handle.name))
+    if not out.name.endswith(INDEX_SUFFIX):
+        raise UsageError(f"{ckpt.source} is a sharded checkpoint; OUT must be an index path "
+                         f"ending in {INDEX_SUFFIX!r} or an existing directory")
+    folder, _ = out.split()
+    return out, [out] + [folder.join(part.shard) for part in ckpt.parts if part.shard]
+
+
+def _refuse_overwriting_input(ckpt: Checkpoint, out: Target, written: list[Target]) -> None:
+    """Refuse a rewrite that would replace a file the input checkpoint is made of (its
+    file, its index, one of its shards: by path, symbolic or hard link), before anything
+    is written: the input must still open, unchanged, afterwards. The one exception is a
+    rewrite in place (OUT is IN's file or index): the new checkpoint replaces the old one
+    whole, through the same atomic publish as a re-save (one rename; for a sharded
+    checkpoint every shard, then the index, or nothing), so no file of the input is left
+    needing a replaced one.
+
+    Raises:
+        UsageError: naming the output file and the input file it would replace.
+    """
+    inputs = [part.source for part in ckpt.parts]
+    if ckpt.sharded:
+        inputs.append(ckpt.handle.name)
+    if out.same_file(resolve_target(inputs[-1], what="IN")):
+        return
+    for spelled in inputs:
+        source = resolve_target(spelled, what="IN")
+        for target in written:
+            if target.same_file(source):
+                what = "IN itself" if not ckpt.sharded else f"{spelled}, a file of IN"
+                raise UsageError(
+                    f"OUT would overwrite {target.name}, which is {what}: the input "
+                    "checkpoint must stay intact; write the output to another path")
+
+
 def _rewrite(args: argparse.Namespace, target: DType | None, only: list[str] | None,
              alignment: int, verb: str) -> int:
-    out = args.output
     with Checkpoint(args.input) as ckpt:
         progress_total = sum(p.handle.header.file_size for p in ckpt.parts)
+        out, written = _output_files(ckpt, args.output)
+        _refuse_overwriting_input(ckpt, out, written)
         if not ckpt.sharded:
-            if out.endswith(INDEX_SUFFIX):
-                raise UsageError(f"{args.input} is a single file; OUT must be a file, not an index")
-            if os.path.isdir(out):
-                out = os.path.join(out, os.path.basename(ckpt.parts[0].source))
             with _progress(progress_total, verb, not args.quiet) as bar:
                 lazy, metadata, checksums, cast = _lazy_part(ckpt.parts[0], target, only, bar)
-                save_file(lazy, out, metadata, alignment=alignment, checksums=checksums)
-            _report_rewrite(args, verb, out, len(lazy), cast)
+                save_file(lazy, out.name, metadata, alignment=alignment, checksums=checksums)
+            _report_rewrite(args, verb, out.name, len(lazy), cast)
             return 0
-        if os.path.isdir(out):
-            out = os.path.join(out, os.path.basename(ckpt.handle.name))
-        if not out.endswith(INDEX_SUFFIX):
-            raise UsageError(f"{args.input} is a sharded checkpoint; OUT must be an index path "
-                             f"ending in {INDEX_SUFFIX!r} or an existing directory")
-        if os.path.abspath(out) == os.path.abspath(ckpt.handle.name):
-            raise UsageError("OUT is the input index; write the sharded checkpoint elsewhere")
         shards = []
         total_n = total_cast = 0
         any_checksums = False
@@ -497,11 +551,10 @@ def _rewrite(args: argparse.Namespace, target: DType | None, only: list[str] | N
                 shards.append((part.shard, lazy, metadata))
                 total_n += len(lazy)
                 total_cast += cast
-            target_out = resolve_target(out, what="OUT")
-            folder = Target(os.path.dirname(os.path.abspath(target_out.path)))
-            write_checkpoint(shards, folder, os.path.basename(out), alignment=alignment,
+            folder, index_name = out.split()
+            write_checkpoint(shards, folder, index_name, alignment=alignment,
                              checksums=any_checksums, index_metadata=ckpt.index_metadata())
-    _report_rewrite(args, verb, out, total_n, total_cast)
+    _report_rewrite(args, verb, out.name, total_n, total_cast)
     return 0
 
 
@@ -604,14 +657,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
     changed = [d for d in diffs if d.changed]
     different = bool(added or removed or changed or md_changes)
     if args.json:
-        json.dump({
+        dump_json({
             "a": args.a, "b": args.b, "identical": not different,
             "removed": removed, "added": added, "metadata": md_changes,
             "tensors": [{"name": d.name, "dtype": list(d.dtype), "shape": list(d.shape),
                          "max_abs_diff": d.max_abs_diff, "differing": d.differing,
                          "count": d.count, "changed": d.changed} for d in diffs],
-        }, sys.stdout, indent=2, ensure_ascii=False, allow_nan=True)
-        print()
+        }, sys.stdout, allow_nan=True)
     else:
         _print_diff(args, removed, added, diffs, md_changes, a_info=None)
     return 1 if (args.exit_code and different) else 0
@@ -710,8 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
             "of 64; tensors whose size is a multiple of 64 bytes first, so each starts 64-byte "
             "aligned). Tensors and metadata are identical; the output stays a valid safetensors "
             "file for every reader. Streams tensor by tensor from a memory-mapped input and "
-            "writes atomically, so OUT may be IN. For a sharded checkpoint, OUT is the new index "
-            "path (or a directory) and each shard keeps its file name.")
+            "writes atomically. OUT must not replace IN or any of its files (refused before "
+            "anything is written). For a sharded checkpoint, OUT is the new index path (or a "
+            "directory) and each shard keeps its file name.")
     p.add_argument("input", metavar="IN", help="file, URL, index or directory")
     p.add_argument("output", metavar="OUT", help="output file (index path for sharded input)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")

@@ -54,6 +54,7 @@ __all__ = [
     "FsspecSource",
     "RemoteStats",
     "describe_failure",
+    "fresh_info",
     "merge_ranges",
 ]
 
@@ -236,6 +237,18 @@ class RemoteStats(SourceStats):
         out = super().as_dict()
         out["metadata_requests"] = self.metadata_requests
         return out
+
+
+def fresh_info(fs: Any, path: str) -> Mapping[str, Any]:
+    """``fs.info(path)`` asked of the server, never answered from the filesystem's listing
+    cache: s3fs answers ``info`` from a cached folder listing when it has one, and a
+    listing carries no version id where a HEAD does. The identity taken at open and the
+    one re-checked after a read both come from here, so they are comparable."""
+    invalidate = getattr(fs, "invalidate_cache", None)
+    if invalidate is not None:
+        invalidate(path)
+    info: Mapping[str, Any] = fs.info(path)
+    return info
 
 
 def _identity(info: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -524,10 +537,7 @@ class FsspecSource(SourceBase):
         """
         began = time.monotonic()
         try:
-            invalidate = getattr(self.fs, "invalidate_cache", None)
-            if invalidate is not None:
-                invalidate(self.path)
-            info = self.fs.info(self.path)
+            info = fresh_info(self.fs, self.path)
         except FileNotFoundError as exc:
             raise RemoteIOError(f"{self.name} disappeared while it was being read") from exc
         except Exception as exc:

@@ -17,7 +17,9 @@ shard starting whenever the next tensor would push the current one over
 ``max_shard_size`` (counting tensor bytes, like Hugging Face); a tensor larger than the
 limit gets a shard of its own. Every shard is first written completely to a temporary
 file; only when all are written are they renamed into place, then the index. So a save
-that fails or is killed while writing leaves the previous checkpoint untouched, and the
+that fails or is killed while writing leaves the previous checkpoint untouched; a rename
+that fails (the index's included) puts back the shards already renamed
+(:func:`safecodec._sink.commit_all`: all or none); and the
 only window in which a reader can meet old and new shards side by side (the renames,
 milliseconds) is caught by the identity check: a reader gets the old checkpoint, the new
 one, or an error naming the shard, never a mix.
@@ -31,12 +33,12 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from ._errors import ClosedHandleError, RemoteIOError, SafecodecError
+from ._errors import ClosedHandleError, SafecodecError
 from ._header import CHECKPOINT_KEY, Header, TensorInfo, check_metadata
 from ._integrity import sha256_hex
 from ._progress import ProgressBar
 from ._reader import Output, SafeOpen, check_output, missing_tensor
-from ._resolve import Location, Target
+from ._resolve import Location, Target, open_remote
 from ._shardindex import (
     MAX_INDEX_SIZE,
     SHARD_PATTERN,
@@ -46,6 +48,7 @@ from ._shardindex import (
     plan_shards,
     split_target,
 )
+from ._sink import publishing
 from ._threads import run_concurrently
 from ._writer import open_sink, stream_file, tensor_nbytes
 
@@ -131,12 +134,16 @@ class ShardedSafeOpen:
             with open(loc.index, "rb") as f:
                 data = f.read(MAX_INDEX_SIZE + 1)
         else:
+            # sized by one metadata request before any byte is read, then read exactly
+            # (length-checked, pinned to the version sized) like every remote file
+            source = open_remote(loc.index, loc.fs, name=loc.name)
             try:
-                data = bytes(loc.fs.cat_file(loc.index))
-            except FileNotFoundError:
-                raise
-            except Exception as exc:
-                raise RemoteIOError(f"reading index {loc.name} failed: {exc}") from exc
+                if source.size > MAX_INDEX_SIZE:
+                    raise SafecodecError(f"index {loc.name} is {source.size} bytes, over the "
+                                         f"{MAX_INDEX_SIZE} limit")
+                data = bytes(source.read(0, source.size, "index"))
+            finally:
+                source.close()
         if len(data) > MAX_INDEX_SIZE:
             raise SafecodecError(f"index {loc.name} is {len(data)} bytes, over the {MAX_INDEX_SIZE} limit")
         self._index_bytes = len(data)
@@ -419,9 +426,10 @@ def write_checkpoint(
     weight_map: dict[str, str] = {}
     identities: dict[str, dict[str, Any]] = {}
     total_size = 0
-    pending: list[Any] = []
     save_id = os.urandom(8).hex()  # makes every shard header of this save unique
-    try:
+    # Everything is written first; then the shards are published, then the index (the
+    # commit point), all or none (a failed index rename puts the old shards back).
+    with publishing() as pending:
         with ProgressBar(None, f"save {len(shards)} shards", progress, unit="shard") as bar:
             for shard, part, user_metadata in shards:
                 metadata = {**(user_metadata or {}), CHECKPOINT_KEY: save_id}
@@ -444,13 +452,6 @@ def write_checkpoint(
         pending.append(index_sink)
         index_sink.write(index_bytes(weight_map, total_size, extra))
         index_sink.flush()
-    except BaseException:
-        for sink in pending:
-            sink.discard()
-        raise
-    # Everything is written: publish the shards, then the index (the commit point).
-    for sink in pending:
-        sink.commit()
     return index_target.name
 
 

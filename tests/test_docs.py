@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import pytest
 
+import _warning_policy
 from _cpu_devices import cpu_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -72,7 +73,7 @@ def pages() -> list[pathlib.Path]:
 
 
 _RUNNER = r'''
-import json, os, shlex, subprocess, sys, traceback, warnings
+import builtins, json, os, shlex, subprocess, sys, traceback, warnings
 spec = json.load(open(sys.argv[1]))
 results = {}
 for page in spec["pages"]:
@@ -85,7 +86,10 @@ for page in spec["pages"]:
             where = f"{page['name']}:{block['line']}"
             if block["lang"] in ("python", "py"):
                 with warnings.catch_warnings():
-                    warnings.simplefilter("error")
+                    warnings.simplefilter("error")  # the suite's policy: tests/helpers/_warning_policy.py
+                    for category in spec["deprecations"]:
+                        warnings.filterwarnings("ignore", category=getattr(builtins, category),
+                                                module=spec["third_party"])
                     exec(compile(block["code"], where, "exec"), namespace)
                 continue
             for line in block["code"].splitlines():
@@ -111,7 +115,9 @@ json.dump(results, open(spec["out"], "w"))
 @pytest.fixture(scope="module")
 def example_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("docs-examples")
-    spec = {"tmp": str(tmp / "work"), "out": str(tmp / "results.json"), "pages": []}
+    spec = {"tmp": str(tmp / "work"), "out": str(tmp / "results.json"), "pages": [],
+            "third_party": _warning_policy.third_party_pattern(),
+            "deprecations": [category.__name__ for category in _warning_policy.DEPRECATIONS]}
     os.makedirs(spec["tmp"])
     for page in pages():
         blocks = [asdict(b) for b in extract_blocks(page.read_text(encoding="utf-8"))

@@ -401,7 +401,7 @@ def test_sharded_jax_sharding_mapping_and_tree_loading(tmp_path):
     d = str(tmp_path / "ck")
     sc.save_file(t, d, max_shard_size="10KiB")
     dev = jax.devices()[0]
-    one = jax.sharding.SingleDeviceSharding(dev)
+    one = jax.sharding.make_single_device_sharding(dev)
     # A mapping naming tensors of different shards: each shard gets its part of it.
     with sc.safe_open(d, framework="jax", sharding={"embed": one, "layers.0.b": one}) as f:
         out = f.get_tensors()
