@@ -141,7 +141,7 @@ def rules(cfg: tuple[int, ...]) -> Any:
 
 def hand_transforms(get: Any, cfg: tuple[int, ...], xp: Any) -> dict[str, Any]:
     """The hand-written conversion every loader repeats (``xp``: numpy or jax.numpy)."""
-    h, nh, kv, hd, im, n, vocab = cfg
+    h, nh, kv, hd, _, n, _ = cfg
 
     def stack(fmt: str, f: Any) -> Any:
         return xp.stack([f(get(fmt.format(i))) for i in range(n)])
