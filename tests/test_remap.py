@@ -447,3 +447,14 @@ def test_device_blocks_under_real_shardings(hf, tmp_path) -> None:
     # a column-sharded (N, 2) tensor: one box per block, host memory ~ its bytes, not rows
     assert result["column_blocks"] == 2
     assert result["column_peak_ratio"] <= 2.0, result
+
+
+def test_save_tree_with_plain_rules_runs_them_forward() -> None:
+    tree = {"w": [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32)],
+            "b": np.zeros(3, np.float32)}
+    rules = R.Rules(R.map("w.{i}", "stacked", R.transpose(1, 0), stack="i"), R.map("b", "bias"))
+    back = sc.load(sc.save_tree(tree, remap=rules))
+    assert sorted(back) == ["bias", "stacked"]
+    np.testing.assert_array_equal(back["stacked"], np.stack([t.T for t in tree["w"]]))
+    with pytest.raises(sc.TreeStructureError, match="unmapped tree leaf: 'b'"):
+        sc.save_tree(tree, remap=R.Rules(R.map("w.{i}", "stacked", stack="i")))
