@@ -1128,6 +1128,52 @@ def _residual(block: np.ndarray, cover: Region, want: Region) -> np.ndarray:
     return block[tuple(key)]
 
 
+#: Elements of the destination's last axis copied per call when the source is transposed.
+_TILE: Final = 16
+#: Blocks smaller than this (elements) are copied in one call.
+_TILE_MIN: Final = 1 << 14
+
+
+def _copy_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` (cast to ``dst``'s dtype), fast for transposed sources.
+
+    A transposed source read along the destination's rows touches one cache line per
+    element; NumPy does that copy at a few hundred MB/s (less for ml_dtypes types, whose
+    copy loops are generic). Copied as unsigned integers of the same width, in tiles of
+    :data:`_TILE` destination columns, each tile's source lines stay in cache: measured
+    4-5x faster for bf16 ``(1408, 512).T``.
+    """
+    if dst.dtype != src.dtype or src.size < _TILE_MIN or src.ndim < 2 or (
+            src.strides[-1] == src.itemsize and src.shape[-1] > _TILE):
+        np.copyto(dst, src, casting="unsafe")
+        return
+    if dst.dtype.itemsize in (1, 2, 4, 8) and not dst.dtype.hasobject:
+        bits = np.dtype(f"u{dst.dtype.itemsize}")
+        dst, src = dst.view(bits), src.view(bits)
+    dst, src = _coalesce(dst, src)
+    n = src.shape[-1]
+    for k in range(0, n, _TILE):
+        np.copyto(dst[..., k:k + _TILE], src[..., k:k + _TILE])
+
+
+def _coalesce(dst: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Views of ``dst`` and ``src`` with neighbouring axes merged wherever both arrays
+    allow it (a split of heads, say), so that a tiled copy sees long rows."""
+    shape, ds, ss = list(dst.shape), list(dst.strides), list(src.strides)
+    j = len(shape) - 1
+    while j > 0:
+        if (ds[j - 1] == shape[j] * ds[j] and ss[j - 1] == shape[j] * ss[j]) or shape[j] == 1:
+            shape[j - 1] *= shape[j]
+            ds[j - 1], ss[j - 1] = ds[j], ss[j]
+            del shape[j], ds[j], ss[j]
+        j -= 1
+    if len(shape) == dst.ndim:
+        return dst, src
+    as_strided = np.lib.stride_tricks.as_strided
+    return (as_strided(dst, tuple(shape), tuple(ds), writeable=True),
+            as_strided(src, tuple(shape), tuple(ss), writeable=False))
+
+
 def _box(region: Region) -> tuple[slice, ...]:
     return tuple(slice(r.start, r.stop, r.step) for r in region)
 
@@ -1248,10 +1294,7 @@ class Plan:
         else:
             for forward, cover, wanted in steps:
                 part = _residual(forward(part), cover, wanted)
-        if i is None:
-            np.copyto(out, part, casting="unsafe")
-        else:
-            np.copyto(out[i], part, casting="unsafe")
+        _copy_into(out if i is None else out[i], part)
         bar.update(nbytes)
 
     def _jobs(self, t: _Target, region: Region,
@@ -1298,7 +1341,7 @@ class Plan:
                   for region, devs in t.blocks]
         jobs = [job for _, out, region in blocks for job in self._jobs(t, region, out)]
         nbytes = sum(out.nbytes for _, out, _ in blocks)
-        if len(jobs) > 1 and nbytes >= 2 * MIN_PIECE * len(jobs) // 8:
+        if len(jobs) > 1 and nbytes >= MIN_PIECE * len(jobs) // 16:
             # threads pay off only for large copies (as _threads decides for one copy)
             run_concurrently(lambda job: self._fill(t, job, bar), jobs, max_workers=get_threads())
         else:
