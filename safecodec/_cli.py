@@ -27,6 +27,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
@@ -35,8 +36,8 @@ import numpy as np
 
 from . import _integrity
 from ._api import safe_open, save_file, verify_handle
-from ._dtypes import DTYPES, DType, code_for_numpy
-from ._errors import ChecksumError, DtypeError, SafecodecError
+from ._dtypes import DTYPES, DType, dtype_from_text
+from ._errors import ChecksumError, DtypeError, RemoteIOError, SafecodecError, counted
 from ._header import CHECKSUM_KEY, TensorInfo
 from ._progress import ProgressBar
 from ._reader import SafeOpen
@@ -286,8 +287,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     md = data["metadata"]
     print("metadata:" + (" (none)" if not md else ""), file=out)
     for key, value in (md or {}).items():
-        print(clean(f"  {key}: {value}"), file=out)
+        print(clean(f"  {key}: {_metadata_text(value)}"), file=out)
     return 0
+
+
+def _metadata_text(value: Any) -> str:
+    """A metadata value as printed: strings as they are, anything else (an index's
+    ``total_size``, ``safecodec.shards``...) as JSON, as ``--json`` would show it."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- verify
@@ -379,11 +388,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(clean(f"FAIL {source}: {type(exc).__name__}: {exc}"))
             continue
         if not args.quiet:
-            shards = f" in {len(ckpt.parts)} shards" if ckpt.sharded else ""
+            shards = f" in {counted(len(ckpt.parts), 'shard')}" if ckpt.sharded else ""
             sums = ("checksums verified" if with_sums == len(ckpt.parts) else
-                    f"checksums verified in {with_sums} of {len(ckpt.parts)} files" if with_sums else
+                    f"checksums verified in {with_sums} of {counted(len(ckpt.parts), 'file')}" if with_sums else
                     "no checksums stored")
-            print(clean(f"OK   {source}: {total_t} tensors, {total_b:,} bytes{shards}, {sums}"))
+            print(clean(f"OK   {source}: {counted(total_t, 'tensor')}, {total_b:,} bytes{shards}, {sums}"))
     return 1 if failed else 0
 
 
@@ -428,29 +437,16 @@ def _cast(arr: np.ndarray, target: DType, name: str) -> np.ndarray:
 
 
 def parse_dtype(text: str) -> DType:
-    """A floating safetensors dtype from a code (``BF16``) or a NumPy/ml_dtypes name
-    (``bfloat16``, ``float16``, ``float8_e4m3fn``)."""
-    if text in DTYPES:
-        row = DTYPES[text]
-    else:
-        try:
-            dt = np.dtype(text)
-        except TypeError:
-            import ml_dtypes
-
-            attr = getattr(ml_dtypes, text, None)
-            if attr is None:
-                raise UsageError(f"unknown dtype {text!r}; use a code such as BF16 or a name "
-                                 "such as bfloat16") from None
-            dt = np.dtype(attr)
-        try:
-            row = DTYPES[code_for_numpy(dt, "--dtype")]
-        except DtypeError:
-            raise UsageError(f"--dtype {text!r} has no safetensors code; use a floating type "
-                             "such as bfloat16, float16 or float32") from None
+    """A floating safetensors dtype from ``--dtype``: a code (``BF16``), a usual alias
+    (``bf16``, ``fp16``, ``f32``...) or a NumPy/ml_dtypes name (``bfloat16``,
+    ``float8_e4m3fn``), case-insensitive (:func:`safecodec._dtypes.dtype_from_text`)."""
+    try:
+        row = dtype_from_text(text)
+    except DtypeError as exc:
+        raise UsageError(f"--dtype: {exc}") from None
     if row.code not in FLOAT_CODES:
         raise UsageError(f"--dtype must be a floating type, got {text!r} ({row.code}); "
-                         f"choose one of {', '.join(sorted(FLOAT_CODES))}")
+                         f"choose one of {', '.join(sorted(FLOAT_CODES))} (or bf16, fp16, fp32)")
     return row
 
 
@@ -476,6 +472,21 @@ def _lazy_part(part: Part, target: DType | None, only: list[str] | None,
     return lazy, metadata, checksums, cast
 
 
+def _check_patterns(ckpt: Checkpoint, patterns: list[str]) -> None:
+    """Raise :class:`UsageError` naming every ``--only`` pattern that matches no tensor of
+    the checkpoint (a typo would otherwise convert nothing and exit 0)."""
+    names = list(ckpt.where())
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        example = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UsageError(
+            f"--only {', '.join(map(repr, unmatched))} matches no tensor of {ckpt.source} "
+            f"({counted(len(names), 'tensor')}"
+            + (f", e.g. {example}" if names else "") + "); patterns are shell-style and "
+            "case-sensitive ('*' matches dots too: 'layers.*.weight')"
+        )
+
+
 def _output_files(ckpt: Checkpoint, output: str) -> tuple[Target, list[Target]]:
     """Where a rewrite of ``ckpt`` writes, as the resolver spells it: the output (the file,
     or the index of a sharded checkpoint) and every file it replaces (the index and each
@@ -492,13 +503,28 @@ def _output_files(ckpt: Checkpoint, output: str) -> tuple[Target, list[Target]]:
         if out.is_dir():
             out = out.join(os.path.basename(ckpt.parts[0].source))
         return out, [out]
-    if out.is_dir():
+    if out.is_dir() or _new_folder(out):
         out = out.join(os.path.basename(ckpt.handle.name))
     if not out.name.endswith(INDEX_SUFFIX):
         raise UsageError(f"{ckpt.source} is a sharded checkpoint; OUT must be an index path "
-                         f"ending in {INDEX_SUFFIX!r} or an existing directory")
+                         f"ending in {INDEX_SUFFIX!r} or a directory")
     folder, _ = out.split()
     return out, [out] + [folder.join(part.shard) for part in ckpt.parts if part.shard]
+
+
+def _new_folder(out: Target) -> bool:
+    """Whether OUT of a sharded rewrite names a folder still to be made: nothing exists
+    there, and the name is not a file's (``.safetensors``, an index). The sharded writer
+    creates it."""
+    if out.name.endswith((INDEX_SUFFIX, ".safetensors")):
+        return False
+    if out.fs is None:
+        return not os.path.lexists(out.path)
+    try:
+        return not out.fs.exists(out.path)
+    except Exception as exc:
+        raise RemoteIOError(f"asking whether {out.name} exists failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
 
 
 def _refuse_overwriting_input(ckpt: Checkpoint, out: Target, written: list[Target]) -> None:
@@ -531,6 +557,8 @@ def _refuse_overwriting_input(ckpt: Checkpoint, out: Target, written: list[Targe
 def _rewrite(args: argparse.Namespace, target: DType | None, only: list[str] | None,
              alignment: int, verb: str) -> int:
     with Checkpoint(args.input) as ckpt:
+        if only:
+            _check_patterns(ckpt, only)
         progress_total = sum(p.handle.header.file_size for p in ckpt.parts)
         out, written = _output_files(ckpt, args.output)
         _refuse_overwriting_input(ckpt, out, written)
@@ -569,7 +597,8 @@ def _report_rewrite(args: argparse.Namespace, verb: str, out: str, n: int, cast:
                 total += 1
                 aligned += (header.data_start + info.begin) % ZERO_COPY_ALIGNMENT == 0
     cast_note = f", {cast} cast to {args.dtype}" if verb == "convert" else ""
-    print(clean(f"wrote {out}: {n} tensors{cast_note}; {aligned} of {total} are 64-byte aligned"))
+    print(clean(f"wrote {out}: {counted(n, 'tensor')}{cast_note}; {aligned} of {total} "
+                f"{'is' if aligned == 1 else 'are'} 64-byte aligned"))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -693,8 +722,9 @@ def _print_diff(args: argparse.Namespace, removed: list[str], added: list[str],
             rows.append([d.name, dtype, shape, mad, differing])
         _table(rows, {3, 4}, out)
     changed = sum(1 for d in diffs if d.changed)
-    print(f"{len(diffs)} tensors in both ({changed} differ), {len(removed)} only in A, "
-          f"{len(added)} only in B, {len(md_changes)} metadata changes", file=out)
+    print(f"{counted(len(diffs), 'tensor')} in both ({changed} {'differs' if changed == 1 else 'differ'}), "
+          f"{len(removed)} only in A, "
+          f"{len(added)} only in B, {counted(len(md_changes), 'metadata change')}", file=out)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -706,7 +736,7 @@ def cmd_bench(argv: list[str]) -> int:
         module = importlib.import_module("._bench", __package__)
     except ImportError as exc:
         print(f"safecodec bench: the benchmark suite is not available ({exc}); install "
-              "with `pip install \"safecodec[bench]\"`", file=sys.stderr)
+              "with `pip install \".[bench]\"` in a clone of safecodec", file=sys.stderr)
         return 1
     return int(module.main(argv) or 0)
 
@@ -715,12 +745,22 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 _EPILOG = """\
-A checkpoint is a .safetensors file (local path or fsspec URL such as s3://bucket/x.safetensors),
-a Hugging Face sharded checkpoint (*.safetensors.index.json), or a directory holding one.
+A checkpoint is a .safetensors file (a local path or an fsspec URL such as
+s3://bucket/x.safetensors), a Hugging Face sharded checkpoint
+(*.safetensors.index.json), or a directory holding one.
 
-exit status: 0 success, 1 invalid file / failed operation / differences with diff --exit-code,
-2 usage error.
+exit status: 0 success; 1 invalid file, failed operation, or differences with
+diff --exit-code; 2 usage error.
 """
+
+
+#: Width of the help texts' own paragraphs (argparse wraps option help to the terminal).
+HELP_WIDTH: Final = 78
+
+
+def wrap_paragraphs(text: str, width: int = HELP_WIDTH) -> str:
+    """``text`` with each paragraph (separated by a blank line) filled to ``width``."""
+    return "\n\n".join(textwrap.fill(p, width) for p in text.split("\n\n"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -735,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=description,
+        return sub.add_parser(name, help=help, description=wrap_paragraphs(description),
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
 
     p = add("inspect", "list tensors, offsets, alignment, totals and metadata (header only)",
@@ -763,10 +803,12 @@ def build_parser() -> argparse.ArgumentParser:
             "aligned). Tensors and metadata are identical; the output stays a valid safetensors "
             "file for every reader. Streams tensor by tensor from a memory-mapped input and "
             "writes atomically. OUT must not replace IN or any of its files (refused before "
-            "anything is written). For a sharded checkpoint, OUT is the new index path (or a "
-            "directory) and each shard keeps its file name.")
+            "anything is written). For a sharded checkpoint, OUT is the new index path or a "
+            "directory (created when it does not exist) and each shard keeps its file name.")
     p.add_argument("input", metavar="IN", help="file, URL, index or directory")
-    p.add_argument("output", metavar="OUT", help="output file (index path for sharded input)")
+    p.add_argument("output", metavar="OUT",
+                   help="output file (index path or directory, created if missing, for sharded "
+                   "input)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_align, parser=p)
 
@@ -774,8 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Report tensors only in A or only in B, dtype and shape changes, metadata changes, "
             "and for tensors of equal shape the maximum absolute difference and how many "
             "elements differ (NaN equals NaN). Tensors are streamed one at a time.")
-    p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B")
+    p.add_argument("a", metavar="A", help="the first checkpoint: file, URL, index or directory")
+    p.add_argument("b", metavar="B", help="the second checkpoint, compared with A")
     p.add_argument("--atol", type=float, default=0.0, help="count elements as differing only above this (default 0)")
     p.add_argument("--all", action="store_true", help="list unchanged tensors too")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead")
@@ -787,12 +829,15 @@ def build_parser() -> argparse.ArgumentParser:
             "Write a copy of a checkpoint with every floating-point tensor cast to --dtype "
             "(integer, bool and complex tensors are copied unchanged). One tensor is in memory "
             "at a time. Metadata is kept.")
-    p.add_argument("input", metavar="IN")
-    p.add_argument("output", metavar="OUT")
+    p.add_argument("input", metavar="IN", help="file, URL, index or directory")
+    p.add_argument("output", metavar="OUT",
+                   help="output file (index path or directory for sharded input)")
     p.add_argument("--dtype", required=True,
-                   help="target: a code (BF16, F16, F32, F8_E4M3, ...) or a name (bfloat16, float16, ...)")
+                   help="target, case-insensitive: a code (BF16, F16, F32, F8_E4M3...), an "
+                   "alias (bf16, fp16, f16, fp32, f32, half...) or a name (bfloat16, float16...)")
     p.add_argument("--only", action="append", metavar="GLOB",
-                   help="cast only tensors whose name matches (repeatable)")
+                   help="cast only tensors whose name matches (repeatable; a pattern that "
+                   "matches no tensor is an error)")
     p.add_argument("--alignment", type=int, choices=(8, 64), default=64,
                    help="64: zero-copy layout (default); 8: the reference writer's layout")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")

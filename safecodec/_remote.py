@@ -174,7 +174,7 @@ def merge_ranges(
     row): ``max_gap=MERGE_GAP, max_block=MAX_REQUEST`` fetches 0.9995 of the file (34
     requests), this rule 0.4995 (its exact share; one request per row, 115,840).
 
-    Example:
+    Examples:
         >>> merge_ranges([(100, 200), (0, 50), (60, 80), (10_000_000, 10_000_010)], gap=16)
         [(0, 80), (100, 200), (10000000, 10000010)]
         >>> merge_ranges([(0, 50), (60, 80)], gap=4)

@@ -22,7 +22,10 @@ that fails (the index's included) puts back the shards already renamed
 (:func:`safecodec._sink.commit_all`: all or none); and the
 only window in which a reader can meet old and new shards side by side (the renames,
 milliseconds) is caught by the identity check: a reader gets the old checkpoint, the new
-one, or an error naming the shard, never a mix.
+one, or an error naming the shard, never a mix. Re-saving over a checkpoint that had
+more shards (or other shard names) removes, once the new index is published, exactly the
+files the replaced index named and the new one does not: nothing else in the directory is
+touched, and nothing is removed before the new checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from ._errors import ClosedHandleError, SafecodecError
+from ._errors import ClosedHandleError, RemoteIOError, SafecodecError, counted
 from ._header import CHECKPOINT_KEY, Header, TensorInfo, check_metadata
 from ._integrity import sha256_hex
 from ._progress import ProgressBar
@@ -88,7 +91,7 @@ class ShardedSafeOpen:
     Thread-safe for reads. Shards are opened on first use; ``get_tensors`` opens all of
     them concurrently.
 
-    Example:
+    Examples:
         >>> import numpy as np, safecodec as sc, tempfile
         >>> d = tempfile.mkdtemp()
         >>> sc.save_file({"a": np.ones(100, np.float32), "b": np.zeros(100, np.float32)},
@@ -167,7 +170,7 @@ class ShardedSafeOpen:
                                   **self._options)
         except FileNotFoundError as exc:
             raise SafecodecError(
-                f"shard {shard!r} listed in index {self._loc.name} for {len(wanted)} tensors "
+                f"shard {shard!r} listed in index {self._loc.name} for {counted(len(wanted), 'tensor')} "
                 f"(e.g. {wanted[0]!r}) does not exist at {self._loc.display(shard)}"
             ) from exc
         try:
@@ -204,10 +207,10 @@ class ShardedSafeOpen:
         missing = [n for n in wanted if n not in handle]
         if missing:
             raise SafecodecError(
-                f"index {self._loc.name} maps {len(missing)} tensors to shard {shard!r} that "
+                f"index {self._loc.name} maps {counted(len(missing), 'tensor')} to shard {shard!r} that "
                 f"it does not hold: {', '.join(map(repr, missing[:5]))}"
                 + (" ..." if len(missing) > 5 else "")
-                + f" (the shard holds {len(handle)} tensors)"
+                + f" (the shard holds {counted(len(handle), 'tensor')})"
             )
 
     def _open_all(self) -> list[SafeOpen]:
@@ -289,9 +292,10 @@ class ShardedSafeOpen:
         """Tensor ``name``, read from its shard only."""
         return self.shard_handle(name).get_tensor(name)
 
-    def get_slice(self, name: str) -> Any:
-        """A lazy :class:`~safecodec.TensorSlice` of ``name``."""
-        return self.shard_handle(name).get_slice(name)
+    def get_slice(self, name: str, sharding: Any = None) -> Any:
+        """A lazy :class:`~safecodec.TensorSlice` of ``name``, read from its shard only
+        (``sharding``: see :meth:`safecodec.SafeOpen.get_slice`)."""
+        return self.shard_handle(name).get_slice(name, sharding=sharding)
 
     def get_tensors(self) -> dict[str, Any]:
         """Every tensor of the index: shard headers read concurrently, then each shard's
@@ -376,7 +380,8 @@ class ShardedSafeOpen:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self)} tensors in {len(self._names_by_shard)} shards"
+        state = "closed" if self._closed else (f"{counted(len(self), 'tensor')} in "
+                                                f"{counted(len(self._names_by_shard), 'shard')}")
         return f"<safecodec.safe_open sharded {self._loc.name!r} ({state})>"
 
 
@@ -409,6 +414,10 @@ def write_checkpoint(
             for JAX arrays); default: :func:`safecodec._writer.stream_file`.
         index_metadata: Extra entries for the index's ``metadata`` (``total_size`` and
             :data:`SHARDS_KEY` are always written by this function).
+
+    When ``folder`` already holds an index named ``index_name``, the shard files it names
+    that this save does not write are removed after the new index is published (see
+    :func:`_previous_shards`); no other file is.
 
     Returns:
         The index's path (the caller's URL spelling for remote targets).
@@ -452,7 +461,47 @@ def write_checkpoint(
         pending.append(index_sink)
         index_sink.write(index_bytes(weight_map, total_size, extra))
         index_sink.flush()
+        # The shards that only the index being replaced names (read before it is).
+        stale = _previous_shards(index_target) - set(identities) - {index_name}
+    # Published: now remove them, and nothing else.
+    for shard in sorted(stale):
+        _remove(folder.join(shard))
     return index_target.name
+
+
+def _previous_shards(index: Target) -> set[str]:
+    """The shard files that the index now at ``index`` names; empty when there is none,
+    or when it cannot be read or is not a valid index (then nothing is taken for stale)."""
+    try:
+        if index.fs is None:
+            with open(index.path, "rb") as f:
+                data = f.read(MAX_INDEX_SIZE + 1)
+        else:
+            data = bytes(index.fs.cat_file(index.path))
+    except Exception:  # absent, unreadable, not a file: no previous checkpoint to tidy
+        return set()
+    if len(data) > MAX_INDEX_SIZE:
+        return set()
+    try:
+        weight_map, _ = parse_index(data, index.name)
+    except SafecodecError:
+        return set()
+    return set(weight_map.values())
+
+
+def _remove(target: Target) -> None:
+    """Delete a stale shard file (already gone is fine)."""
+    if target.fs is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target.path)
+        return
+    try:
+        if target.fs.exists(target.path):
+            target.fs.rm(target.path)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        raise RemoteIOError(f"removing stale shard {target.name} failed: {exc}") from exc
 
 
 def save_sharded(

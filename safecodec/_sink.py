@@ -34,7 +34,9 @@ path:
   was none) and the rest discarded, so a failed index rename leaves the old checkpoint
   intact.
 * **Errors name the file.** An ``OSError`` raised while writing (``ENOSPC``, ``EDQUOT``...)
-  carries the target's path in its ``filename``.
+  carries the target's path in its ``filename``; so does the error of creating the
+  temporary (a folder that does not exist, no permission), worded for the target, never
+  naming the hidden temporary.
 """
 
 from __future__ import annotations
@@ -193,6 +195,22 @@ def _with_filename(exc: OSError, name: str) -> OSError:
     return exc
 
 
+def _target_error(exc: OSError, target: str, destination: str) -> OSError:
+    """The error of creating the temporary file, worded for the target (the hidden
+    temporary's name means nothing to the caller): same class and errno, the target as
+    ``filename``."""
+    directory = os.path.dirname(destination) or "."
+    if exc.errno == errno.ENOENT:
+        reason = f"cannot create a file in {directory}, which does not exist"
+    elif exc.errno == errno.ENOTDIR:
+        reason = f"cannot create a file in {directory}, which is not a directory"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason = f"no permission to create a file in {directory}"
+    else:
+        reason = f"cannot create a file in {directory}: {exc.strerror or exc}"
+    return type(exc)(exc.errno, reason, target)
+
+
 class LocalAtomicFile:
     """A locked temporary file next to ``target`` (next to its destination when ``target``
     is a symlink) that replaces the destination on :meth:`commit`.
@@ -217,7 +235,10 @@ class LocalAtomicFile:
             clean_stale_temporaries(self.destination)
         self.tmp = temporary_name(self.destination, tag)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = os.open(self.tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fd = os.open(self.tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise _target_error(exc, self.target, self.destination) from None
         try:
             _hold_lock(fd)
             with contextlib.suppress(FileNotFoundError):
@@ -493,7 +514,7 @@ def publishing(*sinks: Any) -> Iterator[list[Any]]:
     when the block or a commit raises (anything, KeyboardInterrupt included), every sink
     of the group is discarded. The one commit-or-discard of every writer.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> d = tempfile.mkdtemp()
         >>> with publishing() as group:
