@@ -648,7 +648,7 @@ class Rules:
     """A table of rules (:func:`map`, :func:`torch_to_flax`) and regular expressions of
     source names to ignore.
 
-    Example:
+    Examples:
         >>> from safecodec import remap as R
         >>> rules = R.Rules(R.map("w.{i}", "w", R.transpose(1, 0), stack="i"), ignore=[r"step"])
         >>> rules.inverse().inverse() == rules
@@ -1162,7 +1162,9 @@ def _coalesce(dst: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     shape, ds, ss = list(dst.shape), list(dst.strides), list(src.strides)
     j = len(shape) - 1
     while j > 0:
-        if (ds[j - 1] == shape[j] * ds[j] and ss[j - 1] == shape[j] * ss[j]) or shape[j] == 1:
+        if shape[j] == 1:  # a length-1 axis: its strides mean nothing
+            del shape[j], ds[j], ss[j]
+        elif shape[j - 1] == 1 or (ds[j - 1] == shape[j] * ds[j] and ss[j - 1] == shape[j] * ss[j]):
             shape[j - 1] *= shape[j]
             ds[j - 1], ss[j - 1] = ds[j], ss[j]
             del shape[j], ds[j], ss[j]

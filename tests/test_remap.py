@@ -467,7 +467,7 @@ def test_tiled_copy_agrees_with_numpy() -> None:
 
     rng = np.random.default_rng(3)
     tiled = 0
-    for _ in range(60):
+    for _ in range(120):
         nd = int(rng.integers(2, 5))
         shape = tuple(int(x) for x in rng.integers(2, 60, nd))
         dtype = [ml_dtypes.bfloat16, np.float32, np.int8, np.float16][int(rng.integers(0, 4))]
@@ -477,6 +477,9 @@ def test_tiled_copy_agrees_with_numpy() -> None:
                         for _ in range(nd))]
         if rng.random() < 0.3:
             src = src[::-1]
+        if rng.random() < 0.3:  # a length-1 axis somewhere (a column block)
+            axis = int(rng.integers(0, nd))
+            src = src[(slice(None),) * axis + (slice(0, 1),)]
         for out_dtype in (src.dtype, np.dtype(np.float32)):
             want = np.empty(src.shape, out_dtype)
             got = np.empty(src.shape, out_dtype)
@@ -485,3 +488,7 @@ def test_tiled_copy_agrees_with_numpy() -> None:
             assert want.tobytes() == got.tobytes(), (shape, src.strides, out_dtype)
         tiled += src.size >= 1 << 14 and src.strides[-1] != src.itemsize
     assert tiled >= 10  # the tiled path ran, not only the plain copy
+    column = np.arange(2 * 20000, dtype=np.float32).reshape(20000, 2)[:, 1:2]
+    got = np.empty(column.shape, np.float32)
+    _copy_into(got, column)
+    np.testing.assert_array_equal(got, column)
