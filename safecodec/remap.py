@@ -1196,11 +1196,28 @@ def box_requests(box: Sequence[slice], shape: Sequence[int]) -> int:
 
 
 def _read_boxes(handle: Any, requests: Sequence[tuple[str, tuple[slice, ...]]]) -> list[np.ndarray]:
-    """The NumPy contents of each ``(tensor name, box)``; the one place that reads."""
-    out = []
-    for name, box in requests:
-        part = handle.get_slice(name)[box]
-        out.append(np.asarray(part))
+    """The NumPy contents of each ``(tensor name, box)``; the one place that reads.
+
+    A mapped or in-memory file gives views (``get_slice``: no copy, the block's one copy
+    comes after); any other source (positioned reads, remote) reads every box of one
+    file in one plan of the read engine (:meth:`~safecodec._reader.TensorReader.read_boxes`:
+    runs merged within its read budget, one ``read_ranges`` call remotely).
+    """
+    out: list[Any] = [None] * len(requests)
+    batches: dict[int, tuple[Any, list[tuple[int, Any, tuple[slice, ...]]]]] = {}
+    for k, (name, box) in enumerate(requests):
+        shard = handle.shard_handle(name) if hasattr(handle, "shard_handle") else handle
+        reader = shard.reader
+        info = reader.header.tensors[name]
+        if reader.buffer is not None or info.dtype.packed:
+            out[k] = np.asarray(shard.get_slice(name)[box])
+        else:
+            full = box or tuple(slice(0, n, 1) for n in info.shape)
+            batches.setdefault(id(reader), (reader, []))[1].append((k, info, full))
+    for reader, items in batches.values():
+        parts = reader.read_boxes([(info, box) for _, info, box in items])
+        for (k, _, _), part in zip(items, parts, strict=True):
+            out[k] = part
     return out
 
 
@@ -1274,11 +1291,10 @@ class Plan:
             "requests_estimated": True,
         }
 
-    def _fill(self, t: _Target, job: tuple[np.ndarray, int | None, str, tuple[slice, ...], list[_Step]],
+    def _fill(self, t: _Target, job: tuple[np.ndarray, int | None, str, np.ndarray, list[_Step]],
               bar: ProgressBar) -> None:
-        """Read one box, run the operations forward on it, cast it into its block."""
-        out, i, src, box, steps = job
-        part = _read_boxes(self._handle, [(src, box)])[0]
+        """Run the operations forward on one box's contents and cast it into its block."""
+        out, i, src, part, steps = job
         nbytes = part.nbytes
         if t.whole:
             for op in t.ops:
@@ -1341,7 +1357,11 @@ class Plan:
         leaf = t.leaf
         blocks = [(devs, aligned_empty(tuple(len(r) for r in region), leaf.dtype), region)
                   for region, devs in t.blocks]
-        jobs = [job for _, out, region in blocks for job in self._jobs(t, region, out)]
+        boxes = [job for _, out, region in blocks for job in self._jobs(t, region, out)]
+        parts = _read_boxes(self._handle, [(src, box) for _, _, src, box, _ in boxes])
+        jobs = [(out, i, src, part, steps)
+                for (out, i, src, _, steps), part in zip(boxes, parts, strict=True)]
+        del parts
         nbytes = sum(out.nbytes for _, out, _ in blocks)
         if len(jobs) > 1 and nbytes >= MIN_PIECE * len(jobs) // 16:
             # threads pay off only for large copies (as _threads decides for one copy)
