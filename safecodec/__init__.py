@@ -30,6 +30,7 @@ from ._threads import get_threads, set_threads
 from ._version import __version__
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__); named here for tools
+    from . import remap
     from ._safejax import deserialize, serialize
     from ._tree import load_tree, save_tree
 
@@ -56,6 +57,7 @@ __all__ = [
     "load_file",
     "load_tree",
     "read_header",
+    "remap",
     "safe_open",
     "save",
     "save_file",
@@ -71,6 +73,7 @@ _LAZY = {
     "load_tree": "._tree",
     "serialize": "._safejax",
     "deserialize": "._safejax",
+    "remap": ".remap",  # a submodule: `from safecodec import remap as R`
 }
 
 
@@ -80,7 +83,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'safecodec' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module, __name__), name)
+    mod = importlib.import_module(module, __name__)
+    value = mod if module == f".{name}" else getattr(mod, name)
     globals()[name] = value
     return value
 
