@@ -76,6 +76,7 @@ from ._pytree import (
     leaf_spec,
     split,
 )
+from ._reader import MEMORY_ROUTES
 from ._threads import MIN_PIECE, get_threads, run_concurrently
 from ._treepath import Path, join_path, render_path
 
@@ -1209,7 +1210,7 @@ def _read_boxes(handle: Any, requests: Sequence[tuple[str, tuple[slice, ...]]]) 
         shard = handle.shard_handle(name) if hasattr(handle, "shard_handle") else handle
         reader = shard.reader
         info = reader.header.tensors[name]
-        if reader.buffer is not None or info.dtype.packed:
+        if reader.route in MEMORY_ROUTES or info.dtype.packed:  # views, or DECODE
             out[k] = np.asarray(shard.get_slice(name)[box])
         else:
             full = box or tuple(slice(0, n, 1) for n in info.shape)
