@@ -1,0 +1,174 @@
+"""The one read-route decision (``_reader.read_route`` -> ``Route``), the one options value
+(``_reader.ReadOptions``) and the JAX output's one counters object (issue 19)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import fsspec
+import ml_dtypes
+import numpy as np
+import pytest
+
+import safecodec as sc
+from safecodec import _dtypes
+from safecodec._errors import ChecksumError, SafecodecError
+from safecodec._reader import MEMORY_ROUTES, ReadOptions, Route, read_route
+
+
+def _tensors() -> dict[str, np.ndarray]:
+    return {"w": np.arange(24, dtype=np.float32).reshape(4, 6),
+            "i": np.arange(8, dtype=np.int64),
+            "q": np.zeros(8, ml_dtypes.float4_e2m1fn)}
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_read_options_settle_backend_and_framework_once() -> None:
+    assert ReadOptions(backend="pread").copy is True
+    assert ReadOptions().copy is False
+    assert ReadOptions(framework="np").framework == "numpy"
+    assert ReadOptions(framework="flax").framework == "jax"
+    with pytest.raises(SafecodecError, match="backend must be one of"):
+        ReadOptions(backend="mmapp")
+    with pytest.raises(SafecodecError, match="unsupported framework"):
+        ReadOptions(framework="pt")
+    opts = ReadOptions(fs=object(), storage_options={"anon": True}, verify=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.copy = True  # type: ignore[misc]
+    located = opts.located(None)
+    assert located.fs is None and located.storage_options is None and located.verify
+
+
+def test_handles_carry_the_options_the_router_built(tmp_path: Any) -> None:
+    sc.save_file(_tensors(), str(tmp_path / "a.safetensors"), max_shard_size=200)
+    with sc.safe_open(str(tmp_path), backend="pread", unpack=False) as f:
+        assert isinstance(f.options, ReadOptions)
+        assert f.options.copy and not f.options.unpack
+        shard = f.open_shard(f.shard_files()[0])
+        # every shard reads with the handle's options (local: no progress bar)
+        assert shard.options.copy and not shard.options.unpack and shard.options.fs is None
+        assert shard.reader.route is Route.READ
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+def test_the_source_and_options_pick_the_route(tmp_path: Any) -> None:
+    blob = sc.save(_tensors())
+    path = str(tmp_path / "m.safetensors")
+    sc.save_file(_tensors(), path)
+    cases: list[tuple[Any, str, dict[str, Any], Route]] = [
+        (blob, "numpy", {}, Route.ALIAS),  # immutable bytes
+        (bytearray(blob), "numpy", {}, Route.VIEW),  # memory its owner can write
+        (path, "numpy", {}, Route.VIEW),  # a private copy-on-write mapping
+        (path, "jax", {}, Route.ALIAS),  # the read-only mapping
+        (path, "numpy", {"copy": True}, Route.READ),
+        (path, "numpy", {"backend": "pread"}, Route.READ),
+    ]
+    for source, fw, kw, want in cases:
+        with sc.safe_open(source, fw, **kw) as f:
+            assert f.reader.route is want, (type(source), fw, kw)
+            info = f.header.tensors["w"]
+            assert read_route(f.reader, info.dtype) is want
+            # packed dtypes and a cast decode, whatever the source
+            assert read_route(f.reader, f.header.tensors["q"].dtype) is Route.DECODE
+            assert read_route(f.reader, info.dtype, np.dtype(np.float16)) is Route.DECODE
+
+
+def test_a_remote_source_fetches() -> None:
+    fs = fsspec.filesystem("memory")
+    with fs.open("/route19/m.safetensors", "wb") as fh:
+        fh.write(sc.save(_tensors()))
+    try:
+        with sc.safe_open("memory://route19/m.safetensors") as f:
+            assert f.reader.route is Route.FETCH
+            assert read_route(f.reader, f.header.tensors["w"].dtype) is Route.FETCH
+            got = f.get_tensors()
+        np.testing.assert_array_equal(got["w"], _tensors()["w"])
+    finally:
+        fs.rm("/route19", recursive=True)
+
+
+def test_big_endian_hosts_decode_every_tensor(monkeypatch: Any) -> None:
+    blob = sc.save(_tensors())
+    with sc.safe_open(blob) as f:
+        monkeypatch.setattr(_dtypes, "HOST_IS_LITTLE_ENDIAN", False)
+        assert read_route(f.reader, f.header.tensors["w"].dtype) is Route.DECODE
+        out = f.get_tensors()
+    np.testing.assert_array_equal(out["w"], _tensors()["w"])
+
+
+def test_memory_routes_hand_out_views_and_read_routes_fresh_arrays(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.safetensors")
+    sc.save_file(_tensors(), path)
+    kws: list[dict[str, Any]] = [{}, {"copy": True}]
+    for kw in kws:
+        with sc.safe_open(path, **kw) as f:
+            route = f.reader.route
+            w = f.get_tensors()["w"]
+            is_view = not w.flags.owndata
+            assert is_view == (route in MEMORY_ROUTES), (kw, route)
+
+
+def test_verification_happens_on_every_route(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.safetensors")
+    sc.save_file(_tensors(), path, checksums=True)
+    header = sc.read_header(path)
+    at = header.data_start + header.tensors["w"].begin
+    with open(path, "rb") as fh:
+        data = bytearray(fh.read())
+    data[at] ^= 0xFF
+    with open(path, "wb") as fh:
+        fh.write(data)
+    kws: list[dict[str, Any]] = [{}, {"copy": True}]
+    for kw in kws:
+        with sc.safe_open(path, verify=True, **kw) as f:
+            with pytest.raises(ChecksumError, match="'w'"):
+                f.get_tensors()
+            with pytest.raises(ChecksumError, match="'w'"):
+                f.get_slice("w")[1:2]
+            np.testing.assert_array_equal(f.get_tensor("i"), _tensors()["i"])
+    with sc.safe_open(bytes(data), verify=True) as f, pytest.raises(ChecksumError, match="'w'"):
+        f.get_tensor("w")
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def test_jax_host_routes_and_one_counters_object(tmp_path: Any) -> None:
+    jax = pytest.importorskip("jax")
+    from safecodec._jax_load import LoadCounters, host_route
+
+    tensors = {"a": np.ones(16, np.float32), "b": np.ones(3, np.float32),
+               "c": np.ones(16, np.float32)}
+    path = str(tmp_path / "m.safetensors")
+    sc.save_file(tensors, path)
+    cpu = jax.devices("cpu")[0]
+    with sc.safe_open(path, "jax", device=cpu) as f:
+        from safecodec._jax_load import aliasable_address
+
+        reader = f.reader
+        address = aliasable_address(reader)
+        assert address is not None and reader.route is Route.ALIAS
+        infos = f.header.tensors
+        assert host_route(reader, infos["a"], np.dtype(np.float32), True, address) is Route.ALIAS
+        # not aliasable: one memcpy (VIEW); on an accelerator the view goes to the transfer
+        assert host_route(reader, infos["a"], np.dtype(np.float32), True, None) is Route.VIEW
+        assert host_route(reader, infos["a"], np.dtype(np.float32), False, None) is Route.ALIAS
+        assert host_route(reader, infos["a"], np.dtype(np.float16), True, address) is Route.DECODE
+        f.get_tensors()
+        counters = f.output.counters
+        assert isinstance(counters, LoadCounters)
+        assert (f.output.aliased, f.output.bytes_loaded) == (
+            counters.aliased, counters.bytes_loaded)
+        assert counters.bytes_loaded == sum(t.nbytes for t in tensors.values())
+        assert counters.aliased >= 2  # the two 64-byte tensors share the mapping
+    with sc.safe_open(path, "jax", device=cpu, copy=True) as f:
+        assert f.reader.route is Route.READ
+        assert aliasable_address(f.reader) is None
+        out = f.get_tensors()
+        assert f.output.aliased == 0
+        np.testing.assert_array_equal(np.asarray(out["b"]), tensors["b"])
