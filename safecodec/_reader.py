@@ -36,8 +36,8 @@ from ._header import (
     TensorInfo,
     check_numpy_shape,
     decode_length,
-    parse_header,
 )
+from ._header_fast import parse_header
 from ._indexing import finish_block, normalize_index, numpy_index, plan_runs
 from ._packed import unpack
 from ._resolve import open_source

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import _oracle
 import safecodec as sc
-from safecodec import HeaderError, OffsetError, SafecodecError, _header
+from safecodec import HeaderError, OffsetError, SafecodecError, _header, _header_fast
 from safecodec._dtypes import DTYPES
 from safecodec._packed import unpack
 
@@ -439,12 +439,11 @@ def test_documented_deviations(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", [c for c in CORPUS if c.expect is None], ids=lambda c: c.name)
-def test_fast_and_general_parsers_agree(case: Case) -> None:
-    """The canonical-form fast path must give exactly what the general parser gives."""
+def test_fast_and_reference_parsers_agree(case: Case) -> None:
+    """The fast paths must give exactly what the reference parser gives."""
     n = _header.decode_length(case.data, len(case.data))
-    text = case.data[8 : 8 + n].decode("utf-8")
-    general = _header._walk(_header._parse_general(text), n, len(case.data))
-    assert _header.parse_header(case.data[8 : 8 + n], len(case.data)) == general
+    reference = _header.parse_header(case.data[8 : 8 + n], len(case.data))
+    assert _header_fast.parse_header(case.data[8 : 8 + n], len(case.data)) == reference
 
 
 def _edits(text: str):
@@ -457,15 +456,15 @@ def _edits(text: str):
 
 
 @pytest.mark.parametrize("metadata", [None, {}, {"k": "v"}], ids=["none", "empty", "kv"])
-def test_fast_path_never_accepts_what_the_general_parser_rejects(metadata) -> None:
-    """Whenever the canonical fast path parses an edited header, the general parser must
+def test_fast_path_never_accepts_what_the_reference_rejects(metadata) -> None:
+    """Whenever the canonical fast path parses an edited header, the reference parser must
     parse it too, to the same result (an unterminated outer object once slipped through)."""
     data = sc.save({"a": np.ones(2, np.float32), "b": np.zeros((1, 3), np.uint8)}, metadata,
                    alignment=8)
     n = _header.decode_length(data, len(data))
     checked = 0
     for text in set(_edits(data[8 : 8 + n].decode())):
-        fast = _header._parse_canonical(text)
+        fast = _header_fast._parse_canonical(text)
         if fast is None:
             continue
         checked += 1
@@ -477,9 +476,9 @@ def test_canonical_files_take_the_fast_path() -> None:
     data = sc.save({"a": np.ones(3, np.float32), "b": np.zeros((2, 0), np.int8)},
                    metadata={"k": "v"}, alignment=8)
     n = _header.decode_length(data, len(data))
-    parsed = _header._parse_canonical(data[8 : 8 + n].decode())
+    parsed = _header_fast._parse_canonical(data[8 : 8 + n].decode())
     assert parsed is not None and parsed.names == ["a", "b"] and parsed.metadata == {"k": "v"}
-    assert _header._tile_in_order(parsed, n, len(data)) is not None
+    assert _header_fast._tile_in_order(parsed, n, len(data)) is not None
 
 
 def test_metadata_matches_reference(tmp_path) -> None:
@@ -741,19 +740,19 @@ def test_number_range_matches_reference(literal: str) -> None:
 
 @HYPOTHESIS
 @given(tensors=tensor_dicts(), metadata=st.none() | st.dictionaries(META_KEY, NAME, max_size=2))
-def test_fast_path_matches_general_path_on_written_files(tensors, metadata) -> None:
+def test_fast_path_matches_reference_on_written_files(tensors, metadata) -> None:
     data = sc.save(tensors, metadata, alignment=8)
     n = _header.decode_length(data, len(data))
-    general = _header._walk(_header._parse_general(data[8 : 8 + n].decode()), n, len(data))
-    assert _header.parse_header(data[8 : 8 + n], len(data)) == general
+    reference = _header.parse_header(data[8 : 8 + n], len(data))
+    assert _header_fast.parse_header(data[8 : 8 + n], len(data)) == reference
     text = data[8 : 8 + n].decode()
     if "\\" not in text:  # names and metadata without escapes: the fast path applies
-        assert _header._parse_canonical(text) is not None
+        assert _header_fast._parse_canonical(text) is not None
 
 
 def test_json_escapes_in_written_names_round_trip() -> None:
     """Names the writer must escape (quotes, backslashes, control characters) leave the
-    canonical form; the general path reads them back."""
+    canonical form; the reference parser reads them back."""
     names = ['q"uote', "back\\slash", "tab\t", "nl\n", "\x1f", "é"]
     data = sc.save({n: np.zeros(1, np.uint8) for n in names}, alignment=8)
     assert sorted(_oracle.deserialize(data).tensors) == sorted(names)
