@@ -10,8 +10,8 @@ program pays for the route it takes (the NumPy reader, the writer, the tree load
 when it first takes it. ml_dtypes, JAX and fsspec are imported only when first needed.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: it is a module import of its own, and
+# this file is the whole cost of ``import safecodec``.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,6 @@ from ._errors import (
     TensorNotFoundError,
     TreeStructureError,
 )
-from ._version import __version__
 
 if TYPE_CHECKING:  # type checkers and the API reference see every name as if eager
     from ._api import load, load_file, read_header, safe_open, save, save_file, verify_file
@@ -37,6 +36,7 @@ if TYPE_CHECKING:  # type checkers and the API reference see every name as if ea
     from ._sharded import ShardedSafeOpen
     from ._threads import get_threads, set_threads
     from ._tree import load_tree, save_tree
+    from ._version import __version__
 
 #: Every public name that is imported on first use -> the module (relative to this
 #: package) that defines it. A public submodule is listed under its own name
@@ -61,6 +61,7 @@ _LAZY: dict[str, str] = {
     "load_tree": "_tree",
     "serialize": "_safejax",
     "deserialize": "_safejax",
+    "__version__": "_version",
 }
 
 __all__ = [

@@ -36,6 +36,7 @@ from typing import Any, Final
 import numpy as np
 
 from . import _tree_record as rec
+from ._api import safe_open, save, save_file
 from ._dtypes import caller_stacklevel, code_for_numpy
 from ._errors import DtypeError, SafecodecError, TreeStructureError
 from ._header import RESERVED_PREFIX, TREE_KEY, visible_metadata
@@ -284,8 +285,6 @@ def save_tree(
         >>> sc.load_tree(data)
         {'w': [array([1., 1.], dtype=float32), None], 'step': 3}
     """
-    from ._api import save, save_file
-
     tensors, md = flatten_tree(tree, metadata)
     if path is None:
         return save(tensors, md, alignment=alignment)
@@ -372,8 +371,6 @@ class _Loader:
 def _open(source: Any, *, fs: Any, copy: bool, jax: bool,
           storage_options: dict[str, Any] | None = None) -> Any:
     """A handle on ``source``: framework "jax" when any output leaf is a jax.Array."""
-    from ._api import safe_open
-
     return safe_open(source, "jax" if jax else "numpy", fs=fs, copy=copy,
                      storage_options=storage_options)
 

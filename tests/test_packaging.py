@@ -3,6 +3,7 @@ on the reference wheel."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
@@ -24,6 +25,86 @@ def test_import_does_not_pull_jax_or_fsspec():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert json.loads(out.stdout) == []
+
+
+def _run_python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    return out.stdout
+
+
+def test_import_loads_only_the_package_root_and_its_exceptions():
+    """``import safecodec`` is as light as the wheel's import: after NumPy it loads the
+    package and its exception classes, nothing else (the rest on first use)."""
+    code = (
+        "import sys, numpy; before = set(sys.modules); import safecodec; "
+        "print(sorted(set(sys.modules) - before))"
+    )
+    assert _run_python(code).strip() == "['safecodec', 'safecodec._errors']"
+
+
+def test_first_use_pays_for_its_route_only():
+    """Reading a header loads the router, the parsers and the reader, not the tree loader,
+    the remote source or JAX."""
+    code = (
+        "import sys, safecodec as sc; "
+        "header = sc.read_header(b'\\x02\\x00\\x00\\x00\\x00\\x00\\x00\\x00{}'); "
+        "print(sorted(m for m in sys.modules if m.startswith(('safecodec.', 'jax', 'fsspec'))))"
+    )
+    loaded = set(eval(_run_python(code)))
+    assert {"safecodec._api", "safecodec._header", "safecodec._header_fast",
+            "safecodec._reader"} <= loaded
+    assert not loaded & {"safecodec._tree", "safecodec._safejax", "safecodec._remote",
+                         "safecodec._jax_load", "jax", "fsspec"}, loaded
+
+
+def test_every_public_name_resolves_and_is_listed():
+    import safecodec
+
+    for name in safecodec.__all__:
+        assert getattr(safecodec, name) is not None, name
+    assert set(safecodec.__all__) <= set(dir(safecodec))
+    assert sorted(safecodec.__all__) == safecodec.__all__
+    assert safecodec.load_tree.__module__ == "safecodec._tree"
+    assert safecodec.Header.__module__ == "safecodec._header"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        safecodec.nope  # noqa: B018
+    assert not hasattr(safecodec, "_private_nothing")
+
+
+def test_star_import_defines_every_public_name():
+    code = (
+        "ns = {}; exec('from safecodec import *', ns); "
+        "import safecodec; "
+        "print(sorted(set(safecodec.__all__) - set(ns)), "
+        "all(ns[n] is getattr(safecodec, n) for n in safecodec.__all__))"
+    )
+    assert _run_python(code).strip() == "[] True"
+
+
+def test_lazy_table_matches_all_and_the_type_checking_block():
+    """One table names the module of every lazily imported name; ``__all__`` and the
+    ``TYPE_CHECKING`` imports (for type checkers and the API reference) list the same
+    names, so a name added to one and forgotten in another fails here."""
+    import ast
+
+    import safecodec
+    from safecodec import _errors
+
+    tree = ast.parse((ROOT / "safecodec" / "__init__.py").read_text(encoding="utf-8"))
+    checked: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.level == 1
+                for alias in imp.names:
+                    checked[alias.name] = str(imp.module)
+    lazy = safecodec._LAZY
+    assert checked == lazy
+    assert set(safecodec.__all__) == set(lazy) | set(_errors.__all__)
+    for name, module in lazy.items():
+        target = importlib.import_module(f"safecodec.{module}")
+        assert name == module or hasattr(target, name), (name, module)
 
 
 def test_codec_tests_pass_with_safetensors_blocked():
