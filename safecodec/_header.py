@@ -102,6 +102,11 @@ MAX_NUMPY_NDIM: Final = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 #: most this many dimensions, which every NumPy can represent (NumPy 1.x's limit); more
 #: dimensions take the checked path (:func:`check_numpy_shape`).
 VIEW_MAX_NDIM: Final = 32
+#: The zero-copy layout's alignment (``alignment=64``, the writers' default): the data
+#: section starts at a multiple of it and every tensor whose byte size is a multiple of it
+#: starts at such an offset, because JAX's CPU client aliases host memory whose address is
+#: a multiple of it (and copies any other). The one definition of that number.
+ZERO_COPY_ALIGNMENT: Final = 64
 #: Key that holds user metadata instead of a tensor.
 METADATA_KEY: Final = "__metadata__"
 #: The three fields a tensor entry must have, in the order the reference writes them.
@@ -842,7 +847,7 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
 def plan_layout(
     tensors: Iterable[tuple[str, DType, tuple[int, ...]]],
     metadata: Mapping[str, str] | None,
-    alignment: int = 64,
+    alignment: int = ZERO_COPY_ALIGNMENT,
 ) -> tuple[bytes, list[PlannedTensor]]:
     """Decide the order and offsets of tensors and encode the header.
 
