@@ -234,7 +234,7 @@ def main() -> None:
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     layers = 2 if args.quick else 12
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
     sys.path.insert(0, ROOT)
     from moto.server import ThreadedMotoServer
 

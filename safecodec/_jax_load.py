@@ -2,7 +2,7 @@
 zero-copy where the hardware allows, one copy everywhere else, sharded across devices
 and processes.
 
-How a tensor reaches JAX (decided in ONE place, :func:`host_route`)
+How a tensor reaches JAX (:func:`host_route` names the route of a whole tensor)
 --------------------------------------------------------------------
 * **alias**: CPU, 64-byte aligned, byte-sized dtype, same dtype in JAX, memory nobody can
   write (a read-only mapping or immutable bytes): the host array is a view of the file's

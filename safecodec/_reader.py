@@ -2,10 +2,9 @@
 source become arrays, lazily, one tensor or one slice at a time.
 
 Views, not copies. When the source is memory (bytes, a mapping), tensors are NumPy views
-of it. Copies happen in exactly one place, :meth:`TensorReader.read_span`, and only when
-the caller asked (``copy=True``), the source is not addressable memory (a file object
-without mmap, a remote object), the dtype is packed (F4/F6 are unpacked), or the host is
-big-endian. With stored checksums and ``verify=True``, what is hashed is the memory that
+of it. Copies are made only when the caller asked (``copy=True``), the source is not
+addressable memory (a file object without mmap, a remote object), the dtype is packed
+(F4/F6 are unpacked), or the host is big-endian. With stored checksums and ``verify=True``, what is hashed is the memory that
 is returned: the view of the mapping, or the buffer the copy landed in (read once).
 
 A :class:`SafeOpen` handle produces NumPy arrays itself; other outputs (JAX) come from an

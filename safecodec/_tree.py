@@ -314,9 +314,9 @@ def split_metadata(metadata: Mapping[str, str] | None) -> tuple[dict[str, str] |
 class _Loader:
     """Fetches tensors from one open handle and converts them to the requested outputs.
 
-    JAX outputs go through the JAX output layer (:mod:`safecodec._jax`) in one batch at
-    the end, so zero-copy aliasing, batched transfers, shardings and its 64-bit policy
-    (a :class:`~safecodec._jax.PrecisionWarning` when x64 is off) apply unchanged.
+    JAX outputs go through the JAX output layer (:mod:`safecodec._jax_load`) in one batch
+    at the end, so zero-copy aliasing, batched transfers, shardings and its 64-bit policy
+    (a :class:`~safecodec._jax_load.PrecisionWarning` when x64 is off) apply unchanged.
     """
 
     def __init__(self, handle: Any) -> None:

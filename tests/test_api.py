@@ -13,7 +13,8 @@ import safecodec.numpy as scn
 
 
 def test_top_level_parameter_names_match_the_design():
-    # DESIGN.md: save_file(tensors, path_or_url, metadata=None, ...), load_file(path_or_url, ...)
+    # The documented API (docs/api.md): save_file(tensors, path_or_url, metadata=None, ...),
+    # load_file(path_or_url, ...)
     assert list(inspect.signature(sc.save_file).parameters)[:3] == [
         "tensors", "path_or_url", "metadata"]
     assert next(iter(inspect.signature(sc.load_file).parameters)) == "path_or_url"

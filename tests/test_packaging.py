@@ -160,3 +160,75 @@ def test_wheel_installs_into_a_clean_environment(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok 0.")
+
+
+#: The only function-local imports of one of our modules by another, each for a reason a
+#: top-level import cannot serve: the routers reach the JAX modules (which import jax, about
+#: a second) only when a JAX output or JAX arrays are involved, and the resolver reaches the
+#: fsspec source (a thread pool and its machinery) only for a URL or a filesystem.
+FUNCTION_LOCAL_IMPORTS = {
+    ("safecodec._api", "safecodec._jax_load"),
+    ("safecodec._api", "safecodec._jax_save"),
+    ("safecodec._resolve", "safecodec._remote"),
+}
+
+
+def _import_edges() -> list[tuple[str, str, bool, list[str]]]:
+    """(importer, imported module, inside a function, private names taken) for every import
+    of one of our modules by another, read from the source (nothing is run)."""
+    import ast
+
+    package = ROOT / "safecodec"
+    names = {("safecodec" if p.stem == "__init__" else f"safecodec.{p.stem}"): p
+             for p in package.glob("*.py")}
+    edges = []
+    for name, path in names.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        local = {id(node) for fn in ast.walk(tree)
+                 if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+                 for node in ast.walk(fn)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in names:
+                        edges.append((name, alias.name, id(node) in local, []))
+            elif isinstance(node, ast.ImportFrom):
+                base = "safecodec" if node.level else ""
+                module = ".".join(filter(None, [base, node.module or ""]))
+                for alias in node.names:
+                    if f"{module}.{alias.name}" in names:  # from . import _x
+                        edges.append((name, f"{module}.{alias.name}", id(node) in local, []))
+                    elif module in names:
+                        private = [alias.name] if (alias.name.startswith("_")
+                                                   and not alias.name.startswith("__")) else []
+                        edges.append((name, module, id(node) in local, private))
+    return edges
+
+
+def test_import_structure():
+    """No import cycle (function-local imports included), no private name taken from
+    another module, and no function-local import of our own modules but the listed ones
+    (import-linter checks the layers themselves: `lint-imports`)."""
+    edges = _import_edges()
+    assert len(edges) > 100  # the scan does see the imports
+    private = [(a, b, p) for a, b, _, p in edges if p]
+    assert not private
+    local = {(a, b) for a, b, is_local, _ in edges if is_local}
+    assert local == FUNCTION_LOCAL_IMPORTS
+    graph: dict[str, set[str]] = {}
+    for a, b, _, _ in edges:
+        if a != b:
+            graph.setdefault(a, set()).add(b)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
