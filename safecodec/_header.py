@@ -56,6 +56,7 @@ first, so each of them starts 64-byte aligned.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import operator
 import re
@@ -175,8 +176,8 @@ class Header:
         file_size: Total size of the file in bytes.
     """
 
-    # A plain slotted class: a dataclass costs ~1 ms of import time (`import safecodec`
-    # has a 15 ms budget).
+    # A plain slotted class: a dataclass costs ~1 ms of import time, which the first read
+    # would pay.
     __slots__ = ("_sorted_names", "file_size", "header_size", "raw_metadata", "tensors")
 
     def __init__(self, tensors: Mapping[str, TensorInfo], raw_metadata: dict[str, str] | None,
@@ -251,8 +252,6 @@ def visible_metadata(raw: dict[str, str] | None) -> dict[str, str] | None:
         return None  # a shard of a sharded save without user metadata
     if not user and _TREE_KEY in raw:
         try:
-            import json
-
             if json.loads(raw[_TREE_KEY]).get("metadata") is False:
                 return None
         except (ValueError, AttributeError, RecursionError):
@@ -543,8 +542,6 @@ def _parse_metadata(value: Any) -> dict[str, str] | None:
 def _parse_general(text: str) -> ParsedHeader:
     """Check 5 for any header: strict JSON through the json module, with hooks that make
     it judge numbers, constants and repeated keys the way the reference does."""
-    import json  # imported on first use: keeps `import safecodec` light
-
     # Escapes are the only way to a lone surrogate or a NUL; a minus sign or a long digit
     # run the only way to "-0" or an out-of-range integer. Checking them costs a Python
     # call per value, so only headers that contain them pay for it.
@@ -896,8 +893,6 @@ def encode_header(
 ) -> bytes:
     """Encode the length prefix and the JSON header, padded with spaces so that the data
     section starts at a multiple of ``alignment`` (8: the reference's padding)."""
-    import json  # imported on first use: keeps `import safecodec` light
-
     # Every character takes at least one byte: refuse hopeless headers before encoding them.
     at_least = sum(len(t.name) for t in planned)
     if metadata:
@@ -908,7 +903,7 @@ def encode_header(
             f"is {MAX_HEADER_SIZE}; split the tensors over several files or shorten "
             "names/metadata"
         )
-    from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False) uses
+    encode_basestring = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
 
     # Built by hand: the same bytes as json.dumps(obj, ensure_ascii=False,
     # separators=(",", ":")) of {"__metadata__": ..., name: {"dtype", "shape",

@@ -24,6 +24,7 @@ Hypothesis test generates headers near every rule's boundary and holds the three
 from __future__ import annotations
 
 import _thread
+import json
 import math
 import operator
 import re
@@ -91,8 +92,6 @@ def _parse_canonical(text: str) -> ParsedHeader | None:
     """Check 5 for a header in canonical form (see the comment on ``_NUM``), or None when
     the header is not in that form. Repeated names are not looked for here (see
     :func:`_tile_in_order`)."""
-    import json  # imported on first use: keeps `import safecodec` light
-
     body = text.strip(_WS)
     if body[:1] != "{" or body[-1:] != "}":
         return None
@@ -314,8 +313,6 @@ def _scan_compact(header: bytes | bytearray | memoryview, text: str, header_size
         match = _METADATA_RE.match(text, start, stop)
         if match is None or match.end() >= stop - 1 or text[match.end()] != ",":
             return None
-        import json  # imported on first use: keeps `import safecodec` light
-
         metadata = json.loads(match.group(1))  # a repeated key keeps its last value
         start = match.end() + 1
     size = stop - 1 - start  # the entries: text[start : stop - 1]
