@@ -1,4 +1,6 @@
-"""Developer sessions: ``nox -s tests`` (Python 3.11 and 3.13), lint, typecheck, docs, bench.
+"""Developer sessions: ``nox -s tests`` (Python 3.11 and 3.13, pinned by ``constraints/``),
+``tests-latest`` (the newest releases), ``constraints`` (rewrite the pins), lint, typecheck,
+docs, bench.
 
 Every session forwards ``session.posargs``; dependencies are declared once, in
 pyproject.toml's extras.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import logging
 import os
 import shutil
 import subprocess
@@ -33,6 +36,19 @@ if ON_CI:
 
 PYTHONS = ["3.11", "3.13"]
 TEST_EXTRAS = "test,jax,frameworks,orbax,remote,progress,docs,bench"
+# The versions the suite was last verified with, one file per interpreter (``nox -s tests``
+# installs them; ``nox -s tests-latest`` ignores them; ``nox -s constraints`` rewrites them).
+CONSTRAINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "constraints")
+
+
+class _QuietUvProbe(logging.Filter):
+    """nox logs "uv binary not found." whenever it probes for uv; this project uses venv."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "uv binary not found."
+
+
+logging.getLogger("nox").addFilter(_QuietUvProbe())
 
 
 def _works(executable: str, version: str) -> bool:
@@ -78,7 +94,8 @@ def _find_interpreters() -> dict[str, str | None]:
 
 INTERPRETERS = _find_interpreters()
 _MISSING = [v for v, exe in INTERPRETERS.items() if exe is None]
-_TESTED: list[str] = []
+# session name ("tests", "tests-latest") -> {python version: passed}
+_RESULTS: dict[str, dict[str, bool]] = {}
 
 
 def _say(line: str) -> None:
@@ -91,16 +108,21 @@ _say("interpreters: " + "; ".join(
 
 
 def _report_tests() -> None:
-    """After a run that included ``tests``: which interpreters it ran on, which it skipped."""
-    if not _TESTED:
-        return
-    line = "tests ran on Python " + " and ".join(_TESTED)
-    if _MISSING:
-        sessions = ", ".join(f"tests-{v}" for v in _MISSING)
-        what = "FAILED (CI is set: a missing interpreter is an error)" if ON_CI else "SKIPPED"
-        line += (f"; {sessions} {what}: Python {' and '.join(_MISSING)} not found (install "
-                 f"it, e.g. `pyenv install {_MISSING[0]}`)")
-    _say(line)
+    """After a run that included ``tests`` or ``tests-latest``: on which interpreters each
+    passed, failed or was skipped (nox's own last line only says that sessions ran)."""
+    for name, results in _RESULTS.items():
+        parts = []
+        passed = [v for v, ok in results.items() if ok]
+        failed = [v for v, ok in results.items() if not ok]
+        if passed:
+            parts.append("passed on Python " + " and ".join(passed))
+        if failed:
+            parts.append("FAILED on Python " + " and ".join(failed))
+        if _MISSING:
+            what = "FAILED (CI is set: a missing interpreter is an error)" if ON_CI else "SKIPPED"
+            parts.append(f"{what} on Python {' and '.join(_MISSING)}: not found (install it, "
+                         f"e.g. `pyenv install {_MISSING[0]}`)")
+        _say(f"{name}: " + "; ".join(parts))
 
 
 atexit.register(_report_tests)
@@ -113,16 +135,56 @@ def _install(session: nox.Session, *args: str, what: str) -> None:
     session.install(*args)
 
 
-@nox.session(python=PYTHONS)
-def tests(session: nox.Session) -> None:
-    """Check the import layers (import-linter, configured in pyproject.toml), then run the
-    full test suite (pass pytest arguments after ``--``)."""
-    _TESTED.append(str(session.python))
-    _install(session, f".[{TEST_EXTRAS}]",
+def _constraints_file(session: nox.Session) -> str:
+    return os.path.join(CONSTRAINTS, f"py{session.python}.txt")
+
+
+def _run_suite(session: nox.Session, name: str, *install: str) -> None:
+    """Install ``install``, then import-linter and pytest; the outcome is recorded for the
+    closing line (a failing command raises out of here before ``True`` is stored)."""
+    results = _RESULTS.setdefault(name, {})
+    results[str(session.python)] = False
+    _install(session, *install,
              what="safecodec with jax, flax, haiku, objax, equinox, orbax, s3fs, moto, mkdocs, "
              "the reference safetensors wheel, import-linter and pytest")
     session.run("lint-imports")
     session.run("python", "-m", "pytest", *session.posargs)
+    results[str(session.python)] = True
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Check the import layers (import-linter, configured in pyproject.toml), then run the
+    full test suite (pass pytest arguments after ``--``) against the dependency versions the
+    suite was last verified with (``constraints/py<version>.txt``)."""
+    _run_suite(session, "tests", "-c", _constraints_file(session), f".[{TEST_EXTRAS}]")
+
+
+@nox.session(python=PYTHONS, name="tests-latest")
+def tests_latest(session: nox.Session) -> None:
+    """The same suite against the newest release of every dependency (no constraints): an
+    upstream change that breaks us shows up here, by name, before it reaches ``tests``."""
+    _run_suite(session, "tests-latest", "--upgrade", "--upgrade-strategy", "eager",
+               f".[{TEST_EXTRAS}]")
+
+
+@nox.session(python=PYTHONS)
+def constraints(session: nox.Session) -> None:
+    """Rewrite ``constraints/py<version>.txt`` from the newest releases (a deliberate update:
+    run ``nox -s tests`` afterwards and commit the files only if it passes)."""
+    _install(session, "--upgrade", "--upgrade-strategy", "eager", f".[{TEST_EXTRAS}]",
+             what="the newest releases of every dependency")
+    frozen = session.run("python", "-m", "pip", "freeze", "--exclude", "safecodec",
+                         silent=True, log=False)
+    assert isinstance(frozen, str)
+    os.makedirs(CONSTRAINTS, exist_ok=True)
+    with open(_constraints_file(session), "w", encoding="utf-8") as out:
+        out.write(f"# The versions `nox -s tests` installs on Python {session.python}: the ones "
+                  "the suite was last verified with.\n# Rewritten deliberately by `nox -s "
+                  "constraints` (then `nox -s tests`, then commit): README, Development.\n")
+        out.write("".join(line + "\n" for line in frozen.splitlines()
+                          if line and not line.startswith(("-e ", "#"))))
+    session.log(f"wrote {_constraints_file(session)}")
 
 
 @nox.session(python="3.11")
@@ -144,7 +206,8 @@ def docs(session: nox.Session) -> None:
     """Build the documentation site into ``site/`` with ``mkdocs build --strict``."""
     _install(session, ".[docs,jax,frameworks,orbax]",
              what="safecodec with mkdocs-material, mkdocstrings, jax, the frameworks and orbax")
-    session.run("mkdocs", "build", "--strict", *session.posargs)
+    # Material's end-of-life banner for mkdocs 2 is printed unless this is set
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
     session.log("site written to site/: view it with `.nox/docs/bin/mkdocs serve` "
                 "(http://127.0.0.1:8000, rebuilds on save)")
 

@@ -116,13 +116,13 @@ def bench_gpu(path: str, repeats: int) -> dict[str, Any] | None:
     gpu = gpus[0]
     nbytes = os.path.getsize(path)
     host = st_numpy.load_file(path)
-    pinned_sharding = jax.sharding.SingleDeviceSharding(gpu, memory_kind="pinned_host")
+    pinned_sharding = jax.sharding.make_single_device_sharding(gpu, memory_kind="pinned_host")
     pinned = {k: jax.device_put(v, pinned_sharding) for k, v in host.items()}
     ready(pinned)
     fns = {
         "safecodec": lambda: scj.load_file(path, device=gpu),
         "safetensors.flax+device_put": lambda: jax.device_put(st_flax.load_file(path), gpu),
-        "pinned->device": lambda: jax.device_put(pinned, jax.sharding.SingleDeviceSharding(gpu)),
+        "pinned->device": lambda: jax.device_put(pinned, jax.sharding.make_single_device_sharding(gpu)),
     }
     times = alternate(fns, repeats)
     return {"case": "gpu", "device": str(gpu),

@@ -110,7 +110,7 @@ def safe_open(
         SafecodecError: The header breaks a rule of the format (subclass says which), a
             sharded checkpoint's index and shards disagree, or an argument is invalid.
 
-    Example:
+    Examples:
         >>> import numpy as np, safecodec as sc
         >>> data = sc.save({"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
         >>> with sc.safe_open(data) as f:
@@ -159,7 +159,7 @@ def read_header(source: Any, *, fs: Any = None,
         ``metadata``, ``header_size``, ``file_size``. For a sharded checkpoint (a directory
         or an index), the combined header of its shards (offsets relative to each shard).
 
-    Example:
+    Examples:
         >>> import numpy as np, safecodec as sc
         >>> sc.read_header(sc.save({"w": np.zeros((2, 3), np.float32)})).tensors["w"].shape
         (2, 3)
@@ -281,7 +281,7 @@ def save(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, 
         SafecodecError: A bad name (NUL, ``__metadata__``), metadata that is not str -> str,
             a dtype with no safetensors code, or a header over the size limit.
 
-    Example:
+    Examples:
         >>> import numpy as np, safecodec as sc
         >>> data = sc.save({"a": np.ones(3, np.float32)}, alignment=8)
         >>> data[8:40]

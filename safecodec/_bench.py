@@ -7,6 +7,12 @@ Run it as ``python -m safecodec bench`` (or ``python -m safecodec._bench``)::
     python -m safecodec bench --size tiny     # 0.5 MB, for a quick look
     python -m safecodec bench --repeat 5 --json results.json
 
+Every operation runs once for each library before anything is timed (the warm-up: the
+first run pays for imports, first-touch page faults and allocator growth, and is left
+out), then ``--repeat`` timed runs alternate who goes first. The table shows the median
+time of each library and, next to every ratio, the spread of the per-run ratios (lowest
+to highest); a spread that crosses 1 is reported as equal within noise.
+
 What is measured (page cache warm, the same file for both readers):
 
 * ``save``: ``save_file`` of the whole model into a new file, fsync included for both
@@ -74,6 +80,9 @@ MODEL_SIZES: Final[dict[str, ModelShape]] = {
     "gpt2": ModelShape(vocab=50257, context=1024, width=768, layers=12),
 }
 
+#: Untimed runs of every operation before the timed ones (the first save of a process
+#: pays for imports, page faults and allocator growth: 1.09 s against ~0.23 s later).
+WARMUP_RUNS: Final = 1
 #: The tensor the lazy-read benchmark fetches (exists in every built-in size).
 LAZY_TENSOR: Final = "h.1.mlp.c_fc.weight"
 
@@ -357,16 +366,36 @@ def _fmt_seconds(s: float | None) -> str:
     return f"{s:.2f} s"
 
 
-def _fmt_ratio(ours: float, ref: float | None) -> str:
-    if ref is None:
+def _speed(ratio: float) -> str:
+    """A ratio of times (safetensors / safecodec) in words."""
+    return f"{ratio:.3g}x faster" if ratio >= 1 else f"{1 / ratio:.3g}x slower"
+
+
+def _fmt_ratio(row: dict[str, Any]) -> str:
+    """The ratio cell: the ratio of the medians, then the spread of the per-run ratios."""
+    if row["ratio"] is None:
         return "-"
-    r = ref / ours if ours > 0 else float("inf")
-    return f"{r:.3g}x faster" if r >= 1 else f"{1 / r:.3g}x slower"
+    ratio, low, high = row["ratio"], row["ratio_min"], row["ratio_max"]
+    runs = len(row["ratio_runs"])
+    if runs == 1:
+        return f"{_speed(ratio)} (1 run)"
+    if low < 1 < high:
+        return f"equal within noise: {_speed(ratio)} (runs: {_speed(low)} to {_speed(high)})"
+    if ratio >= 1:
+        return f"{_speed(ratio)} (runs: {low:.3g}x to {high:.3g}x)"
+    return f"{_speed(ratio)} (runs: {1 / high:.3g}x to {1 / low:.3g}x)"
+
+
+def paired_ratios(ours: list[float], ref: list[float]) -> list[float]:
+    """Per-run ratios ``ref / ours`` of two equally long lists of seconds (run ``i`` of
+    one library against run ``i`` of the other; they ran back to back)."""
+    return [(r / o) if o > 0 else float("inf") for o, r in zip(ours, ref, strict=True)]
 
 
 def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
-    """Build the model, run every operation ``repeat`` times alternating the two
-    libraries, verify values. Returns the raw results (seconds)."""
+    """Build the model, run every operation once untimed (the warm-up), then ``repeat``
+    timed times alternating the two libraries, verify values. Returns the raw results
+    (seconds)."""
     print(f"  building the model ({_fmt_mb(model_nbytes(size))} of random float32) ...",
           file=sys.stderr, flush=True)
     gen_seconds, model = time_call(lambda: build_model(size))
@@ -379,10 +408,10 @@ def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
     # collections between samples cheap.
     gc.collect()
     gc.freeze()
-    steps = repeat * sum(1 + (op.ref is not None) for op in ops)
+    steps = (WARMUP_RUNS + repeat) * sum(1 + (op.ref is not None) for op in ops)
     bar = _progress(steps)
     try:
-        for r in range(repeat):
+        for r in range(-WARMUP_RUNS, repeat):
             for op in ops:
                 contenders: list[tuple[str, Callable[[], Any] | None]] = [
                     ("safecodec", op.ours), ("safetensors", op.ref)]
@@ -391,11 +420,13 @@ def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
                 for who, fn in contenders:
                     if fn is None:
                         continue
-                    bar.start(f"run {r + 1}/{repeat}: {op.name} ({who})")
+                    label = "warm-up" if r < 0 else f"run {r + 1}/{repeat}"
+                    bar.start(f"{label}: {op.name} ({who})")
                     if op.before is not None:
                         op.before(ours_path if who == "safecodec" else ref_path)
                     seconds, result = time_call(fn)
-                    samples[op.name][who].append(seconds)
+                    if r >= 0:  # the warm-up is not a sample
+                        samples[op.name][who].append(seconds)
                     del result  # unmapping/freeing stays outside the timer
                     gc.collect()
                     bar.finish(seconds)
@@ -408,11 +439,16 @@ def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
     for op in ops:
         ours = summarize(samples[op.name]["safecodec"])
         ref = summarize(samples[op.name]["safetensors"]) if samples[op.name]["safetensors"] else None
+        runs = (paired_ratios(samples[op.name]["safecodec"], samples[op.name]["safetensors"])
+                if ref else [])
         rows.append({
             "operation": op.name,
             "safecodec": ours,
             "safetensors": ref,
             "ratio": (ref["median"] / ours["median"]) if ref and ours["median"] > 0 else None,
+            "ratio_runs": runs,
+            "ratio_min": min(runs) if runs else None,
+            "ratio_max": max(runs) if runs else None,
         })
     return {
         "size": size,
@@ -420,6 +456,7 @@ def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
         "tensors": len(model),
         "generate_seconds": gen_seconds,
         "repeat": repeat,
+        "warmup": WARMUP_RUNS,
         "rows": rows,
         "verified": not problems,
         "problems": problems,
@@ -430,7 +467,7 @@ def run(size: str, directory: str, repeat: int) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The results as an aligned text table."""
-    header = ("operation", "safecodec", "safetensors", "safecodec vs safetensors")
+    header = ("operation", "safecodec", "safetensors", "safecodec vs safetensors (spread)")
     lines = [header]
     for row in result["rows"]:
         ref = row["safetensors"]
@@ -438,7 +475,7 @@ def format_table(result: dict[str, Any]) -> str:
             row["operation"],
             _fmt_seconds(row["safecodec"]["median"]),
             _fmt_seconds(ref["median"] if ref else None),
-            _fmt_ratio(row["safecodec"]["median"], ref["median"] if ref else None),
+            _fmt_ratio(row),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
@@ -465,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory for the checkpoint files (default: a temporary "
                         "directory, removed afterwards)")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each operation; the table shows medians (default 3)")
+                        help="timed runs of each operation, after one untimed warm-up run; the "
+                        "table shows medians and the spread of the ratios (default 3)")
     parser.add_argument("--json", dest="json_path", default=None,
                         help="also write the raw results (seconds, machine details) here")
     args = parser.parse_args(argv)
@@ -473,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
     shape = MODEL_SIZES[args.size]
     print(f"safecodec bench: GPT-2-style model '{args.size}' ({shape.layers} layers, width "
-          f"{shape.width}, vocabulary {shape.vocab}), float32, {args.repeat} run(s) each; "
+          f"{shape.width}, vocabulary {shape.vocab}), float32, {args.repeat} timed run(s) of each "
+          "operation after a warm-up; "
           "progress on stderr",
           flush=True)
     if args.dir is not None:
@@ -483,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         with _temporary_directory() as directory:
             result = run(args.size, directory, args.repeat)
     print(f"model: {result['tensors']} tensors, {_fmt_mb(result['model_bytes'])}; "
-          "page cache warm; medians of the runs")
+          f"page cache warm; {WARMUP_RUNS} untimed warm-up run, then medians of "
+          f"{result['repeat']} timed run(s); spread: lowest to highest per-run ratio")
     print()
     print(format_table(result))
     print()

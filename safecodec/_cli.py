@@ -27,6 +27,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
@@ -35,8 +36,8 @@ import numpy as np
 
 from . import _integrity
 from ._api import safe_open, save_file, verify_handle
-from ._dtypes import DTYPES, FLOAT_CODES, DType, code_for_numpy
-from ._errors import ChecksumError, DtypeError, SafecodecError
+from ._dtypes import DTYPES, FLOAT_CODES, DType, dtype_from_text
+from ._errors import ChecksumError, DtypeError, RemoteIOError, SafecodecError, counted
 from ._header import CHECKSUM_KEY, ZERO_COPY_ALIGNMENT, TensorInfo
 from ._progress import ProgressBar
 from ._reader import SafeOpen
@@ -140,14 +141,26 @@ class Checkpoint:
 # ----------------------------------------------------------------------------- output helpers
 
 
-#: Control characters (C0, DEL, C1) that a terminal would act on.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: Control characters (C0 with tab and newline, DEL, C1) that a terminal would act on.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: How :func:`clean` shows the common ones (the others as ``\\xNN``).
+_ESCAPES: Final = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+#: What JSON output escapes beyond ``json.dumps(ensure_ascii=False)``: DEL and C1.
+_JSON_CONTROL = re.compile("[\x7f-\x9f]")
 
 
 def clean(text: str) -> str:
-    """``text`` with terminal control characters escaped (``\\x1b``...): names and
-    metadata in an untrusted file must not clear the screen or retitle the window."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with terminal control characters escaped (``\\n``, ``\\t``, ``\\x1b``...):
+    names and metadata in an untrusted file must not clear the screen, retitle the window
+    or start a line of their own (a forged ``OK``)."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
+def dump_json(data: Any, out: IO[str], **options: Any) -> None:
+    """``data`` as indented JSON on ``out``, non-ASCII text kept readable but every control
+    character escaped (``json.dumps`` leaves DEL and C1 raw, e.g. U+009B, a terminal's CSI)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, **options)
+    out.write(_JSON_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
 def human_bytes(n: int) -> str:
@@ -164,10 +177,11 @@ def human_bytes(n: int) -> str:
 
 def _table(rows: list[list[str]], right: set[int], out: IO[str]) -> None:
     """Print rows as aligned columns; the first row is the heading."""
+    rows = [[clean(c) for c in row] for row in rows]  # escaped before measuring
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        print(clean("  ".join(cells).rstrip()), file=out)
+        print("  ".join(cells).rstrip(), file=out)
         if k == 0:
             print("  ".join("-" * w for w in widths), file=out)
 
@@ -231,8 +245,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         data = _inspect_data(ckpt)
     out = sys.stdout
     if args.json:
-        json.dump(data, out, indent=2, ensure_ascii=False)
-        print(file=out)
+        dump_json(data, out)
         return 0
     tensors = data["tensors"]
     if args.sort == "name":
@@ -266,8 +279,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     md = data["metadata"]
     print("metadata:" + (" (none)" if not md else ""), file=out)
     for key, value in (md or {}).items():
-        print(clean(f"  {key}: {value}"), file=out)
+        print(clean(f"  {key}: {_metadata_text(value)}"), file=out)
     return 0
+
+
+def _metadata_text(value: Any) -> str:
+    """A metadata value as printed: strings as they are, anything else (an index's
+    ``total_size``, ``safecodec.shards``...) as JSON, as ``--json`` would show it."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- verify
@@ -359,11 +380,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(clean(f"FAIL {source}: {type(exc).__name__}: {exc}"))
             continue
         if not args.quiet:
-            shards = f" in {len(ckpt.parts)} shards" if ckpt.sharded else ""
+            shards = f" in {counted(len(ckpt.parts), 'shard')}" if ckpt.sharded else ""
             sums = ("checksums verified" if with_sums == len(ckpt.parts) else
-                    f"checksums verified in {with_sums} of {len(ckpt.parts)} files" if with_sums else
+                    f"checksums verified in {with_sums} of {counted(len(ckpt.parts), 'file')}" if with_sums else
                     "no checksums stored")
-            print(clean(f"OK   {source}: {total_t} tensors, {total_b:,} bytes{shards}, {sums}"))
+            print(clean(f"OK   {source}: {counted(total_t, 'tensor')}, {total_b:,} bytes{shards}, {sums}"))
     return 1 if failed else 0
 
 
@@ -408,29 +429,16 @@ def _cast(arr: np.ndarray, target: DType, name: str) -> np.ndarray:
 
 
 def parse_dtype(text: str) -> DType:
-    """A floating safetensors dtype from a code (``BF16``) or a NumPy/ml_dtypes name
-    (``bfloat16``, ``float16``, ``float8_e4m3fn``)."""
-    if text in DTYPES:
-        row = DTYPES[text]
-    else:
-        try:
-            dt = np.dtype(text)
-        except TypeError:
-            import ml_dtypes
-
-            attr = getattr(ml_dtypes, text, None)
-            if attr is None:
-                raise UsageError(f"unknown dtype {text!r}; use a code such as BF16 or a name "
-                                 "such as bfloat16") from None
-            dt = np.dtype(attr)
-        try:
-            row = DTYPES[code_for_numpy(dt, "--dtype")]
-        except DtypeError:
-            raise UsageError(f"--dtype {text!r} has no safetensors code; use a floating type "
-                             "such as bfloat16, float16 or float32") from None
+    """A floating safetensors dtype from ``--dtype``: a code (``BF16``), a usual alias
+    (``bf16``, ``fp16``, ``f32``...) or a NumPy/ml_dtypes name (``bfloat16``,
+    ``float8_e4m3fn``), case-insensitive (:func:`safecodec._dtypes.dtype_from_text`)."""
+    try:
+        row = dtype_from_text(text)
+    except DtypeError as exc:
+        raise UsageError(f"--dtype: {exc}") from None
     if row.code not in FLOAT_CODES:
         raise UsageError(f"--dtype must be a floating type, got {text!r} ({row.code}); "
-                         f"choose one of {', '.join(sorted(FLOAT_CODES))}")
+                         f"choose one of {', '.join(sorted(FLOAT_CODES))} (or bf16, fp16, fp32)")
     return row
 
 
@@ -456,28 +464,102 @@ def _lazy_part(part: Part, target: DType | None, only: list[str] | None,
     return lazy, metadata, checksums, cast
 
 
+def _check_patterns(ckpt: Checkpoint, patterns: list[str]) -> None:
+    """Raise :class:`UsageError` naming every ``--only`` pattern that matches no tensor of
+    the checkpoint (a typo would otherwise convert nothing and exit 0)."""
+    names = list(ckpt.where())
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        example = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UsageError(
+            f"--only {', '.join(map(repr, unmatched))} matches no tensor of {ckpt.source} "
+            f"({counted(len(names), 'tensor')}"
+            + (f", e.g. {example}" if names else "") + "); patterns are shell-style and "
+            "case-sensitive ('*' matches dots too: 'layers.*.weight')"
+        )
+
+
+def _output_files(ckpt: Checkpoint, output: str) -> tuple[Target, list[Target]]:
+    """Where a rewrite of ``ckpt`` writes, as the resolver spells it: the output (the file,
+    or the index of a sharded checkpoint) and every file it replaces (the index and each
+    shard, under the input's shard names). An existing folder receives the input's name.
+
+    Raises:
+        UsageError: OUT does not fit the input (an index for a single file, or the
+            reverse).
+    """
+    out = resolve_target(output, what="OUT")
+    if not ckpt.sharded:
+        if out.name.endswith(INDEX_SUFFIX):
+            raise UsageError(f"{ckpt.source} is a single file; OUT must be a file, not an index")
+        if out.is_dir():
+            out = out.join(os.path.basename(ckpt.parts[0].source))
+        return out, [out]
+    if out.is_dir() or _new_folder(out):
+        out = out.join(os.path.basename(ckpt.handle.name))
+    if not out.name.endswith(INDEX_SUFFIX):
+        raise UsageError(f"{ckpt.source} is a sharded checkpoint; OUT must be an index path "
+                         f"ending in {INDEX_SUFFIX!r} or a directory")
+    folder, _ = out.split()
+    return out, [out] + [folder.join(part.shard) for part in ckpt.parts if part.shard]
+
+
+def _new_folder(out: Target) -> bool:
+    """Whether OUT of a sharded rewrite names a folder still to be made: nothing exists
+    there, and the name is not a file's (``.safetensors``, an index). The sharded writer
+    creates it."""
+    if out.name.endswith((INDEX_SUFFIX, ".safetensors")):
+        return False
+    if out.fs is None:
+        return not os.path.lexists(out.path)
+    try:
+        return not out.fs.exists(out.path)
+    except Exception as exc:
+        raise RemoteIOError(f"asking whether {out.name} exists failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _refuse_overwriting_input(ckpt: Checkpoint, out: Target, written: list[Target]) -> None:
+    """Refuse a rewrite that would replace a file the input checkpoint is made of (its
+    file, its index, one of its shards: by path, symbolic or hard link), before anything
+    is written: the input must still open, unchanged, afterwards. The one exception is a
+    rewrite in place (OUT is IN's file or index): the new checkpoint replaces the old one
+    whole, through the same atomic publish as a re-save (one rename; for a sharded
+    checkpoint every shard, then the index, or nothing), so no file of the input is left
+    needing a replaced one.
+
+    Raises:
+        UsageError: naming the output file and the input file it would replace.
+    """
+    inputs = [part.source for part in ckpt.parts]
+    if ckpt.sharded:
+        inputs.append(ckpt.handle.name)
+    if out.same_file(resolve_target(inputs[-1], what="IN")):
+        return
+    for spelled in inputs:
+        source = resolve_target(spelled, what="IN")
+        for target in written:
+            if target.same_file(source):
+                what = "IN itself" if not ckpt.sharded else f"{spelled}, a file of IN"
+                raise UsageError(
+                    f"OUT would overwrite {target.name}, which is {what}: the input "
+                    "checkpoint must stay intact; write the output to another path")
+
+
 def _rewrite(args: argparse.Namespace, target: DType | None, only: list[str] | None,
              alignment: int, verb: str) -> int:
-    out = args.output
     with Checkpoint(args.input) as ckpt:
+        if only:
+            _check_patterns(ckpt, only)
         progress_total = sum(p.handle.header.file_size for p in ckpt.parts)
+        out, written = _output_files(ckpt, args.output)
+        _refuse_overwriting_input(ckpt, out, written)
         if not ckpt.sharded:
-            if out.endswith(INDEX_SUFFIX):
-                raise UsageError(f"{args.input} is a single file; OUT must be a file, not an index")
-            if os.path.isdir(out):
-                out = os.path.join(out, os.path.basename(ckpt.parts[0].source))
             with _progress(progress_total, verb, not args.quiet) as bar:
                 lazy, metadata, checksums, cast = _lazy_part(ckpt.parts[0], target, only, bar)
-                save_file(lazy, out, metadata, alignment=alignment, checksums=checksums)
-            _report_rewrite(args, verb, out, len(lazy), cast)
+                save_file(lazy, out.name, metadata, alignment=alignment, checksums=checksums)
+            _report_rewrite(args, verb, out.name, len(lazy), cast)
             return 0
-        if os.path.isdir(out):
-            out = os.path.join(out, os.path.basename(ckpt.handle.name))
-        if not out.endswith(INDEX_SUFFIX):
-            raise UsageError(f"{args.input} is a sharded checkpoint; OUT must be an index path "
-                             f"ending in {INDEX_SUFFIX!r} or an existing directory")
-        if os.path.abspath(out) == os.path.abspath(ckpt.handle.name):
-            raise UsageError("OUT is the input index; write the sharded checkpoint elsewhere")
         shards = []
         total_n = total_cast = 0
         any_checksums = False
@@ -489,11 +571,10 @@ def _rewrite(args: argparse.Namespace, target: DType | None, only: list[str] | N
                 shards.append((part.shard, lazy, metadata))
                 total_n += len(lazy)
                 total_cast += cast
-            target_out = resolve_target(out, what="OUT")
-            folder = Target(os.path.dirname(os.path.abspath(target_out.path)))
-            write_checkpoint(shards, folder, os.path.basename(out), alignment=alignment,
+            folder, index_name = out.split()
+            write_checkpoint(shards, folder, index_name, alignment=alignment,
                              checksums=any_checksums, index_metadata=ckpt.index_metadata())
-    _report_rewrite(args, verb, out, total_n, total_cast)
+    _report_rewrite(args, verb, out.name, total_n, total_cast)
     return 0
 
 
@@ -508,7 +589,8 @@ def _report_rewrite(args: argparse.Namespace, verb: str, out: str, n: int, cast:
                 total += 1
                 aligned += (header.data_start + info.begin) % ZERO_COPY_ALIGNMENT == 0
     cast_note = f", {cast} cast to {args.dtype}" if verb == "convert" else ""
-    print(clean(f"wrote {out}: {n} tensors{cast_note}; {aligned} of {total} are 64-byte aligned"))
+    print(clean(f"wrote {out}: {counted(n, 'tensor')}{cast_note}; {aligned} of {total} "
+                f"{'is' if aligned == 1 else 'are'} 64-byte aligned"))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -596,14 +678,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
     changed = [d for d in diffs if d.changed]
     different = bool(added or removed or changed or md_changes)
     if args.json:
-        json.dump({
+        dump_json({
             "a": args.a, "b": args.b, "identical": not different,
             "removed": removed, "added": added, "metadata": md_changes,
             "tensors": [{"name": d.name, "dtype": list(d.dtype), "shape": list(d.shape),
                          "max_abs_diff": d.max_abs_diff, "differing": d.differing,
                          "count": d.count, "changed": d.changed} for d in diffs],
-        }, sys.stdout, indent=2, ensure_ascii=False, allow_nan=True)
-        print()
+        }, sys.stdout, allow_nan=True)
     else:
         _print_diff(args, removed, added, diffs, md_changes, a_info=None)
     return 1 if (args.exit_code and different) else 0
@@ -633,8 +714,9 @@ def _print_diff(args: argparse.Namespace, removed: list[str], added: list[str],
             rows.append([d.name, dtype, shape, mad, differing])
         _table(rows, {3, 4}, out)
     changed = sum(1 for d in diffs if d.changed)
-    print(f"{len(diffs)} tensors in both ({changed} differ), {len(removed)} only in A, "
-          f"{len(added)} only in B, {len(md_changes)} metadata changes", file=out)
+    print(f"{counted(len(diffs), 'tensor')} in both ({changed} {'differs' if changed == 1 else 'differ'}), "
+          f"{len(removed)} only in A, "
+          f"{len(added)} only in B, {counted(len(md_changes), 'metadata change')}", file=out)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -646,7 +728,7 @@ def cmd_bench(argv: list[str]) -> int:
         module = importlib.import_module("._bench", __package__)
     except ImportError as exc:
         print(f"safecodec bench: the benchmark suite is not available ({exc}); install "
-              "with `pip install \"safecodec[bench]\"`", file=sys.stderr)
+              "with `pip install \".[bench]\"` in a clone of safecodec", file=sys.stderr)
         return 1
     return int(module.main(argv) or 0)
 
@@ -655,12 +737,22 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 _EPILOG = """\
-A checkpoint is a .safetensors file (local path or fsspec URL such as s3://bucket/x.safetensors),
-a Hugging Face sharded checkpoint (*.safetensors.index.json), or a directory holding one.
+A checkpoint is a .safetensors file (a local path or an fsspec URL such as
+s3://bucket/x.safetensors), a Hugging Face sharded checkpoint
+(*.safetensors.index.json), or a directory holding one.
 
-exit status: 0 success, 1 invalid file / failed operation / differences with diff --exit-code,
-2 usage error.
+exit status: 0 success; 1 invalid file, failed operation, or differences with
+diff --exit-code; 2 usage error.
 """
+
+
+#: Width of the help texts' own paragraphs (argparse wraps option help to the terminal).
+HELP_WIDTH: Final = 78
+
+
+def wrap_paragraphs(text: str, width: int = HELP_WIDTH) -> str:
+    """``text`` with each paragraph (separated by a blank line) filled to ``width``."""
+    return "\n\n".join(textwrap.fill(p, width) for p in text.split("\n\n"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -675,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=description,
+        return sub.add_parser(name, help=help, description=wrap_paragraphs(description),
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
 
     p = add("inspect", "list tensors, offsets, alignment, totals and metadata (header only)",
@@ -702,10 +794,13 @@ def build_parser() -> argparse.ArgumentParser:
             "of 64; tensors whose size is a multiple of 64 bytes first, so each starts 64-byte "
             "aligned). Tensors and metadata are identical; the output stays a valid safetensors "
             "file for every reader. Streams tensor by tensor from a memory-mapped input and "
-            "writes atomically, so OUT may be IN. For a sharded checkpoint, OUT is the new index "
-            "path (or a directory) and each shard keeps its file name.")
+            "writes atomically. OUT must not replace IN or any of its files (refused before "
+            "anything is written). For a sharded checkpoint, OUT is the new index path or a "
+            "directory (created when it does not exist) and each shard keeps its file name.")
     p.add_argument("input", metavar="IN", help="file, URL, index or directory")
-    p.add_argument("output", metavar="OUT", help="output file (index path for sharded input)")
+    p.add_argument("output", metavar="OUT",
+                   help="output file (index path or directory, created if missing, for sharded "
+                   "input)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_align, parser=p)
 
@@ -713,8 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Report tensors only in A or only in B, dtype and shape changes, metadata changes, "
             "and for tensors of equal shape the maximum absolute difference and how many "
             "elements differ (NaN equals NaN). Tensors are streamed one at a time.")
-    p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B")
+    p.add_argument("a", metavar="A", help="the first checkpoint: file, URL, index or directory")
+    p.add_argument("b", metavar="B", help="the second checkpoint, compared with A")
     p.add_argument("--atol", type=float, default=0.0, help="count elements as differing only above this (default 0)")
     p.add_argument("--all", action="store_true", help="list unchanged tensors too")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead")
@@ -726,12 +821,15 @@ def build_parser() -> argparse.ArgumentParser:
             "Write a copy of a checkpoint with every floating-point tensor cast to --dtype "
             "(integer, bool and complex tensors are copied unchanged). One tensor is in memory "
             "at a time. Metadata is kept.")
-    p.add_argument("input", metavar="IN")
-    p.add_argument("output", metavar="OUT")
+    p.add_argument("input", metavar="IN", help="file, URL, index or directory")
+    p.add_argument("output", metavar="OUT",
+                   help="output file (index path or directory for sharded input)")
     p.add_argument("--dtype", required=True,
-                   help="target: a code (BF16, F16, F32, F8_E4M3, ...) or a name (bfloat16, float16, ...)")
+                   help="target, case-insensitive: a code (BF16, F16, F32, F8_E4M3...), an "
+                   "alias (bf16, fp16, f16, fp32, f32, half...) or a name (bfloat16, float16...)")
     p.add_argument("--only", action="append", metavar="GLOB",
-                   help="cast only tensors whose name matches (repeatable)")
+                   help="cast only tensors whose name matches (repeatable; a pattern that "
+                   "matches no tensor is an error)")
     p.add_argument("--alignment", type=int, choices=(8, ZERO_COPY_ALIGNMENT),
                    default=ZERO_COPY_ALIGNMENT,
                    help=f"{ZERO_COPY_ALIGNMENT}: zero-copy layout (default); 8: the reference "

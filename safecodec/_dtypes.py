@@ -19,8 +19,8 @@ import numpy as np
 
 from ._errors import DtypeError
 
-__all__ = ["CODES", "DTYPES", "F6_CODES", "FLOAT_CODES", "DType", "code_for_numpy",
-           "dtype_for_code"]
+__all__ = ["CODES", "DTYPES", "DTYPE_ALIASES", "F6_CODES", "FLOAT_CODES", "DType",
+           "code_for_numpy", "dtype_for_code", "dtype_from_text"]
 
 #: True on little-endian hosts. The reader and writer take the byte-swapping path when it
 #: is False; tests flip it to exercise that path on little-endian machines.
@@ -179,6 +179,64 @@ def dtype_for_code(code: str) -> DType:
         raise DtypeError(
             f"unknown dtype code {code!r}; valid codes are {', '.join(sorted(CODES))}"
         ) from None
+
+
+#: Spellings of dtypes in text (command-line options...), lowercase, besides the codes
+#: themselves and the NumPy / ml_dtypes names: the usual short forms of ML code. Where a
+#: spelling means different things to different libraries it is left out (``float`` is
+#: float32 in PyTorch and float64 in NumPy; ``fp8`` has two common formats).
+DTYPE_ALIASES: Final[dict[str, str]] = {
+    "bf16": "BF16", "bfloat16": "BF16",
+    "fp16": "F16", "f16": "F16", "half": "F16", "float16": "F16",
+    "fp32": "F32", "f32": "F32", "single": "F32", "float32": "F32",
+    "fp64": "F64", "f64": "F64", "double": "F64", "float64": "F64",
+    "fp8_e4m3": "F8_E4M3", "f8_e4m3": "F8_E4M3", "e4m3": "F8_E4M3",
+    "fp8_e5m2": "F8_E5M2", "f8_e5m2": "F8_E5M2", "e5m2": "F8_E5M2",
+    "fp4": "F4",
+    "bool": "BOOL",
+    "int8": "I8", "i8": "I8", "uint8": "U8", "u8": "U8",
+    "int16": "I16", "i16": "I16", "uint16": "U16", "u16": "U16",
+    "int32": "I32", "i32": "I32", "uint32": "U32", "u32": "U32",
+    "int64": "I64", "i64": "I64", "uint64": "U64", "u64": "U64",
+    "complex64": "C64", "c64": "C64",
+}  # fmt: skip
+
+
+def dtype_from_text(text: str) -> DType:
+    """The table row that ``text`` names, case-insensitively: a code (``BF16``, ``bf16``),
+    a usual alias (``fp16``, ``f32``, ``half``...; :data:`DTYPE_ALIASES`) or a NumPy /
+    ml_dtypes name (``float8_e4m3fn``). Every place that reads a dtype from a string asks
+    this function.
+
+    Raises:
+        DtypeError: ``text`` names no dtype, or one that has no safetensors code.
+
+    Examples:
+        >>> dtype_from_text("fp16").code, dtype_from_text("Bfloat16").code
+        ('F16', 'BF16')
+    """
+    if not isinstance(text, str):
+        raise DtypeError(f"a dtype name must be a string, got {type(text).__name__}")
+    key = text.strip()
+    code = key.upper() if key.upper() in DTYPES else DTYPE_ALIASES.get(key.lower())
+    if code is not None:
+        return DTYPES[code]
+    try:
+        dt = np.dtype(key.lower())
+    except (TypeError, ValueError):
+        import ml_dtypes
+
+        attr = getattr(ml_dtypes, key.lower(), None)
+        if attr is None:
+            raise DtypeError(
+                f"unknown dtype {text!r}; use a code such as BF16, an alias such as bf16, "
+                "fp16 or fp32, or a name such as bfloat16"
+            ) from None
+        dt = np.dtype(attr)
+    code = _by_numpy().get(dt)
+    if code is None:
+        raise DtypeError(f"dtype {text!r} has no safetensors code (NumPy: {dt.name})")
+    return DTYPES[code]
 
 
 def code_for_numpy(dtype: np.dtype, name: str = "") -> str:

@@ -20,6 +20,7 @@ __all__ = [
     "SliceIndexError",
     "TensorNotFoundError",
     "TreeStructureError",
+    "counted",
 ]
 
 
@@ -70,3 +71,9 @@ class TensorNotFoundError(SafecodecError, KeyError):
 class SliceIndexError(SafecodecError, IndexError):
     """An index given to a slice is out of range or not a basic index. Also an
     :class:`IndexError`."""
+
+
+def counted(n: int, noun: str) -> str:
+    """``"1 tensor"``, ``"2 tensors"``: a count and its noun, for messages (a regular
+    plural; every noun used with it takes an ``s``)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

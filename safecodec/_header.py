@@ -30,7 +30,8 @@ The checks, in the order the reference reader makes them (each raises its own er
    and END >= BEGIN ("invalid offset"); the element count times the bit width must fit in
    64 bits ("overflow"); must be whole bytes ("misaligned"); END - BEGIN must equal the
    byte size ("invalid shape, data type, or offset").
-7. 8 + N + final cursor must equal the source size ("file not fully covered").
+7. 8 + N + final cursor must equal the source size: "truncated file" when the source is
+   shorter (both sizes shown), "file not fully covered" when bytes follow the last tensor.
 
 This module is the reference: :func:`parse_header` makes the checks above one at a time,
 through :mod:`json` with strict hooks and a tensor-by-tensor walk, and alone words the
@@ -70,7 +71,7 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 
 from ._dtypes import DTYPES, DType
-from ._errors import HeaderError, OffsetError
+from ._errors import HeaderError, OffsetError, counted
 
 __all__ = [
     "MAX_HEADER_SIZE",
@@ -80,6 +81,8 @@ __all__ = [
     "TensorInfo",
     "decode_length",
     "encode_header",
+    "explain_foreign",
+    "foreign_format",
     "parse_header",
     "plan_layout",
 ]
@@ -113,6 +116,26 @@ METADATA_KEY: Final = "__metadata__"
 #: The three fields a tensor entry must have, in the order the reference writes them.
 TENSOR_FIELDS: Final = ("dtype", "shape", "data_offsets")
 
+#: First bytes of files that people mistake for safetensors files, and what to say. A
+#: PyTorch checkpoint (``.pt``/``.bin``) is a zip archive (``torch.save`` since PyTorch 1.6)
+#: or a pickle (older ``torch.save``: opcode PROTO, 0x80, then the protocol number). These
+#: only word an error the format checks raise anyway: a file is never rejected for them.
+FOREIGN_MAGIC: Final = (
+    (b"PK\x03\x04",
+     "a zip archive, which is how torch.save stores a PyTorch checkpoint (.pt/.bin; a NumPy "
+     ".npz is one too)",
+     "Load it with torch.load(path, weights_only=True) (numpy.load for an .npz) and write "
+     "the tensors with safecodec.save_file"),
+    *((bytes([0x80, protocol]),
+       f"a Python pickle (protocol {protocol}): a PyTorch checkpoint (.pt/.bin) as older "
+       "torch.save wrote them, or another pickled object",
+       "Load it with torch.load(path, weights_only=True) (never unpickle an untrusted file) "
+       "and write the tensors with safecodec.save_file")
+      for protocol in range(2, 6)),
+    (b"GGUF", "a GGUF file (llama.cpp)", "Convert it with llama.cpp's tools"),
+    (b"\x93NUMPY", "a NumPy .npy file",
+     "Load it with numpy.load and write it with safecodec.save_file"),
+)
 _U64 = struct.Struct("<Q")
 # A digit run this long may be an integer beyond u64 (serde_json then makes it an f64).
 _LONG_DIGITS = re.compile(r"[0-9]{20}")
@@ -189,7 +212,7 @@ class Header:
         self._sorted_names: list[str] = []
 
     def __repr__(self) -> str:
-        return (f"Header({len(self.tensors)} tensors, metadata={self.metadata!r}, "
+        return (f"Header({counted(len(self.tensors), 'tensor')}, metadata={self.metadata!r}, "
                 f"header_size={self.header_size}, file_size={self.file_size})")
 
     def __eq__(self, other: object) -> bool:
@@ -262,6 +285,32 @@ def visible_metadata(raw: dict[str, str] | None) -> dict[str, str] | None:
 # ----------------------------------------------------------------------------- parsing
 
 
+def foreign_format(prefix: bytes | bytearray | memoryview) -> tuple[str, str] | None:
+    """``(what the file is, what to do)`` when a file that starts with ``prefix`` is a known
+    other format (a PyTorch checkpoint...; :data:`FOREIGN_MAGIC`), else None.
+
+    Examples:
+        >>> foreign_format(b"PK\\x03\\x04\\x14\\x00\\x00\\x00")[0][:13]
+        'a zip archive'
+    """
+    head = bytes(prefix[:8])
+    for magic, what, todo in FOREIGN_MAGIC:
+        if head.startswith(magic):
+            return what, todo
+    return None
+
+
+def explain_foreign(exc: HeaderError, prefix: bytes | bytearray | memoryview) -> HeaderError:
+    """``exc`` itself, or, when the file is a known other format, a :class:`HeaderError`
+    of the same class that says first what the file is and what to do, then the format
+    check's own words. The verdict never changes, only the words."""
+    known = foreign_format(prefix)
+    if known is None:
+        return exc
+    what, todo = known
+    return type(exc)(f"not a safetensors file: this is {what}. {todo}. Format check: {exc}")
+
+
 def decode_length(prefix: bytes | bytearray | memoryview, source_size: int) -> int:
     """Checks 1-3: decode N from the first 8 bytes and check it against the source size.
 
@@ -274,8 +323,19 @@ def decode_length(prefix: bytes | bytearray | memoryview, source_size: int) -> i
 
     Raises:
         HeaderError: The source is shorter than 8 bytes, N is over
-            :data:`MAX_HEADER_SIZE`, or 8 + N runs past the end of the source.
+            :data:`MAX_HEADER_SIZE`, or 8 + N runs past the end of the source (for a
+            known other format, such as a PyTorch checkpoint, the message says so first).
     """
+    try:
+        return _decode_length(prefix, source_size)
+    except HeaderError as exc:
+        explained = explain_foreign(exc, prefix)
+        if explained is exc:
+            raise
+        raise explained from None
+
+
+def _decode_length(prefix: bytes | bytearray | memoryview, source_size: int) -> int:
     if source_size < PREFIX_SIZE or len(prefix) < PREFIX_SIZE:
         raise HeaderError(
             f"header too small: a safetensors file starts with {PREFIX_SIZE} bytes of header "
@@ -684,10 +744,17 @@ def check_layout(parsed: ParsedHeader, header_size: int, source_size: int) -> He
         tensors[names[i]] = new(TensorInfo, (names[i], dtype, shape, begin, end))
 
     expected = PREFIX_SIZE + header_size + cursor
+    if expected > source_size:
+        raise OffsetError(
+            f"truncated file: the header and tensors need {expected} bytes, the file has "
+            f"{source_size} ({expected - source_size} missing; an interrupted download or "
+            "copy?)"
+        )
     if expected != source_size:
         raise OffsetError(
             "incomplete metadata, file not fully covered: header and tensors account for "
-            f"{expected} bytes, the file has {source_size}"
+            f"{expected} bytes, the file has {source_size} "
+            f"({counted(source_size - expected, 'byte')} after the last tensor)"
         )
     return Header(tensors, parsed.metadata, header_size, source_size)
 
@@ -769,10 +836,10 @@ def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int)
             tensor name or a NUL character (safecodec's two deviations).
         OffsetError: Offsets, shapes and dtypes do not tile the data section (checks 6-7).
 
-    Example:
-        >>> h = parse_header(b'{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}', 8 + 54 + 2)
+    Examples:
+        >>> h = parse_header(b'{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}', 8 + 53 + 2)
         >>> h.tensors["a"].shape, h.data_start
-        ((2,), 62)
+        ((2,), 61)
     """
     text = header_text(header_bytes)
     with gc_paused():

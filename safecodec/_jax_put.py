@@ -57,6 +57,15 @@ def is_aligned(arr: np.ndarray) -> bool:
 # ----------------------------------------------------------------------------- putting
 
 
+
+def single_device_sharding(device: Any) -> Any:
+    """The sharding that puts a whole array on ``device``: ``make_single_device_sharding``
+    where JAX has it (JAX 0.12 deprecates naming the ``SingleDeviceSharding`` class)."""
+    make = getattr(jax.sharding, "make_single_device_sharding", None)
+    if make is not None:
+        return make(device)
+    return jax.sharding.SingleDeviceSharding(device)  # older JAX
+
 class PublicPut:
     """Device placement through the public API only (``jax.device_put``,
     ``jax.make_array_from_single_device_arrays``). The fallback of :class:`InternalPut`."""
@@ -105,7 +114,7 @@ class InternalPut(PublicPut):
     def _sharding(self, device: Any) -> Any:
         sharding = self._single.get(device)
         if sharding is None:
-            sharding = self._single[device] = jax.sharding.SingleDeviceSharding(device)
+            sharding = self._single[device] = single_device_sharding(device)
         return sharding
 
     def single(self, arr: np.ndarray, device: Any, committed: bool) -> jax.Array:

@@ -17,8 +17,9 @@ process or barrier) and process 0 removes the temporary file. If a process DIES,
 coordination service fails the barrier after its heartbeat timeout, and by default
 terminates every other process at the same moment (``jax_enable_recoverability`` off):
 process 0 may or may not get to raise and remove its temporary first. With
-recoverability on, the barrier times out instead (``timeout_s``) and process 0 raises,
-naming the process that is gone. If process 0 itself dies, JAX terminates the other
+recoverability on, the barrier times out instead (``timeout_s``) and process 0 raises
+within ``timeout_s`` plus :data:`LIVE_NODES_WAIT_S`, naming the process that is gone when
+JAX can tell by then (it never blocks on that question). If process 0 itself dies, JAX terminates the other
 processes at once (nothing a library can catch). A temporary file left behind is
 unlocked, and the next save of the same target removes it.
 """
@@ -28,8 +29,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import jax
 import numpy as np
@@ -39,9 +41,13 @@ from ._errors import DtypeError, SafecodecError
 from ._header import ZERO_COPY_ALIGNMENT, PlannedTensor
 from ._indexing import index_key, plan_runs
 from ._packed import pack
-from ._sink import LocalAtomicFile, temporary_name
+from ._sink import LocalAtomicFile, publishing, temporary_name
 
 __all__ = ["holds_jax_arrays", "save", "save_file", "write_shard"]
+
+#: How long a failed collective save waits for JAX's coordination service to name the
+#: processes that are gone (seconds; see :func:`_gone_processes`).
+LIVE_NODES_WAIT_S: Final = 2.0
 
 
 def holds_jax_arrays(tensors: Any) -> bool:
@@ -181,13 +187,8 @@ def save_file(tensors: Mapping[str, Any], path: str, metadata: Mapping[str, str]
     if collective:
         _save_collective(header, planned, values, path, total, timeout_s)
         return
-    sink = LocalAtomicFile(path, size=total)
-    try:
+    with publishing(LocalAtomicFile(path, size=total)) as (sink,):
         _write_all(_Positioned(sink=sink), header, planned, values, process=0, collective=False)
-    except BaseException:
-        sink.discard()
-        raise
-    sink.commit()
 
 
 _SAVE_COUNTER = itertools.count()
@@ -221,14 +222,31 @@ def _barrier(name: str, timeout_s: float, path: str) -> None:
 
 def _gone_processes() -> list[int]:
     """The processes JAX's coordination service no longer counts as alive (empty when it
-    cannot tell)."""
+    cannot tell within :data:`LIVE_NODES_WAIT_S`).
+
+    The service answers once every live process has asked, or once the dead one's
+    heartbeat has timed out (JAX's default: 100 s): a save that has already waited
+    ``timeout_s`` must not wait that long again, so the question is asked from a daemon
+    thread and abandoned after a short wait (the thread ends when the service answers).
+    """
     client = _client()
-    count = jax.process_count()
-    try:
-        live = client.get_live_nodes(list(range(count)))
-    except Exception:  # no client, an older jaxlib, or the service itself is gone
+    if client is None:
         return []
-    return [p for p in range(count) if p not in live]
+    count = jax.process_count()
+    answer: list[Any] = []
+
+    def ask() -> None:
+        try:
+            answer.append(client.get_live_nodes(list(range(count))))
+        except Exception:  # an older jaxlib, or the service itself is gone
+            pass
+
+    thread = threading.Thread(target=ask, name="safecodec-live-nodes", daemon=True)
+    thread.start()
+    thread.join(LIVE_NODES_WAIT_S)
+    if not answer:
+        return []
+    return [p for p in range(count) if p not in answer[0]]
 
 
 def _save_collective(header: bytes, planned: list[PlannedTensor], values: Mapping[str, Any],

@@ -26,7 +26,14 @@ import numpy as np
 
 from . import _dtypes, _integrity, _threads
 from ._dtypes import DType
-from ._errors import ChecksumError, ClosedHandleError, SafecodecError, TensorNotFoundError
+from ._errors import (
+    ChecksumError,
+    ClosedHandleError,
+    HeaderError,
+    SafecodecError,
+    TensorNotFoundError,
+    counted,
+)
 from ._header import (
     CHECKSUM_KEY,
     PREFIX_SIZE,
@@ -35,6 +42,7 @@ from ._header import (
     TensorInfo,
     check_numpy_shape,
     decode_length,
+    explain_foreign,
 )
 from ._header_fast import parse_header
 from ._indexing import finish_block, normalize_index, numpy_index, plan_runs
@@ -100,12 +108,19 @@ def read_header_bytes(source: Any) -> tuple[Header, memoryview]:
     n = decode_length(first, size)
     end = PREFIX_SIZE + n
     if end <= len(first):
-        return parse_header(first[PREFIX_SIZE:end], size), first[:end]
-    whole = bytearray(end)
-    whole[: len(first)] = first
-    source.readinto(len(first), memoryview(whole)[len(first) :], "header")
-    view = memoryview(whole)
-    return parse_header(view[PREFIX_SIZE:], size), view
+        view = first[:end]
+    else:
+        whole = bytearray(end)
+        whole[: len(first)] = first
+        source.readinto(len(first), memoryview(whole)[len(first) :], "header")
+        view = memoryview(whole)
+    try:
+        return parse_header(view[PREFIX_SIZE:], size), view
+    except HeaderError as exc:  # e.g. a zip whose first bytes read as a plausible length
+        explained = explain_foreign(exc, first)
+        if explained is exc:
+            raise
+        raise explained from None
 
 
 def missing_tensor(name: object, names: Sequence[str], where: str) -> TensorNotFoundError:
@@ -114,7 +129,7 @@ def missing_tensor(name: object, names: Sequence[str], where: str) -> TensorNotF
 
     close = difflib.get_close_matches(str(name), names, n=3) if len(names) < 100_000 else []
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    return TensorNotFoundError(f"no tensor named {name!r} in {where} ({len(names)} tensors){hint}")
+    return TensorNotFoundError(f"no tensor named {name!r} in {where} ({counted(len(names), 'tensor')}){hint}")
 
 
 def _native(arr: np.ndarray, dtype: DType) -> np.ndarray:
@@ -640,7 +655,7 @@ class SafeOpen:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{len(self)} tensors"
+        state = "closed" if self.closed else counted(len(self), "tensor")
         return f"<safecodec.safe_open {self._source.name!r} ({state}), framework={self.framework!r}>"
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "FsspecSource",
     "RemoteStats",
     "describe_failure",
+    "fresh_info",
     "merge_ranges",
 ]
 
@@ -173,7 +174,7 @@ def merge_ranges(
     row): ``max_gap=MERGE_GAP, max_block=MAX_REQUEST`` fetches 0.9995 of the file (34
     requests), this rule 0.4995 (its exact share; one request per row, 115,840).
 
-    Example:
+    Examples:
         >>> merge_ranges([(100, 200), (0, 50), (60, 80), (10_000_000, 10_000_010)], gap=16)
         [(0, 80), (100, 200), (10000000, 10000010)]
         >>> merge_ranges([(0, 50), (60, 80)], gap=4)
@@ -236,6 +237,18 @@ class RemoteStats(SourceStats):
         out = super().as_dict()
         out["metadata_requests"] = self.metadata_requests
         return out
+
+
+def fresh_info(fs: Any, path: str) -> Mapping[str, Any]:
+    """``fs.info(path)`` asked of the server, never answered from the filesystem's listing
+    cache: s3fs answers ``info`` from a cached folder listing when it has one, and a
+    listing carries no version id where a HEAD does. The identity taken at open and the
+    one re-checked after a read both come from here, so they are comparable."""
+    invalidate = getattr(fs, "invalidate_cache", None)
+    if invalidate is not None:
+        invalidate(path)
+    info: Mapping[str, Any] = fs.info(path)
+    return info
 
 
 def _identity(info: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -524,10 +537,7 @@ class FsspecSource(SourceBase):
         """
         began = time.monotonic()
         try:
-            invalidate = getattr(self.fs, "invalidate_cache", None)
-            if invalidate is not None:
-                invalidate(self.path)
-            info = self.fs.info(self.path)
+            info = fresh_info(self.fs, self.path)
         except FileNotFoundError as exc:
             raise RemoteIOError(f"{self.name} disappeared while it was being read") from exc
         except Exception as exc:

@@ -79,12 +79,13 @@ def resolve_fs(
 
 
 def _remote_info(fs: Any, path: str, name: str) -> Mapping[str, Any]:
-    """``fs.info(path)``, with every failure but a missing object as RemoteIOError."""
-    from ._remote import describe_failure
+    """``fs.info(path)`` from the server (:func:`safecodec._remote.fresh_info`), with every
+    failure but a missing object as RemoteIOError."""
+    from ._remote import describe_failure, fresh_info
 
     began = time.monotonic()
     try:
-        info: Mapping[str, Any] = fs.info(path)
+        info: Mapping[str, Any] = fresh_info(fs, path)
     except FileNotFoundError:
         raise
     except Exception as exc:
@@ -96,8 +97,9 @@ def _remote_info(fs: Any, path: str, name: str) -> Mapping[str, Any]:
 
 
 def open_remote(path: str, fs: Any = None, storage_options: Mapping[str, Any] | None = None,
-                *, progress: bool = False) -> Any:
-    """An :class:`~safecodec._remote.FsspecSource` on ``path`` (one ``info`` request).
+                *, progress: bool = False, name: str | None = None) -> Any:
+    """An :class:`~safecodec._remote.FsspecSource` on ``path`` (one ``info`` request);
+    ``name`` is what messages call it (default: ``path``).
 
     Raises:
         FileNotFoundError: The object does not exist.
@@ -107,20 +109,23 @@ def open_remote(path: str, fs: Any = None, storage_options: Mapping[str, Any] | 
     from ._remote import FsspecSource
 
     filesystem, fpath = resolve_fs(path, fs, storage_options)
-    return FsspecSource(filesystem, fpath, _remote_info(filesystem, fpath, path), name=path,
+    shown = name or path
+    return FsspecSource(filesystem, fpath, _remote_info(filesystem, fpath, shown), name=shown,
                         progress=progress)
 
 
 def _check_regular(path: str) -> None:
-    """Refuse FIFOs, sockets and devices before opening them (an open or a read of a FIFO
-    would block forever); directories get their own error."""
+    """Refuse directories, FIFOs, sockets and devices before opening them (an open or a
+    read of a FIFO would block forever), each with a SafecodecError (a shard name in an
+    index can name any of them)."""
     try:
         st = os.stat(path)
     except OSError:
         return  # open() reports a missing file with its own error
     if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(21, "Is a directory (open the directory with safe_open or "
-                                "load_file to read a sharded checkpoint)", path)
+        raise SafecodecError(f"{path} is a directory, not a safetensors file (open the "
+                             "directory with safe_open or load_file to read a sharded "
+                             "checkpoint)")
     if not stat.S_ISREG(st.st_mode):
         raise SafecodecError(f"{path} is not a regular file (a FIFO, socket or device); "
                              "safetensors files must be regular files")
@@ -317,6 +322,49 @@ class Target:
         path = posixpath.join(self.path, name) if self.path else name
         shown = self.name + name if self.name.endswith("/") else f"{self.name}/{name}"
         return Target(path, self.fs, shown)
+
+    def split(self) -> tuple[Target, str]:
+        """The folder holding this target (on the same filesystem) and its base name."""
+        if self.fs is None:
+            path = os.path.abspath(self.path)
+            return Target(os.path.dirname(path)), os.path.basename(path)
+        folder, _, base = self.path.rstrip("/").rpartition("/")
+        shown = self.name.rstrip("/").rpartition("/")[0]
+        return Target(folder, self.fs, shown), base
+
+    def is_dir(self) -> bool:
+        """Whether this target names an existing directory (a folder, or a prefix that
+        holds objects)."""
+        if self.fs is None:
+            return os.path.isdir(self.path)
+        try:
+            return bool(self.fs.isdir(self.path))
+        except Exception as exc:
+            raise RemoteIOError(f"asking whether {self.name} is a folder failed: "
+                                f"{type(exc).__name__}: {exc}") from exc
+
+    def same_file(self, other: Target) -> bool:
+        """Whether writing this target replaces the file ``other`` names: the same path,
+        a symbolic or hard link to it (local), or the same object on an equal filesystem."""
+        mine, theirs = self._local(), other._local()
+        if mine is not None and theirs is not None:
+            try:
+                return os.path.samefile(mine, theirs)
+            except OSError:  # one of them does not exist (yet)
+                return os.path.realpath(mine) == os.path.realpath(theirs)
+        if mine is not None or theirs is not None:
+            return False
+        strip = self.fs._strip_protocol
+        return bool(self.fs == other.fs
+                    and strip(self.path).rstrip("/") == strip(other.path).rstrip("/"))
+
+    def _local(self) -> str | None:
+        """The local path this target writes (``file://`` URLs included), else None."""
+        if self.fs is None:
+            return self.path
+        if getattr(self.fs, "local_file", False):
+            return str(self.fs._strip_protocol(self.path))
+        return None
 
 
 def resolve_target(path_or_url: Any, fs: Any = None,

@@ -60,7 +60,7 @@ def serialize(
         DtypeError: A leaf's dtype has no safetensors code (names its path).
         SafecodecError: Bad metadata.
 
-    Example:
+    Examples:
         >>> import numpy as np, safecodec as sc
         >>> data = sc.serialize({"dense": {"kernel": np.ones((2, 2), np.float32)}})
         >>> sorted(sc.read_header(data).tensors)

@@ -17,10 +17,15 @@ shard starting whenever the next tensor would push the current one over
 ``max_shard_size`` (counting tensor bytes, like Hugging Face); a tensor larger than the
 limit gets a shard of its own. Every shard is first written completely to a temporary
 file; only when all are written are they renamed into place, then the index. So a save
-that fails or is killed while writing leaves the previous checkpoint untouched, and the
+that fails or is killed while writing leaves the previous checkpoint untouched; a rename
+that fails (the index's included) puts back the shards already renamed
+(:func:`safecodec._sink.commit_all`: all or none); and the
 only window in which a reader can meet old and new shards side by side (the renames,
 milliseconds) is caught by the identity check: a reader gets the old checkpoint, the new
-one, or an error naming the shard, never a mix.
+one, or an error naming the shard, never a mix. Re-saving over a checkpoint that had
+more shards (or other shard names) removes, once the new index is published, exactly the
+files the replaced index named and the new one does not: nothing else in the directory is
+touched, and nothing is removed before the new checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from ._errors import ClosedHandleError, RemoteIOError, SafecodecError
+from ._errors import ClosedHandleError, RemoteIOError, SafecodecError, counted
 from ._header import (
     CHECKPOINT_KEY,
     ZERO_COPY_ALIGNMENT,
@@ -42,7 +47,7 @@ from ._header import (
 from ._integrity import sha256_hex
 from ._progress import ProgressBar
 from ._reader import Output, SafeOpen, check_output, missing_tensor
-from ._resolve import Location, Target
+from ._resolve import Location, Target, open_remote
 from ._shardindex import (
     MAX_INDEX_SIZE,
     SHARD_PATTERN,
@@ -52,6 +57,7 @@ from ._shardindex import (
     plan_shards,
     split_target,
 )
+from ._sink import publishing
 from ._threads import run_concurrently
 from ._writer import open_sink, stream_file, tensor_nbytes
 
@@ -91,7 +97,7 @@ class ShardedSafeOpen:
     Thread-safe for reads. Shards are opened on first use; ``get_tensors`` opens all of
     them concurrently.
 
-    Example:
+    Examples:
         >>> import numpy as np, safecodec as sc, tempfile
         >>> d = tempfile.mkdtemp()
         >>> sc.save_file({"a": np.ones(100, np.float32), "b": np.zeros(100, np.float32)},
@@ -137,12 +143,16 @@ class ShardedSafeOpen:
             with open(loc.index, "rb") as f:
                 data = f.read(MAX_INDEX_SIZE + 1)
         else:
+            # sized by one metadata request before any byte is read, then read exactly
+            # (length-checked, pinned to the version sized) like every remote file
+            source = open_remote(loc.index, loc.fs, name=loc.name)
             try:
-                data = bytes(loc.fs.cat_file(loc.index))
-            except FileNotFoundError:
-                raise
-            except Exception as exc:
-                raise RemoteIOError(f"reading index {loc.name} failed: {exc}") from exc
+                if source.size > MAX_INDEX_SIZE:
+                    raise SafecodecError(f"index {loc.name} is {source.size} bytes, over the "
+                                         f"{MAX_INDEX_SIZE} limit")
+                data = bytes(source.read(0, source.size, "index"))
+            finally:
+                source.close()
         if len(data) > MAX_INDEX_SIZE:
             raise SafecodecError(f"index {loc.name} is {len(data)} bytes, over the {MAX_INDEX_SIZE} limit")
         self._index_bytes = len(data)
@@ -166,7 +176,7 @@ class ShardedSafeOpen:
                                   **self._options)
         except FileNotFoundError as exc:
             raise SafecodecError(
-                f"shard {shard!r} listed in index {self._loc.name} for {len(wanted)} tensors "
+                f"shard {shard!r} listed in index {self._loc.name} for {counted(len(wanted), 'tensor')} "
                 f"(e.g. {wanted[0]!r}) does not exist at {self._loc.display(shard)}"
             ) from exc
         try:
@@ -203,10 +213,10 @@ class ShardedSafeOpen:
         missing = [n for n in wanted if n not in handle]
         if missing:
             raise SafecodecError(
-                f"index {self._loc.name} maps {len(missing)} tensors to shard {shard!r} that "
+                f"index {self._loc.name} maps {counted(len(missing), 'tensor')} to shard {shard!r} that "
                 f"it does not hold: {', '.join(map(repr, missing[:5]))}"
                 + (" ..." if len(missing) > 5 else "")
-                + f" (the shard holds {len(handle)} tensors)"
+                + f" (the shard holds {counted(len(handle), 'tensor')})"
             )
 
     def _open_all(self) -> list[SafeOpen]:
@@ -375,7 +385,8 @@ class ShardedSafeOpen:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self)} tensors in {len(self._names_by_shard)} shards"
+        state = "closed" if self._closed else (f"{counted(len(self), 'tensor')} in "
+                                                f"{counted(len(self._names_by_shard), 'shard')}")
         return f"<safecodec.safe_open sharded {self._loc.name!r} ({state})>"
 
 
@@ -409,6 +420,10 @@ def write_checkpoint(
         index_metadata: Extra entries for the index's ``metadata`` (``total_size`` and
             :data:`SHARDS_KEY` are always written by this function).
 
+    When ``folder`` already holds an index named ``index_name``, the shard files it names
+    that this save does not write are removed after the new index is published (see
+    :func:`_previous_shards`); no other file is.
+
     Returns:
         The index's path (the caller's URL spelling for remote targets).
 
@@ -425,9 +440,10 @@ def write_checkpoint(
     weight_map: dict[str, str] = {}
     identities: dict[str, dict[str, Any]] = {}
     total_size = 0
-    pending: list[Any] = []
     save_id = os.urandom(8).hex()  # makes every shard header of this save unique
-    try:
+    # Everything is written first; then the shards are published, then the index (the
+    # commit point), all or none (a failed index rename puts the old shards back).
+    with publishing() as pending:
         with ProgressBar(None, f"save {len(shards)} shards", progress, unit="shard") as bar:
             for shard, part, user_metadata in shards:
                 metadata = {**(user_metadata or {}), CHECKPOINT_KEY: save_id}
@@ -450,14 +466,47 @@ def write_checkpoint(
         pending.append(index_sink)
         index_sink.write(index_bytes(weight_map, total_size, extra))
         index_sink.flush()
-    except BaseException:
-        for sink in pending:
-            sink.discard()
-        raise
-    # Everything is written: publish the shards, then the index (the commit point).
-    for sink in pending:
-        sink.commit()
+        # The shards that only the index being replaced names (read before it is).
+        stale = _previous_shards(index_target) - set(identities) - {index_name}
+    # Published: now remove them, and nothing else.
+    for shard in sorted(stale):
+        _remove(folder.join(shard))
     return index_target.name
+
+
+def _previous_shards(index: Target) -> set[str]:
+    """The shard files that the index now at ``index`` names; empty when there is none,
+    or when it cannot be read or is not a valid index (then nothing is taken for stale)."""
+    try:
+        if index.fs is None:
+            with open(index.path, "rb") as f:
+                data = f.read(MAX_INDEX_SIZE + 1)
+        else:
+            data = bytes(index.fs.cat_file(index.path))
+    except Exception:  # absent, unreadable, not a file: no previous checkpoint to tidy
+        return set()
+    if len(data) > MAX_INDEX_SIZE:
+        return set()
+    try:
+        weight_map, _ = parse_index(data, index.name)
+    except SafecodecError:
+        return set()
+    return set(weight_map.values())
+
+
+def _remove(target: Target) -> None:
+    """Delete a stale shard file (already gone is fine)."""
+    if target.fs is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target.path)
+        return
+    try:
+        if target.fs.exists(target.path):
+            target.fs.rm(target.path)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        raise RemoteIOError(f"removing stale shard {target.name} failed: {exc}") from exc
 
 
 def save_sharded(

@@ -65,7 +65,7 @@ def parse_size(value: int | str) -> int:
     Raises:
         SafecodecError: Not a positive size.
 
-    Example:
+    Examples:
         >>> parse_size("5GB"), parse_size("2MiB"), parse_size(1000)
         (5000000000, 2097152, 1000)
     """
@@ -204,7 +204,7 @@ def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]
     """Group tensors, in the order given, into shards of at most ``max_bytes`` tensor bytes;
     a tensor larger than the limit gets a shard of its own.
 
-    Example:
+    Examples:
         >>> plan_shards([("a", 40), ("b", 40), ("c", 300), ("d", 10)], 100)
         [['a', 'b'], ['c'], ['d']]
     """

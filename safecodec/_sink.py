@@ -24,8 +24,19 @@ path:
   empty is left alone for :data:`STALE_EMPTY_AGE` seconds (its writer may be between
   creating and locking it). Where ``fcntl`` is missing (Windows), only temporaries older
   than :data:`STALE_UNLOCKED_AGE` are removed.
+* **Commit or discard, nothing in between.** :meth:`commit` that fails (the rename is
+  refused: the target is a directory, the disk is full...) discards the temporary and
+  closes its descriptor before raising; :func:`publishing` commits inside its discard
+  handling, so every writer that uses it leaves the old target and no temporary behind.
+* **A group is published all or none.** :func:`commit_all` (sharded checkpoints: every
+  shard, then the index) keeps each replaced file until the last sink is published; if
+  one fails, the files already renamed into place are put back (or removed, where there
+  was none) and the rest discarded, so a failed index rename leaves the old checkpoint
+  intact.
 * **Errors name the file.** An ``OSError`` raised while writing (``ENOSPC``, ``EDQUOT``...)
-  carries the target's path in its ``filename``.
+  carries the target's path in its ``filename``; so does the error of creating the
+  temporary (a folder that does not exist, no permission), worded for the target, never
+  naming the hidden temporary.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final, Protocol
 
 from ._errors import RemoteIOError, SafecodecError
@@ -52,6 +63,7 @@ __all__ = [
     "RemoteAtomicFile",
     "Sink",
     "clean_stale_temporaries",
+    "commit_all",
     "fsync_directory",
     "publishing",
     "temporary_name",
@@ -87,7 +99,11 @@ class Sink(Protocol):
 
     def flush(self) -> None: ...
 
-    def commit(self) -> None: ...
+    def commit(self, *, keep_previous: bool = False) -> Any: ...
+
+    def revert(self, previous: Any) -> None: ...
+
+    def forget(self, previous: Any) -> None: ...
 
     def discard(self) -> None: ...
 
@@ -179,6 +195,22 @@ def _with_filename(exc: OSError, name: str) -> OSError:
     return exc
 
 
+def _target_error(exc: OSError, target: str, destination: str) -> OSError:
+    """The error of creating the temporary file, worded for the target (the hidden
+    temporary's name means nothing to the caller): same class and errno, the target as
+    ``filename``."""
+    directory = os.path.dirname(destination) or "."
+    if exc.errno == errno.ENOENT:
+        reason = f"cannot create a file in {directory}, which does not exist"
+    elif exc.errno == errno.ENOTDIR:
+        reason = f"cannot create a file in {directory}, which is not a directory"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason = f"no permission to create a file in {directory}"
+    else:
+        reason = f"cannot create a file in {directory}: {exc.strerror or exc}"
+    return type(exc)(exc.errno, reason, target)
+
+
 class LocalAtomicFile:
     """A locked temporary file next to ``target`` (next to its destination when ``target``
     is a symlink) that replaces the destination on :meth:`commit`.
@@ -203,7 +235,10 @@ class LocalAtomicFile:
             clean_stale_temporaries(self.destination)
         self.tmp = temporary_name(self.destination, tag)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = os.open(self.tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fd = os.open(self.tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise _target_error(exc, self.target, self.destination) from None
         try:
             _hold_lock(fd)
             with contextlib.suppress(FileNotFoundError):
@@ -268,17 +303,78 @@ class LocalAtomicFile:
         except OSError as exc:
             raise _with_filename(exc, self.target) from None
 
-    def commit(self) -> None:
+    def commit(self, *, keep_previous: bool = False) -> tuple[str, int] | None:
         """fsync, rename over the destination (still holding the lock), fsync the
-        directory, close."""
-        self._flush()
+        directory, close. On any failure the temporary is discarded (removed, its
+        descriptor closed) before the error propagates; the destination is untouched.
+
+        Args:
+            keep_previous: Keep the file being replaced under a locked temporary name
+                (a hard link, or a copy where links are refused) so that :meth:`revert`
+                can put it back (:func:`commit_all`).
+
+        Returns:
+            With ``keep_previous``: what :meth:`revert` / :meth:`forget` take (None when
+            there was no previous file); else None.
+        """
+        previous: tuple[str, int] | None = None
         try:
+            self._flush()
             os.fsync(self.fd)
+            if keep_previous:
+                previous = self._keep_previous()
             os.replace(self.tmp, self.destination)
-        except OSError as exc:
-            raise _with_filename(exc, self.target) from None
+        except BaseException as exc:
+            self.forget(previous)
+            self.discard()
+            if isinstance(exc, OSError):
+                raise _with_filename(exc, self.target) from None
+            raise
         fsync_directory(os.path.dirname(self.destination))
         self._close()
+        return previous
+
+    def _keep_previous(self) -> tuple[str, int] | None:
+        """A locked second name for the destination's current file (None: no file)."""
+        if not os.path.isfile(self.destination):
+            return None
+        keep = temporary_name(self.destination, f"{os.getpid()}.{os.urandom(4).hex()}.previous")
+        try:
+            try:
+                os.link(self.destination, keep)
+            except OSError:  # a filesystem without hard links: a copy
+                import shutil
+
+                shutil.copyfile(self.destination, keep)
+            fd = os.open(keep, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(keep)
+            raise
+        _hold_lock(fd)  # so that no concurrent save takes it for a dead writer's temporary
+        return keep, fd
+
+    def revert(self, previous: tuple[str, int] | None) -> None:
+        """Undo a :meth:`commit` made with ``keep_previous``: the previous file is renamed
+        back over the destination, or the new file removed where there was none."""
+        if previous is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.destination)
+        else:
+            keep, fd = previous
+            try:
+                os.replace(keep, self.destination)
+            finally:
+                os.close(fd)
+        fsync_directory(os.path.dirname(self.destination))
+
+    def forget(self, previous: tuple[str, int] | None) -> None:
+        """Drop what ``commit(keep_previous=True)`` kept (the publish stands)."""
+        if previous is not None:
+            keep, fd = previous
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(keep)
+            os.close(fd)
 
     def discard(self) -> None:
         """Close and remove the temporary file (idempotent)."""
@@ -332,13 +428,48 @@ class RemoteAtomicFile:
     def flush(self) -> None:
         """Nothing to do: the upload completes on :meth:`commit`."""
 
-    def commit(self) -> None:
-        """Finish the upload and move the temporary key to the target."""
+    def commit(self, *, keep_previous: bool = False) -> str | None:
+        """Finish the upload and move the temporary key to the target; on any failure the
+        temporary key is removed before the error propagates.
+
+        Args:
+            keep_previous: Copy the object being replaced to a temporary key first, so
+                that :meth:`revert` can put it back (:func:`commit_all`).
+
+        Returns:
+            With ``keep_previous``: the copy's key, or None when there was no object.
+        """
+        previous: str | None = None
         try:
             self._file.close()
+            if keep_previous and self.fs.isfile(self.path):
+                previous = temporary_name(self.path, f"{os.urandom(4).hex()}.previous", sep="/")
+                self.fs.copy(self.path, previous)
             self.fs.mv(self.tmp, self.path)
+        except BaseException as exc:
+            self.forget(previous)
+            self.discard()
+            if isinstance(exc, Exception):
+                raise self._error(exc) from exc
+            raise
+        return previous
+
+    def revert(self, previous: str | None) -> None:
+        """Undo a :meth:`commit` made with ``keep_previous`` (the previous object moved
+        back, or the new one removed where there was none)."""
+        try:
+            if previous is None:
+                self.fs.rm(self.path)
+            else:
+                self.fs.mv(previous, self.path)
         except Exception as exc:
             raise self._error(exc) from exc
+
+    def forget(self, previous: str | None) -> None:
+        """Remove the copy ``commit(keep_previous=True)`` made (best effort)."""
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                self.fs.rm(previous)
 
     def discard(self) -> None:
         """Abandon the upload and remove the temporary key (best effort)."""
@@ -349,13 +480,55 @@ class RemoteAtomicFile:
                 self.fs.rm(self.tmp)
 
 
-@contextlib.contextmanager
-def publishing(sink: Any) -> Iterator[Any]:
-    """``with publishing(sink):`` commits ``sink`` when the block succeeds and discards it
-    when it raises (anything, KeyboardInterrupt included)."""
+def commit_all(sinks: Sequence[Any]) -> None:
+    """Publish ``sinks`` in order, all or none: every sink but the last keeps the file it
+    replaces until the last one is published. If a commit fails, the sinks already
+    published are reverted (newest first: the previous files are back, new names are
+    gone) and the others discarded, then the error propagates.
+
+    Raises:
+        OSError / RemoteIOError: A commit failed (nothing of the group stays published;
+            a revert that fails too is noted on the error).
+    """
+    done: list[tuple[Any, Any]] = []
     try:
-        yield sink
-    except BaseException:
-        sink.discard()
+        for i, sink in enumerate(sinks):
+            done.append((sink, sink.commit(keep_previous=i < len(sinks) - 1)))
+    except BaseException as exc:
+        for sink in sinks[len(done):]:
+            sink.discard()
+        for sink, previous in reversed(done):
+            try:
+                sink.revert(previous)
+            except Exception as undo:  # pragma: no cover - the filesystem failed twice
+                exc.add_note(f"putting back the previous {sink.name} failed too: {undo}")
         raise
-    sink.commit()
+    for sink, previous in done:
+        sink.forget(previous)
+
+
+@contextlib.contextmanager
+def publishing(*sinks: Any) -> Iterator[list[Any]]:
+    """``with publishing(sink) as group:`` runs the block, then commits the sinks of
+    ``group`` (those given, and any the block appends) all or none (:func:`commit_all`);
+    when the block or a commit raises (anything, KeyboardInterrupt included), every sink
+    of the group is discarded. The one commit-or-discard of every writer.
+
+    Examples:
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> with publishing() as group:
+        ...     for name in ("a.bin", "b.bin"):
+        ...         group.append(LocalAtomicFile(os.path.join(d, name)))
+        ...         group[-1].write(name.encode())
+        >>> sorted(os.listdir(d))
+        ['a.bin', 'b.bin']
+    """
+    group = list(sinks)
+    try:
+        yield group
+        commit_all(group)
+    except BaseException:
+        for sink in group:
+            sink.discard()
+        raise

@@ -364,17 +364,20 @@ _TRACKFD = _mmap is not None and sys.version_info >= (3, 13)
 
 
 class _Unmap:
-    """Owns a mapping made with libc's mmap: unmapped when the last view goes."""
+    """Owns a mapping made with libc's mmap: unmapped when the last view goes.
 
-    __slots__ = ("addr", "size")
+    ``munmap`` is bound at construction (libc's function, its argument types declared):
+    a mapping still alive at interpreter exit is freed while module globals are being torn
+    down (``_libc`` and ``ctypes`` may be None by then), so ``__del__`` looks nothing up.
+    """
 
-    def __init__(self, addr: int, size: int) -> None:
-        self.addr, self.size = addr, size
+    __slots__ = ("addr", "munmap", "size")
+
+    def __init__(self, addr: int, size: int, munmap: Any) -> None:
+        self.addr, self.size, self.munmap = addr, size, munmap
 
     def __del__(self) -> None:
-        import ctypes
-
-        _libc().munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.size))
+        self.munmap(self.addr, self.size)
 
 
 def _libc_mmap(fd: int, size: int, mode: MapMode) -> memoryview | None:
@@ -391,7 +394,7 @@ def _libc_mmap(fd: int, size: int, mode: MapMode) -> memoryview | None:
         err = ctypes.get_errno()
         raise OSError(err, f"mmap failed: {os.strerror(err)}")
     array = (ctypes.c_ubyte * size).from_address(addr)
-    array._safecodec_owner = _Unmap(addr, size)  # type: ignore[attr-defined]
+    array._safecodec_owner = _Unmap(addr, size, libc.munmap)  # type: ignore[attr-defined]
     view = memoryview(array).cast("B")
     return view if mode == "copy" else view.toreadonly()
 

@@ -93,8 +93,8 @@ def get_threads() -> int:
     :data:`DEFAULT_MAX`).
 
     Raises:
-        SafecodecError: ``SAFECODEC_THREADS`` is set to something other than an integer
-            >= 1.
+        SafecodecError: ``SAFECODEC_THREADS`` is set, but not to an integer of at
+            least 1.
     """
     if _setting is not None:
         return _setting

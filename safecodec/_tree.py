@@ -279,7 +279,7 @@ def save_tree(
         TreeStructureError: A dict key that JSON cannot record exactly (e.g. a tuple).
         SafecodecError: Metadata uses the reserved prefix or is not str -> str.
 
-    Example:
+    Examples:
         >>> import numpy as np, safecodec as sc
         >>> data = sc.save_tree({"w": [np.ones(2, np.float32), None], "step": 3})
         >>> sc.load_tree(data)

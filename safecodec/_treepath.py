@@ -19,7 +19,7 @@ Path = tuple[PathElem, ...]
 def render_path(path: Path) -> str:
     """A path as Python-like text: ``['params']['Dense_0'].kernel[0]``; ``<root>`` if empty.
 
-    Example:
+    Examples:
         >>> render_path((("k", "params"), ("a", "kernel"), ("i", 0)))
         "['params'].kernel[0]"
     """
@@ -31,7 +31,7 @@ def render_path(path: Path) -> str:
 def join_path(path: Path) -> str:
     """The tensor name of a path: keys joined with ``.`` (flax ``flatten_dict`` style).
 
-    Example:
+    Examples:
         >>> join_path((("k", "params"), ("i", 0), ("a", "w")))
         'params.0.w'
     """

@@ -37,7 +37,7 @@ from ._integrity import encode, new_hasher, placeholder
 from ._packed import pack
 from ._progress import ProgressBar
 from ._resolve import Target
-from ._sink import LocalAtomicFile, RemoteAtomicFile
+from ._sink import LocalAtomicFile, RemoteAtomicFile, publishing
 
 __all__ = [
     "describe_value",
@@ -314,14 +314,9 @@ def write_file(
             left behind).
     """
     plan = prepare(tensors, metadata, alignment, checksums=checksums)
-    sink = open_sink()
-    try:
+    with publishing(open_sink()) as (sink,):
         stream_file(tensors, sink, metadata, alignment=alignment, checksums=checksums,
                     progress=progress, plan=plan)
-    except BaseException:
-        sink.discard()
-        raise
-    sink.commit()
 
 
 def open_sink(target: Target) -> Any:

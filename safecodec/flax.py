@@ -3,10 +3,11 @@ returning and accepting ``jax.Array`` values. The caller's dict is never modifie
 
 Identical to :mod:`safecodec.jax`; see it for ``device=``, ``sharding=``, ``copy=``.
 
->>> import jax.numpy as jnp
->>> from safecodec.flax import load, save
->>> load(save({"b": jnp.ones(2)}))["b"].tolist()
-[1.0, 1.0]
+Examples:
+    >>> import jax.numpy as jnp
+    >>> from safecodec.flax import load, save
+    >>> load(save({"b": jnp.ones(2)}))["b"].tolist()
+    [1.0, 1.0]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ them. :func:`save` stores params and optional state together under ``params.`` a
 ``state.``; :func:`load` gives them back as ``jax.Array`` dicts ready for
 ``transformed.apply``.
 
-Example:
+Examples:
     >>> import haiku as hk, jax, numpy as np, safecodec.haiku as sch
     >>> f = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([3, 1])(x)))
     >>> params = f.init(jax.random.key(0), np.ones((1, 2), np.float32))

@@ -5,14 +5,15 @@ address in the file is a multiple of 64 becomes a ``jax.Array`` that shares the 
 read-only mapping. Everything else is copied exactly once (on accelerators: the transfer).
 See the zero-copy guide for the rules, and the notes on lifetime below.
 
->>> import jax.numpy as jnp, safecodec.jax as scj
->>> scj.load(scj.save({"w": jnp.arange(3.0)}))["w"].tolist()
-[0.0, 1.0, 2.0]
-
 Lifetime: mapped arrays stay valid after the file is closed, deleted or atomically
 replaced. Modifying the file *in place* (opening it for writing rather than replacing it)
 changes arrays that alias it, and truncating it crashes readers of those arrays (SIGBUS);
 pass ``copy=True`` when the file may be rewritten in place.
+
+Examples:
+    >>> import jax.numpy as jnp, safecodec.jax as scj
+    >>> scj.load(scj.save({"w": jnp.arange(3.0)}))["w"].tolist()
+    [0.0, 1.0, 2.0]
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def load_file(filename: Any, *, backend: str = "mmap", device: Any = None, shard
         SafecodecError: See :func:`load`; an unknown ``backend``.
         FileNotFoundError: ``filename`` does not exist.
 
-    Example:
+    Examples:
         >>> import jax, safecodec.jax as scj
         >>> # params = scj.load_file("model.safetensors", device=jax.devices("cpu")[0])
     """

@@ -15,7 +15,7 @@ cannot be rebuilt alone: build the optimizer from the loaded model instead.
 Files from safejax (``serialize(..., include_objax_variables=True)``, names ending in
 ``::TrainVar``) load too.
 
-Example:
+Examples:
     >>> import objax, safecodec.objax as sco
     >>> model = objax.nn.Linear(2, 3)
     >>> data = sco.save(model.vars())

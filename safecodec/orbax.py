@@ -77,7 +77,7 @@ class SafetensorsHandler(ocp.AsyncCheckpointHandler):  # type: ignore[misc]
             whole (see the module docstring); the others write nothing.
         alignment: 64 (the zero-copy layout, default) or 8 (the reference writer's bytes).
 
-    Example:
+    Examples:
         >>> import orbax.checkpoint as ocp
         >>> handler = SafetensorsHandler()
         >>> handler.filename

@@ -10,6 +10,15 @@ import pytest
 # Make the helpers importable (tests/helpers: _oracle.py, block_safetensors.py, workers...).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 
+import _warning_policy
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every warning is an error (pyproject.toml) except third-party deprecations raised from
+    third-party code: the policy lives in tests/helpers/_warning_policy.py."""
+    for line in _warning_policy.ini_lines():
+        config.addinivalue_line("filterwarnings", line)
+
 try:
     from hypothesis import HealthCheck, settings
 except ImportError:  # pragma: no cover - hypothesis is a test dependency

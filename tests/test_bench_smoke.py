@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,14 @@ def _check_stats(stats: dict[str, float], repeat: int) -> None:
     assert 0 < stats["min"] <= stats["median"] <= stats["max"]
 
 
+def _check_ratios(row: dict, repeat: int) -> None:
+    """The per-run ratios: one per timed run (the warm-up is not one), bounded by min/max."""
+    runs = row["ratio_runs"]
+    assert len(runs) == repeat
+    assert row["ratio_min"] == min(runs) and row["ratio_max"] == max(runs)
+    assert all(r > 0 for r in runs)
+
+
 def test_main_job_tiny_table_and_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     files = tmp_path / "files"
@@ -38,10 +48,18 @@ def test_main_job_tiny_table_and_json(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("operation"))
     assert header.split() == ["operation", "safecodec", "safetensors", "safecodec", "vs",
-                              "safetensors"]
+                              "safetensors", "(spread)"]
     for op in ("save", "load", "load + read all", "lazy 1 tensor"):
-        assert any(line.startswith(op + "  ") for line in lines), op
+        row = next(line for line in lines if line.startswith(op + "  "))
+        # every ratio comes with the spread of the per-run ratios
+        assert re.search(r"(faster|slower|noise).*\(runs: [0-9.]+x.* to [0-9.]+x", row), row
+    assert "1 untimed warm-up run, then medians of 2 timed run(s)" in proc.stdout
     assert "every tensor read back equals the original" in proc.stdout
+    # The warm-up runs first, for each operation and library, and is reported as such.
+    progress = proc.stderr.splitlines()
+    warm = [i for i, line in enumerate(progress) if "warm-up: " in line]
+    timed = [i for i, line in enumerate(progress) if "run 1/2: " in line]
+    assert len(warm) == len(timed) >= 4 and max(warm) < min(timed)
 
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["size"] == "tiny"
@@ -49,12 +67,14 @@ def test_main_job_tiny_table_and_json(tmp_path: Path) -> None:
     assert result["tensors"] == 2 + 2 * 12 + 2
     ops = [row["operation"] for row in result["rows"]]
     assert ops[:4] == ["save", "load", "load + read all", "lazy 1 tensor"]
+    assert result["warmup"] == 1 and result["repeat"] == 2
     for row in result["rows"]:
         _check_stats(row["safecodec"], 2)
         if row["safetensors"] is not None:
             _check_stats(row["safetensors"], 2)
             assert row["ratio"] == pytest.approx(
                 row["safetensors"]["median"] / row["safecodec"]["median"])
+            _check_ratios(row, 2)
     assert {"cpu", "cores", "python", "versions", "date"} <= set(result["machine"])
     # --dir keeps the files: the safecodec checkpoint is there and loads.
     assert (files / "model-safecodec.safetensors").is_file()
@@ -73,6 +93,7 @@ def test_main_job_without_the_reference_wheel(tmp_path: Path) -> None:
     assert result["verified"] is True
     for row in result["rows"]:
         assert row["safetensors"] is None and row["ratio"] is None
+        assert row["ratio_runs"] == [] and row["ratio_min"] is None
         _check_stats(row["safecodec"], 1)
 
 
@@ -180,3 +201,20 @@ def test_gpu_benchmark_says_when_there_is_no_gpu() -> None:
                  "run_name='__main__')"])
     assert proc.returncode == 0, proc.stderr
     assert "no GPU" in proc.stdout or proc.stdout == ""
+
+
+def test_ratio_cells_show_the_spread() -> None:
+    from safecodec import _bench
+
+    def row(ours: list[float], ref: list[float]) -> dict:
+        runs = _bench.paired_ratios(ours, ref)
+        return {"ratio": statistics.median(ref) / statistics.median(ours), "ratio_runs": runs,
+                "ratio_min": min(runs), "ratio_max": max(runs)}
+
+    assert _bench.paired_ratios([1.0, 2.0], [2.0, 3.0]) == [2.0, 1.5]
+    assert _bench._fmt_ratio(row([1.0, 1.0, 1.0], [2.0, 1.8, 2.2])) == "2x faster (runs: 1.8x to 2.2x)"
+    assert _bench._fmt_ratio(row([2.0, 2.0], [1.0, 0.5])) == "2.67x slower (runs: 2x to 4x)"
+    assert _bench._fmt_ratio(row([1.0, 1.0, 1.0], [0.9, 1.0, 1.2])) == (
+        "equal within noise: 1x faster (runs: 1.11x slower to 1.2x faster)")
+    assert _bench._fmt_ratio(row([1.0], [3.0])) == "3x faster (1 run)"
+    assert _bench._fmt_ratio({"ratio": None}) == "-"

@@ -110,7 +110,9 @@ def test_verify_reports_each_file_and_the_failing_check(tmp_path, ref_file):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("OK   ref.safetensors: 6 tensors, 341 bytes")
     assert lines[1] == f"FAIL truncated.safetensors: OffsetError: {expected.value}"
-    assert "not fully covered" in lines[1]
+    size = ref_file.stat().st_size
+    assert (f"truncated file: the header and tensors need {size} bytes, the file has "
+            f"{size - 3} (3 missing" in lines[1])
 
     ok = run("verify", "-q", ref_file.name, cwd=tmp_path)
     assert (ok.returncode, ok.stdout) == (0, "")
@@ -266,8 +268,8 @@ def test_sharded_inspect_align_and_verify(tmp_path, sharded):
     assert proc.stdout.splitlines()[0] == ("OK   out: 3 tensors, 102 bytes in 2 shards, "
                                             "no checksums stored")
     assert "FAIL bad.safetensors.index.json: SafecodecError: index" in proc.stdout
-    assert ("maps 1 tensors to shard 'm-00002-of-00002.safetensors' that it does not hold: 'zz'"
-            in proc.stdout)
+    assert ("maps 1 tensor to shard 'm-00002-of-00002.safetensors' that it does not hold: 'zz' "
+            "(the shard holds 2 tensors)" in proc.stdout)
 
 
 def test_errors_and_exit_codes(tmp_path, ref_file):
@@ -362,3 +364,142 @@ def test_index_pointing_outside_its_directory_is_rejected(tmp_path):
     with pytest.raises(sc.SafecodecError, match="not a file inside the checkpoint's directory"):
         _cli.Checkpoint(str(index))
     assert _cli.main(["verify", str(index)]) == 1
+
+
+# ----------------------------------------------------------------------------- issue 16
+
+
+SUBCOMMANDS = ("inspect", "verify", "align", "diff", "convert")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help_is_wrapped_and_explains_every_argument(tmp_path, command):
+    proc = subprocess.run([sys.executable, "-m", "safecodec", command, "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    description = lines[lines.index("") + 1 : lines.index("positional arguments:")]
+    assert len([line for line in description if line]) >= 2  # a paragraph, not one long line
+    parser = next(a for a in _cli.build_parser()._actions if a.dest == "command").choices[command]
+    for action in parser._actions:
+        if not action.option_strings:  # a positional argument
+            assert action.help and len(action.help) > 10, (command, action.dest)
+            assert action.help.split(",")[0] in proc.stdout.replace("\n" + " " * 15, " ")
+
+
+def _one_tensor(tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "one.safetensors"
+    sc.save_file({"w": np.ones(16, np.float32)}, path)
+    return path
+
+
+def test_counts_of_one_are_singular(tmp_path):
+    path = _one_tensor(tmp_path)
+    ok = run("verify", path.name, cwd=tmp_path)
+    assert ok.stdout.startswith("OK   one.safetensors: 1 tensor, 64 bytes, no checksums")
+    aligned = run("align", path.name, "a.safetensors", cwd=tmp_path)
+    assert aligned.stdout.strip() == "wrote a.safetensors: 1 tensor; 1 of 1 is 64-byte aligned"
+    other = tmp_path / "two.safetensors"
+    sc.save_file({"w": np.zeros(16, np.float32)}, other, {"k": "v"})
+    diff = run("diff", path.name, other.name, cwd=tmp_path)
+    assert "1 tensor in both (1 differs), 0 only in A, 0 only in B, 1 metadata change" in diff.stdout
+    with sc.safe_open(path) as f, pytest.raises(sc.TensorNotFoundError, match=r"\(1 tensor\)"):
+        f.get_tensor("nope")
+
+
+def test_inspect_prints_index_metadata_as_json(tmp_path):
+    d = tmp_path / "sh"
+    sc.save_file({"a": np.ones(64, np.float32), "b": np.zeros(64, np.float32)}, d,
+                 max_shard_size=300)
+    proc = run("inspect", "sh", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((d / "model.safetensors.index.json").read_text())["metadata"]
+    lines = {line.split(": ", 1)[0].strip(): line.split(": ", 1)[1]
+             for line in proc.stdout.split("metadata:", 1)[1].splitlines() if ": " in line}
+    assert json.loads(lines["safecodec.shards"]) == index["safecodec.shards"]
+    assert json.loads(lines["total_size"]) == 512
+    assert "{'" not in proc.stdout  # no Python reprs
+
+
+@pytest.mark.parametrize(("spelling", "code"), [("bf16", "BF16"), ("BF16", "BF16"), ("fp16", "F16"),
+                                                ("f16", "F16"), ("FP32", "F32"), ("f32", "F32"),
+                                                ("Half", "F16")])
+def test_convert_accepts_the_usual_dtype_aliases(tmp_path, ref_file, spelling, code):
+    out = tmp_path / "out.safetensors"
+    proc = run("convert", ref_file.name, out.name, "--dtype", spelling, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sc.read_header(out).tensors["w"].dtype.code == code
+
+
+@pytest.mark.parametrize(("text", "code"), [("bf16", "BF16"), ("Fp16", "F16"), ("f32", "F32"),
+                                            ("FLOAT64", "F64"), ("e4m3", "F8_E4M3")])
+def test_parse_dtype_accepts_aliases(text, code):
+    assert _cli.parse_dtype(text).code == code
+
+
+def test_convert_only_pattern_that_matches_nothing_is_an_error(tmp_path, ref_file):
+    out = tmp_path / "x.safetensors"
+    proc = run("convert", ref_file.name, out.name, "--dtype", "bf16", "--only", "nomatch*",
+               cwd=tmp_path)
+    assert proc.returncode == 2
+    assert ("safecodec convert: error: --only 'nomatch*' matches no tensor of ref.safetensors "
+            "(6 tensors, e.g. ") in proc.stderr
+    assert not out.exists()
+    # One good pattern does not excuse a bad one; only the bad one is named.
+    mixed = run("convert", ref_file.name, out.name, "--dtype", "bf16", "--only", "w*",
+                "--only", "W*", cwd=tmp_path)
+    assert mixed.returncode == 2
+    assert "--only 'W*' matches no tensor" in mixed.stderr and "'w*'" not in mixed.stderr
+    assert not out.exists()
+
+
+def test_align_sharded_creates_the_output_folder(tmp_path, sharded):
+    proc = run("align", sharded.name, "new/aligned", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "new" / "aligned"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "m-00001-of-00002.safetensors", "m-00002-of-00002.safetensors", sharded.name]
+    assert proc.stdout.startswith(f"wrote new/aligned/{sharded.name}: 3 tensors")
+    assert_same_tensors(sc.load_file(out), sc.load_file(sharded))
+    # A file that exists is not taken for a folder.
+    (tmp_path / "taken").write_bytes(b"x")
+    clash = run("align", sharded.name, "taken", cwd=tmp_path)
+    assert clash.returncode == 2 and "OUT must be an index path" in clash.stderr
+
+
+def test_resharding_removes_the_old_shards_only(tmp_path):
+    d = tmp_path / "ck"
+    t = {f"t{i}": np.full(64, i, np.float32) for i in range(4)}
+    sc.save_file(t, d, max_shard_size=300)  # 4 shards
+    (d / "README.md").write_text("keep")
+    sc.save_file(t, d, max_shard_size=10_000)  # the same checkpoint in one shard
+    assert sorted(p.name for p in d.iterdir()) == [
+        "README.md", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert run("verify", "-q", "ck", cwd=tmp_path).returncode == 0
+
+
+def test_saving_into_a_missing_folder_names_the_output(tmp_path, ref_file):
+    proc = run("align", ref_file.name, "missing/out.safetensors", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "safecodec align: error: FileNotFoundError: " in proc.stderr
+    assert "missing/out.safetensors" in proc.stderr and "which does not exist" in proc.stderr
+    assert "safecodec-tmp" not in proc.stderr
+
+
+def test_a_pytorch_file_is_named_as_such(tmp_path):
+    import io
+    import pickle
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"w": [1.0]}, protocol=2))
+    (tmp_path / "pytorch_model.bin").write_bytes(buf.getvalue())
+    proc = run("inspect", "pytorch_model.bin", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("safecodec inspect: error: HeaderError: not a safetensors file: "
+                                  "this is a zip archive, which is how torch.save stores a "
+                                  "PyTorch checkpoint")
+    assert "torch.load" in proc.stderr

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import pytest
 
+import _warning_policy
 from _cpu_devices import cpu_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -72,7 +73,7 @@ def pages() -> list[pathlib.Path]:
 
 
 _RUNNER = r'''
-import json, os, shlex, subprocess, sys, traceback, warnings
+import builtins, json, os, shlex, subprocess, sys, traceback, warnings
 spec = json.load(open(sys.argv[1]))
 results = {}
 for page in spec["pages"]:
@@ -85,7 +86,10 @@ for page in spec["pages"]:
             where = f"{page['name']}:{block['line']}"
             if block["lang"] in ("python", "py"):
                 with warnings.catch_warnings():
-                    warnings.simplefilter("error")
+                    warnings.simplefilter("error")  # the suite's policy: tests/helpers/_warning_policy.py
+                    for category in spec["deprecations"]:
+                        warnings.filterwarnings("ignore", category=getattr(builtins, category),
+                                                module=spec["third_party"])
                     exec(compile(block["code"], where, "exec"), namespace)
                 continue
             for line in block["code"].splitlines():
@@ -111,7 +115,9 @@ json.dump(results, open(spec["out"], "w"))
 @pytest.fixture(scope="module")
 def example_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("docs-examples")
-    spec = {"tmp": str(tmp / "work"), "out": str(tmp / "results.json"), "pages": []}
+    spec = {"tmp": str(tmp / "work"), "out": str(tmp / "results.json"), "pages": [],
+            "third_party": _warning_policy.third_party_pattern(),
+            "deprecations": [category.__name__ for category in _warning_policy.DEPRECATIONS]}
     os.makedirs(spec["tmp"])
     for page in pages():
         blocks = [asdict(b) for b in extract_blocks(page.read_text(encoding="utf-8"))
@@ -184,17 +190,109 @@ def test_benchmark_results_are_embedded_when_present(tmp_path, monkeypatch) -> N
     assert "gone.png" not in present and "gone" in present
 
 
-def test_mkdocs_build_strict(tmp_path) -> None:
+#: Modules that make mkdocstrings format signatures when importable; the build must not
+#: need them (the docs extra installs neither).
+_FORMATTERS = ("black", "ruff")
+
+
+@dataclass
+class Site:
+    root: pathlib.Path
+    log: str
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    """The site, built once with ``mkdocs build --strict`` as ``nox -s docs`` builds it,
+    with Black and Ruff made unimportable and off ``PATH`` (as in the docs extra)."""
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
         pytest.skip("mkdocs / mkdocstrings not installed (the docs extra)")
+    tmp = tmp_path_factory.mktemp("site")
+    blocked = tmp / "blocked"
+    for name in _FORMATTERS:
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('{name} is hidden from the docs build')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(blocked)]),
+               PATH=os.pathsep.join(["/usr/bin", "/bin"]),
+               # Material's end-of-life banner: switched off the way it documents.
+               NO_MKDOCS_2_WARNING="1")
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
-         "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+         "--site-dir", str(tmp / "site")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
+    return Site(tmp / "site", proc.stdout + proc.stderr)
+
+
+def test_mkdocs_build_strict(site: Site) -> None:
+    api = (site.root / "api" / "index.html").read_text(encoding="utf-8")
     for name in ("safecodec.load_file", "safecodec.safe_open", "safecodec.jax.load_file"):
         assert name in api
-    assert (tmp_path / "site" / "guides" / "zero-copy" / "index.html").is_file()
+    assert (site.root / "guides" / "zero-copy" / "index.html").is_file()
+
+
+def test_docs_build_prints_nothing_but_progress(site: Site) -> None:
+    """No banner, no "Formatting signatures requires either Black or Ruff", no warning:
+    only mkdocs' own INFO lines."""
+    lines = [line for line in site.log.splitlines() if line.strip()]
+    assert lines, "mkdocs printed nothing at all"
+    noise = [line for line in lines if not line.startswith("INFO")]
+    assert noise == [], "\n".join(noise)
+    assert "Formatting signatures" not in site.log and "end of life" not in site.log
+
+
+_PRE = re.compile(r"<pre\b.*?</pre>", re.DOTALL)
+_PROMPT = "&gt;&gt;&gt;"
+
+
+def test_api_examples_render_as_code_blocks(site: Site) -> None:
+    """Every docstring example on the API page is a highlighted code block: its ``>>>``
+    prompts sit inside ``<pre><code>``, never in prose or nested blockquotes (what an
+    unrecognised example section turns them into)."""
+    api = (site.root / "api" / "index.html").read_text(encoding="utf-8")
+    blocks = [b for b in _PRE.findall(api) if _PROMPT in b]
+    assert len(blocks) >= 11, f"only {len(blocks)} example code blocks on the API page"
+    assert all("<code" in b for b in blocks)
+    outside = _PRE.sub("", api)
+    assert "<blockquote>" not in outside
+    assert _PROMPT not in outside and ">>>" not in outside
+    # Each "Examples" section is followed by its code block.
+    sections = re.findall(r'doc-section-title">Examples:</span></p>\s*(<div class="highlight"><pre>)?',
+                          api)
+    assert len(sections) >= 11 and all(sections), sections
+    for name in ("safecodec.save", "safecodec.read_header", "safecodec.safe_open",
+                 "safecodec.numpy", "safecodec.jax"):
+        start = api.index(f'<h2 id="{name}"')
+        end = api.find("<h2 id=", start + 1)
+        own = api[start : end if end > 0 else len(api)]
+        assert _PROMPT in "".join(_PRE.findall(own)), f"{name}: no example code block"
+
+
+#: Modules whose docstrings hold the examples the API reference shows (and a few more).
+DOCSTRING_MODULES = [
+    "safecodec._api", "safecodec._header", "safecodec._dtypes", "safecodec._shardindex",
+    "safecodec._remote", "safecodec._tree", "safecodec._safejax", "safecodec._treepath",
+    "safecodec._sharded", "safecodec.numpy", "safecodec.jax", "safecodec.flax",
+    "safecodec.haiku", "safecodec.objax", "safecodec.orbax",
+]
+
+
+@pytest.mark.parametrize("name", DOCSTRING_MODULES)
+def test_docstring_examples_run(name: str, tmp_path, monkeypatch) -> None:
+    """The ``Examples:`` of the docstrings, which the API reference renders as code, are
+    right: each runs as a doctest and prints what it shows."""
+    import doctest
+    import importlib
+    import io
+
+    module = importlib.import_module(name)
+    monkeypatch.chdir(tmp_path)
+    tests = [t for t in doctest.DocTestFinder().find(module, name) if t.examples]
+    assert tests, f"{name} has no docstring examples"
+    out = io.StringIO()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in tests:
+        runner.run(test, out=out.write)
+    assert runner.failures == 0, out.getvalue()

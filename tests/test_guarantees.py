@@ -293,11 +293,31 @@ def test_hostile_shard_names_are_safecodec_errors(tmp_path, shard):
 
 
 def test_a_shard_that_is_a_directory_is_a_safecodec_error(tmp_path):
+    """Issue 18, finding 13: never a bare IsADirectoryError, on every read route, local
+    and remote."""
     (tmp_path / "sub.safetensors").mkdir()
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"a": "sub.safetensors"}}))
-    with pytest.raises((sc.SafecodecError, IsADirectoryError)):
-        sc.load_file(index)
+    routes = {
+        "load_file": lambda: sc.load_file(index),
+        "get_tensor": lambda: sc.safe_open(index).get_tensor("a"),
+        "read_header": lambda: sc.safe_open(index).header,
+        "verify_file": lambda: sc.verify_file(index),
+    }
+    for route, call in routes.items():
+        with pytest.raises(sc.SafecodecError, match="is a directory") as info:
+            call()
+        assert not isinstance(info.value, IsADirectoryError), route
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    root = f"/dir-shard-{os.getpid()}"
+    fs.pipe_file(f"{root}/model.safetensors.index.json", index.read_bytes())
+    fs.pipe_file(f"{root}/sub.safetensors/inner.bin", b"x")
+    try:
+        with pytest.raises(sc.SafecodecError, match="is a directory"):
+            sc.load_file(f"memory://{root}/model.safetensors.index.json")
+    finally:
+        fs.rm(root, recursive=True)
 
 
 # ----------------------------------------------------------------------------- 12. JAX scalar slice

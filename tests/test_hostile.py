@@ -51,7 +51,7 @@ HOSTILE: list[tuple[str, bytes, type[SafecodecError], str]] = [
     ("N = 0", struct.pack("<Q", 0), HeaderError, "invalid JSON"),
     ("lying huge shape, tiny file",
      blob('{"a":{"dtype":"F64","shape":[1000000,1000000,1000],"data_offsets":[0,8000000000000000]}}'),
-     OffsetError, "file not fully covered"),
+     OffsetError, r"truncated file: the header and tensors need 8000000000000\d+ bytes, the file has \d+"),
     ("lying huge shape, offsets too short",
      blob('{"a":{"dtype":"F64","shape":[1000000,1000000],"data_offsets":[0,8]}}', b"x" * 8),
      OffsetError, "invalid shape, data type, or offset.*needs 8000000000000 bytes"),
@@ -99,9 +99,13 @@ HOSTILE: list[tuple[str, bytes, type[SafecodecError], str]] = [
      HeaderError, "dtype of tensor 'a' must be a string"),
     ("shape of strings", blob('{"a":{"dtype":"U8","shape":["1"],"data_offsets":[0,1]}}', b"z"),
      HeaderError, "shape of tensor 'a'"),
-    ("truncated good file", GOOD[:-1], OffsetError, "file not fully covered"),
+    ("truncated good file", GOOD[:-1], OffsetError,
+     f"truncated file: the header and tensors need {len(GOOD)} bytes, the file has "
+     f"{len(GOOD) - 1} \\(1 missing"),
     ("truncated inside the header", GOOD[:20], HeaderError, "invalid header length"),
-    ("good file plus garbage", GOOD + b"\x00" * 7, OffsetError, "file not fully covered"),
+    ("good file plus garbage", GOOD + b"\x00" * 7, OffsetError,
+     f"file not fully covered: .*account for {len(GOOD)} bytes, the file has {len(GOOD) + 7} "
+     "\\(7 bytes after the last tensor\\)"),
     *[(f"random bytes {i}", _random_bytes(i, size), HeaderError, "header")
       for i, size in enumerate([8, 9, 64, 4096])],
     *[(f"random header {i}", _random_after_prefix(i, 256, 300), HeaderError, "invalid")

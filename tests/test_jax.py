@@ -406,7 +406,7 @@ def test_sharding_argument_validation(tmp_path):
     with pytest.raises(sc.SafecodecError, match="sharding= takes"):
         scj.load_file(path, sharding=42)
     with pytest.raises(sc.TensorNotFoundError, match="'nope'"):
-        scj.load_file(path, sharding={"nope": jax.sharding.SingleDeviceSharding(jax.devices()[0])})
+        scj.load_file(path, sharding={"nope": jax.sharding.make_single_device_sharding(jax.devices()[0])})
     with pytest.raises(sc.SafecodecError, match=r"tensor 'bias'.*got str"):
         scj.load_file(path, sharding=lambda name, shape, dtype: "bad" if name == "bias" else None)
 
@@ -416,7 +416,7 @@ def test_sharding_callable_and_mapping_single_device(tmp_path, put):
     model = _model()
     sc.save_file(model, path)
     dev = jax.devices()[0]
-    single = jax.sharding.SingleDeviceSharding(dev)
+    single = jax.sharding.make_single_device_sharding(dev)
     seen = []
 
     def fn(name, shape, dtype):
@@ -514,7 +514,7 @@ def test_gpu_values_and_shardings(tmp_path):
     path = tmp_path / "m.safetensors"
     sc.save_file(model, path)
     out = scj.load_file(path, device=gpu)
-    single = jax.sharding.SingleDeviceSharding(gpu)
+    single = jax.sharding.make_single_device_sharding(gpu)
     for name, value in model.items():
         assert out[name].devices() == {gpu} and out[name].sharding == single
         np.testing.assert_array_equal(np.asarray(out[name]), value)

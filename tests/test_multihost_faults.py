@@ -20,6 +20,10 @@ What JAX 0.10 does when a process dies (observed, and asserted below):
 * With ``jax_enable_recoverability`` on, survivors keep running: the barrier is not failed
   but times out (the save's ``timeout_s``), and process 0 raises a SafecodecError that
   names the barrier and the process that is gone, and removes its temporary.
+* Asking the coordination service which processes are alive blocks until the dead one's
+  heartbeat times out: with a heartbeat timeout longer than the save's ``timeout_s``,
+  process 0 still raises within ``timeout_s`` plus a few seconds (it does not wait for
+  that answer).
 
 The file's last test needs no second process: a dead writer's multi-host temporary is
 removed by the next save of the same target.
@@ -48,22 +52,28 @@ sys.path.insert(0, os.path.join(HERE, "helpers"))
 import _two_processes  # noqa: E402
 
 #: seconds all scenarios get in all (the workers dump their stacks and exit before)
-DEADLINE_S = 120
+DEADLINE_S = 150
 #: what gRPC prints when the coordinator cannot bind its port (taken meanwhile)
 #: what JAX's client logs when it terminates a process over another one's death
 TERMINATED = "Terminating process because the JAX distributed service detected fatal errors"
-#: the scenarios: name -> (process that dies, JAX mode)
-SCENARIOS = {
-    "peer-recoverable": (1, "recoverable"),
-    "peer-default": (1, "default"),
-    "coordinator-default": (0, "default"),
+#: the save's timeout_s, and JAX's heartbeat timeout, in the slow-heartbeat scenario
+SLOW_TIMEOUT_S, SLOW_HEARTBEAT_S = 15, 60
+#: the scenarios: name -> (process that dies, JAX mode, extra worker arguments: heartbeat
+#: and save timeouts)
+SCENARIOS: dict[str, tuple[int, str, tuple[str, ...]]] = {
+    "peer-recoverable": (1, "recoverable", ()),
+    "peer-default": (1, "default", ()),
+    "coordinator-default": (0, "default", ()),
+    "peer-recoverable-slow-heartbeat": (1, "recoverable",
+                                        (str(SLOW_HEARTBEAT_S), str(SLOW_TIMEOUT_S))),
 }
 PREVIOUS = {"previous": np.arange(10, dtype=np.float32)}
 
 
-def _start(directory: pathlib.Path, victim: int, mode: str) -> list[subprocess.Popen[bytes]]:
+def _start(directory: pathlib.Path, victim: int, mode: str,
+           extra: tuple[str, ...]) -> list[subprocess.Popen[bytes]]:
     return _two_processes.start("multihost_fault_worker.py",
-                                [str(directory), str(victim), mode], directory)
+                                [str(directory), str(victim), mode, *extra], directory)
 
 
 class Outcome:
@@ -146,6 +156,24 @@ def test_peer_killed_mid_write_process_0_raises_and_publishes_nothing(outcomes) 
                      r["message"]), r["message"]
     assert "nothing was published" in r["message"]
     assert r["elapsed"] < 8 + 10, r  # the save's timeout_s, plus slack for a loaded machine
+    assert r["temporaries"] == [] and out.temporaries() == []
+    _previous_intact(out.directory)
+
+
+@pytest.mark.slow
+def test_peer_killed_while_jax_still_counts_it_alive_process_0_raises_in_time(outcomes) -> None:
+    """Issue 18, finding 9: JAX's heartbeat timeout (60 s) far longer than the save's
+    timeout_s (15 s). The barrier times out; asking the coordination service which
+    processes are alive would block until the heartbeat timeout, so process 0 must not
+    wait for that answer: a SafecodecError within timeout_s plus a few seconds, the
+    previous file intact, no temporary."""
+    out = outcomes["peer-recoverable-slow-heartbeat"]
+    assert out.codes == [0, -9], out.report()
+    r = out.results[0]
+    assert r["raised"] == "SafecodecError" and r["safecodec_error"], r
+    assert re.search(r"barrier 'safecodec-save-\w+-\d+-written' failed", r["message"])
+    assert "nothing was published" in r["message"]
+    assert SLOW_TIMEOUT_S <= r["elapsed"] < SLOW_TIMEOUT_S + 6, r
     assert r["temporaries"] == [] and out.temporaries() == []
     _previous_intact(out.directory)
 

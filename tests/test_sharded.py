@@ -293,7 +293,7 @@ def test_missing_shard_is_an_error(tmp_path):
         np.testing.assert_array_equal(f.get_tensor("step"), _model()["step"])  # others work
         with pytest.raises(sc.SafecodecError,
                            match=r"shard 'model-00003-of-00004.safetensors' listed in index .* "
-                                 r"for 1 tensors \(e.g. 'embed'\) does not exist"):
+                                 r"for 1 tensor \(e.g. 'embed'\) does not exist"):
             f.get_tensor("embed")
     with pytest.raises(sc.SafecodecError, match="does not exist"):
         sc.load_file(d)
@@ -318,8 +318,8 @@ def test_index_pointing_at_a_tensor_missing_from_its_shard(tmp_path):
     _index(d, {"a": "s1.safetensors", "b": "s1.safetensors"})
     with sc.safe_open(d) as f, pytest.raises(
             sc.SafecodecError,
-            match=r"maps 1 tensors to shard 's1.safetensors' that it does not hold: 'b' "
-                  r"\(the shard holds 1 tensors\)"):
+            match=r"maps 1 tensor to shard 's1.safetensors' that it does not hold: 'b' "
+                  r"\(the shard holds 1 tensor\)"):
         f.get_tensor("a")
 
 
@@ -401,7 +401,7 @@ def test_sharded_jax_sharding_mapping_and_tree_loading(tmp_path):
     d = str(tmp_path / "ck")
     sc.save_file(t, d, max_shard_size="10KiB")
     dev = jax.devices()[0]
-    one = jax.sharding.SingleDeviceSharding(dev)
+    one = jax.sharding.make_single_device_sharding(dev)
     # A mapping naming tensors of different shards: each shard gets its part of it.
     with sc.safe_open(d, framework="jax", sharding={"embed": one, "layers.0.b": one}) as f:
         out = f.get_tensors()
@@ -437,3 +437,126 @@ def test_sharded_handle_is_thread_safe(mem_url):
         assert len(f._handles) == 4  # each shard opened once despite the races
     for name, arr in zip(names, got, strict=True):
         np.testing.assert_array_equal(arr, t[name])
+
+
+# ----------------------------------------------------------------------------- re-saving
+
+
+def _listing(d) -> set[str]:
+    return {os.path.relpath(os.path.join(root, f), d)
+            for root, _, files in os.walk(d) for f in files}
+
+
+def _unrelated_files(d) -> dict[str, bytes]:
+    """Files a re-save must leave alone: notes, a shard-like file no index names, another
+    checkpoint's index and shard, a file in a subfolder."""
+    files = {
+        "notes.txt": b"keep me",
+        "model-00009-of-00009.safetensors": sc.save({"x": np.ones(2)}),
+        "sub/model-00001-of-00004.safetensors": b"not a shard of this checkpoint",
+    }
+    os.makedirs(os.path.join(d, "sub"), exist_ok=True)
+    for name, data in files.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+    other = save_sharded({"o": np.zeros(3)}, os.path.join(d, "other.safetensors"),
+                         max_shard_size="1GB")
+    for name in ("other.safetensors.index.json", "other-00001-of-00001.safetensors"):
+        with open(os.path.join(d, name), "rb") as f:
+            files[name] = f.read()
+    assert other.endswith("other.safetensors.index.json")
+    return files
+
+
+def test_resave_with_fewer_shards_removes_exactly_the_old_shards(tmp_path):
+    d = _write(tmp_path)  # 4 shards
+    keep = _unrelated_files(d)
+    t = _model()
+    sc.save_file(t, d, {"format": "np"}, max_shard_size="1GB")  # now 1 shard
+    assert _listing(d) == {"model" + INDEX_SUFFIX, "model-00001-of-00001.safetensors", *keep}
+    for name, data in keep.items():
+        with open(os.path.join(d, name), "rb") as f:
+            assert f.read() == data, name
+    out = sc.load_file(d)
+    for name, arr in t.items():
+        np.testing.assert_array_equal(out[name], arr)
+    # The other checkpoint in the folder is intact.
+    np.testing.assert_array_equal(sc.load_file(os.path.join(d, "other.safetensors.index.json"))["o"],
+                                  np.zeros(3))
+
+
+def test_resave_keeps_shards_that_the_new_index_names_again(tmp_path):
+    d = _write(tmp_path)
+    t = _model()
+    t["step"] = np.array(13, np.int64)
+    sc.save_file(t, d, {"format": "np"}, max_shard_size="10KiB")  # the same four names
+    assert len(_listing(d)) == 5
+    assert sc.load_file(d)["step"] == 13
+
+
+def test_stale_shards_are_removed_only_after_the_new_index_is_published(tmp_path, monkeypatch):
+    d = _write(tmp_path)
+    index = os.path.join(d, "model" + INDEX_SUFFIX)
+    removed: list[str] = []
+    original = _sharded._remove
+
+    def checking_remove(target):
+        # At each removal the new checkpoint is complete and published: the index on disk
+        # names only the new shards, and they exist.
+        now = json.loads(_read(index))["weight_map"]
+        assert set(now.values()) == {"model-00001-of-00002.safetensors",
+                                     "model-00002-of-00002.safetensors"}
+        assert all(os.path.exists(os.path.join(d, s)) for s in now.values())
+        removed.append(os.path.basename(target.path))
+        original(target)
+
+    monkeypatch.setattr(_sharded, "_remove", checking_remove)
+    sc.save_file(_model(), d, {"format": "np"}, max_shard_size="30KiB")
+    assert sorted(removed) == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert _listing(d) == {"model" + INDEX_SUFFIX, "model-00001-of-00002.safetensors",
+                           "model-00002-of-00002.safetensors"}
+
+
+def _contents(d) -> dict[str, bytes]:
+    out = {}
+    for name in os.listdir(d):
+        with open(os.path.join(d, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def test_failed_resave_removes_nothing(tmp_path):
+    d = _write(tmp_path)
+    before = _contents(d)
+    written = []
+
+    def failing_writer(part, sink, metadata):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(sink)
+        return _sharded.stream_file(part, sink, metadata)
+
+    with pytest.raises(OSError, match="No space left"):
+        save_sharded(_model(), d, {"format": "np"}, max_shard_size="30KiB",
+                     write_shard=failing_writer)
+    assert _contents(d) == before
+
+
+def test_resave_over_an_unreadable_index_removes_nothing_else(tmp_path):
+    d = _write(tmp_path)
+    index = os.path.join(d, "model" + INDEX_SUFFIX)
+    with open(index, "w") as f:
+        f.write("{not json")
+    sc.save_file({"a": np.ones(2)}, d, max_shard_size="1GB")
+    assert _listing(d) == {"model" + INDEX_SUFFIX, "model-00001-of-00001.safetensors",
+                           *(f"model-0000{i}-of-00004.safetensors" for i in range(1, 5))}
+
+
+def test_resave_removes_stale_shards_on_a_remote_filesystem(mem_url):
+    fs = fsspec.filesystem("memory")
+    save_sharded(_model(), f"{mem_url}/ck", max_shard_size="10KiB")
+    fs.pipe(f"{mem_url}/ck/notes.txt", b"keep")
+    save_sharded(_model(), f"{mem_url}/ck", max_shard_size="1GB")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{mem_url}/ck", detail=False))
+    assert names == ["model-00001-of-00001.safetensors", "model" + INDEX_SUFFIX, "notes.txt"]
+    np.testing.assert_array_equal(sc.load_file(f"{mem_url}/ck")["embed"], _model()["embed"])

@@ -2,9 +2,11 @@
 timeout, 2 CPU devices each) in a collective ``save_file`` during which one process kills
 itself (SIGKILL) in the middle of writing its shards; run by ``test_multihost_faults.py``.
 
-Usage: ``python tests/helpers/multihost_fault_worker.py PROCESS_ID PORT DIR VICTIM MODE``. ``VICTIM`` is
-the process that dies (1: a peer, 0: the coordinator); ``MODE`` is ``recoverable`` (JAX's
-``jax_enable_recoverability``: the survivors keep running) or ``default``. The survivor writes
+Usage: ``python tests/helpers/multihost_fault_worker.py PROCESS_ID PORT DIR VICTIM MODE
+[HEARTBEAT_S SAVE_TIMEOUT_S]``. ``VICTIM`` is the process that dies (1: a peer, 0: the
+coordinator); ``MODE`` is ``recoverable`` (JAX's ``jax_enable_recoverability``: the
+survivors keep running) or ``default``; the last two override :data:`HEARTBEAT_S` and
+:data:`SAVE_TIMEOUT_S`. The survivor writes
 ``DIR/result-<id>.json``: what its ``save_file`` raised, after how long, and the
 temporaries it saw afterwards.
 """
@@ -15,8 +17,10 @@ from __future__ import annotations
 import os
 import sys
 
-#: seconds after which a worker still running dumps its stacks and exits (see _worker)
-HANG_S = 50
+#: seconds after which a worker still running dumps its stacks and exits (see _worker); it
+#: counts from the start, and eight workers importing jax at once on a loaded 2-core
+#: machine take a while
+HANG_S = 80
 #: seconds without a heartbeat after which JAX's coordination service declares a process
 #: dead (the default, 100 s, is too long for a test)
 HEARTBEAT_S = 5
@@ -68,12 +72,14 @@ def _die_mid_write(pid: int) -> None:
 def main() -> None:
     pid, port, directory, victim = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     recoverable = sys.argv[5] == "recoverable"
+    heartbeat_s = int(sys.argv[6]) if len(sys.argv) > 6 else HEARTBEAT_S
+    save_timeout_s = float(sys.argv[7]) if len(sys.argv) > 7 else SAVE_TIMEOUT_S
     # Without it (the default), JAX's runtime terminates every process as soon as its
     # coordination service declares one dead: no library can report anything then.
     jax.config.update("jax_enable_recoverability", recoverable)
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=pid, coordinator_bind_address=f"127.0.0.1:{port}",
-                               initialization_timeout=40, heartbeat_timeout_seconds=HEARTBEAT_S)
+                               initialization_timeout=40, heartbeat_timeout_seconds=heartbeat_s)
     print(f"process {pid}: connected (jax {jax.__version__})", flush=True)
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
     sharding = NamedSharding(mesh, P("x", "y"))
@@ -84,7 +90,7 @@ def main() -> None:
     result: dict[str, Any] = {"process": pid}
     began = time.monotonic()
     try:
-        scj.save_file(tensors, os.path.join(directory, TARGET), timeout_s=SAVE_TIMEOUT_S)
+        scj.save_file(tensors, os.path.join(directory, TARGET), timeout_s=save_timeout_s)
         result["raised"] = None
     except BaseException as exc:  # what the survivor gets is the point of the test
         result["raised"] = type(exc).__name__

@@ -127,18 +127,18 @@ def multihost(directory: str, pid: str, port: str) -> None:
 
 def main() -> None:
     import faulthandler
-    import warnings
 
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, here)
     sys.path.insert(0, os.path.dirname(os.path.dirname(here)))
     from _cpu_devices import force_cpu_devices
+    from _warning_policy import strict
 
     mode = sys.argv[1]
     # a hang prints every thread's stack and exits before the test gives up
     faulthandler.dump_traceback_later(HANG_S, exit=True)
     force_cpu_devices(2 if mode == "multihost" else 8)
-    warnings.simplefilter("error")  # as pytest's filterwarnings = error
+    strict()  # the suite's warning policy (tests/helpers/_warning_policy.py)
     {"save": save, "restore": restore, "multihost": multihost}[mode](*sys.argv[2:])
     print("worker ok", flush=True)
 
