@@ -92,7 +92,8 @@ def safe_open(
             :func:`safecodec.jax.load_file`).
         storage_options: Options for the fsspec filesystem a URL names (credentials,
             endpoint...).
-        progress: Show a progress bar (tqdm, when installed) on long remote reads.
+        progress: Show a progress bar (tqdm, when installed): bytes, tensor by tensor, on
+            loads of local files; the transfer on long remote reads.
         verify: Check each tensor against the SHA-256 stored by ``save_file(...,
             checksums=True)`` before returning it; a mismatch raises
             :class:`~safecodec.ChecksumError` naming the tensor. A file without
@@ -240,7 +241,8 @@ def load_file(
         storage_options: Options for the fsspec filesystem a URL names. Remote files are
             streamed into memory once (concurrent range requests), the object's identity
             checked, and validated like local ones.
-        progress: Show a progress bar (tqdm, when installed) on long remote reads.
+        progress: Show a progress bar (tqdm, when installed): bytes, tensor by tensor, on
+            loads of local files; the transfer on long remote reads.
         verify: Check stored checksums (see :func:`safe_open`).
         backend: ``"mmap"`` (default) or ``"pread"`` (= ``copy=True``).
         framework, device, sharding, strict_x64: See :func:`safe_open` (``"jax"``:

@@ -11,14 +11,32 @@ multiply runs by the item size to get byte ranges; nothing here touches bytes.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
 from ._errors import SliceIndexError
 
-__all__ = ["finish_block", "index_key", "normalize_index", "numpy_index", "plan_runs", "selected"]
+__all__ = [
+    "Box",
+    "BoxLayout",
+    "ascending_box",
+    "box_layout",
+    "coalesce",
+    "finish_block",
+    "index_key",
+    "normalize_index",
+    "numpy_index",
+    "plan_runs",
+    "selected",
+    "slice_box",
+    "span_starts",
+    "span_strides",
+]
+
+Box = tuple[tuple[int, int, int], ...]
 
 
 def normalize_index(index: Any, shape: tuple[int, ...], name: str) -> tuple[list[Any], list[int]]:
@@ -208,3 +226,190 @@ def index_key(index: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[tuple[int
             i = int(item)
             key.append((i, i + 1, 1))
     return tuple(key)
+
+
+# ----------------------------------------------------------------------------- boxes
+
+
+class BoxLayout(NamedTuple):
+    """Where a box's bytes lie in its tensor (see the module docstring).
+
+    Attributes:
+        offset: Bytes from the tensor's first byte to the box's first element.
+        shape: The block's shape (elements per axis).
+        strides: The file's byte stride for each axis of the block.
+        nbytes: The block's bytes.
+        run: Bytes of one contiguous run (0 for an empty box).
+        outer: ``(count, byte stride)`` of the axes that repeat runs, outermost first
+            (adjacent axes that follow each other in the file are merged into one).
+        groups: For each axis of the block, the entry of ``outer`` it belongs to, or -1
+            (inside a run, or one element long).
+    """
+
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    nbytes: int
+    run: int
+    outer: tuple[tuple[int, int], ...]
+    groups: tuple[int, ...]
+
+    @property
+    def spans(self) -> int:
+        """How many runs (or spans, after :func:`coalesce`) the box is read as."""
+        return math.prod(c for c, _ in self.outer) if self.run else 0
+
+    @property
+    def extent(self) -> int:
+        """Bytes from the first byte of the box to just past its last (gaps included)."""
+        if not self.run:
+            return 0
+        return self.run + sum((c - 1) * s for c, s in self.outer)
+
+
+def box_layout(shape: tuple[int, ...], box: Box, itemsize: int) -> BoxLayout:
+    """The :class:`BoxLayout` of ``box`` (ascending ``(start, stop, step)`` per axis, each
+    within the axis) in a C-ordered tensor of ``shape`` with ``itemsize``-byte elements.
+    O(ndim): nothing is generated per row.
+
+    Example:
+        >>> lay = box_layout((4, 6), ((0, 4, 1), (0, 3, 1)), 4)  # the left half of every row
+        >>> lay.run, lay.outer, lay.nbytes
+        (12, ((4, 24),), 48)
+    """
+    ndim = len(shape)
+    elem = [1] * ndim
+    for d in range(ndim - 2, -1, -1):
+        elem[d] = elem[d + 1] * shape[d + 1]
+    counts = tuple(len(range(*b)) for b in box)
+    strides = tuple(elem[d] * box[d][2] * itemsize for d in range(ndim))
+    nbytes = math.prod(counts) * itemsize
+    groups = [-1] * ndim
+    if not nbytes:
+        return BoxLayout(0, counts, strides, 0, 0, (), tuple(groups))
+    offset = sum(box[d][0] * elem[d] for d in range(ndim)) * itemsize
+    # axes of one element add nothing; walk the others from the innermost outward
+    axes = [d for d in range(ndim) if counts[d] > 1]
+    run = itemsize
+    while axes and strides[axes[-1]] == run:
+        run *= counts[axes.pop()]
+    outer: list[list[int]] = []  # innermost first while building
+    for d in reversed(axes):
+        if outer and outer[-1][1] * outer[-1][0] == strides[d]:  # continues the axis inside
+            outer[-1][0] *= counts[d]
+        else:
+            outer.append([counts[d], strides[d]])
+        groups[d] = len(outer) - 1
+    n = len(outer)
+    groups = [g if g < 0 else n - 1 - g for g in groups]  # outermost first
+    return BoxLayout(offset, counts, strides, nbytes, run,
+                     tuple((c, st) for c, st in reversed(outer)), tuple(groups))
+
+
+def coalesce(layout: BoxLayout, budget: float, small_gap: int,
+             max_spans: int | None = None) -> BoxLayout:
+    """Widen the runs of ``layout`` level by level, innermost repeat axis first, reading
+    the gaps between runs with the data, as long as the bytes read stay within ``budget``
+    times the box's bytes, or the gap is at most ``small_gap`` bytes (cheaper to read than
+    a request); then, while more than ``max_spans`` spans remain, the innermost level is
+    widened whatever it costs (the smallest gaps first: past that many requests, the
+    bytes between are cheaper). ``run`` becomes the length of a span (gaps included);
+    ``outer`` keeps the axes that still repeat spans. O(ndim).
+
+    Example:
+        >>> lay = box_layout((1000, 2), ((0, 1000, 1), (0, 1, 1)), 4)  # one column
+        >>> coalesce(lay, 1.25, 0).outer, coalesce(lay, 1.25, 512).outer
+        (((1000, 8),), ())
+    """
+    run, outer = layout.run, list(layout.outer)
+    limit = budget * layout.nbytes
+    while outer:
+        count, stride = outer[-1]
+        wider = (count - 1) * stride + run
+        rest = math.prod(c for c, _ in outer[:-1])
+        if stride - run > small_gap and wider * rest > limit and (
+                max_spans is None or count * rest <= max_spans):
+            break
+        outer.pop()
+        run = wider
+    n = len(outer)
+    return layout._replace(run=run, outer=tuple(outer),
+                           groups=tuple(g if g < n else -1 for g in layout.groups))
+
+
+def span_starts(layout: BoxLayout) -> np.ndarray:
+    """The byte offset (from the tensor's start) of every span of ``layout``, ascending,
+    as one int64 array: ``layout.spans`` numbers, no Python object per span."""
+    if not layout.run:
+        return np.empty(0, np.int64)
+    starts = np.array([layout.offset], np.int64)
+    for count, stride in layout.outer:
+        starts = (starts[:, None] + np.arange(count, dtype=np.int64) * stride).reshape(-1)
+    return starts
+
+
+def span_strides(layout: BoxLayout) -> tuple[int, ...]:
+    """Byte strides of the block inside memory that holds the spans of ``layout`` back
+    to back (``layout.spans`` spans of ``layout.run`` bytes, in :func:`span_starts`
+    order): axes inside a span keep the file's stride; an axis that repeats spans steps
+    over whole spans. The block's first element is at offset 0 of that memory."""
+    packed = [0] * len(layout.outer)
+    step = layout.run
+    for j in range(len(layout.outer) - 1, -1, -1):
+        packed[j] = step
+        step *= layout.outer[j][0]
+    out = []
+    for d, g in enumerate(layout.groups):
+        if g < 0:
+            out.append(layout.strides[d] if layout.shape[d] > 1 else 0)
+        else:
+            out.append(packed[g] * (layout.strides[d] // layout.outer[g][1]))
+    return tuple(out)
+
+
+def ascending_box(per_dim: list[Any]) -> Box:
+    """The ascending box a normalised index (:func:`normalize_index`) reads: each
+    dimension's selected indices in ascending order (:func:`finish_block` restores the
+    index's own order and drops the axes of integer indices)."""
+    out = []
+    for e in per_dim:
+        r = selected(e)
+        out.append((r[0], r[-1] + 1, r.step) if r else (0, 0, 1))
+    return tuple(out)
+
+
+def slice_box(per_dim: list[Any], new_axes: list[int],
+              index: tuple[Any, ...]) -> tuple[Box, list[bool], list[int]]:
+    """Compose a basic index of a tensor (``per_dim``, ``new_axes`` from
+    :func:`normalize_index`) with ``index``, a block of the *result* (one slice per result
+    axis, as a sharding's ``devices_indices_map`` gives): the ascending box of the tensor
+    that block reads, which of its axes to flip, and the axes to drop (integer indices),
+    so that ``finish(read(box))`` is the block.
+    """
+    out_axis = 0
+    new = set(new_axes)
+    box: list[tuple[int, int, int]] = []
+    flips: list[bool] = []
+    drop: list[int] = []
+    for d, e in enumerate(per_dim):
+        while out_axis in new:
+            out_axis += 1
+        if isinstance(e, int):
+            box.append((e, e + 1, 1))
+            flips.append(False)
+            drop.append(d)
+            continue
+        sel = range(*e)
+        part = index[out_axis] if out_axis < len(index) else slice(None)
+        out_axis += 1
+        r = sel[part] if isinstance(part, slice) else sel[int(part) : int(part) + 1]
+        if not r:
+            box.append((0, 0, 1))
+            flips.append(False)
+        elif r.step > 0:
+            box.append((r[0], r[-1] + 1, r.step))
+            flips.append(False)
+        else:
+            box.append((r[-1], r[0] + 1, -r.step))
+            flips.append(True)
+    return tuple(box), flips, drop

@@ -21,7 +21,7 @@ I/O; ``verify_file`` is a router (:mod:`safecodec._api`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from ._errors import ChecksumError
@@ -101,12 +101,27 @@ def digest_of(data: Any) -> str:
     return str(h.hexdigest())
 
 
+def check_pieces(name: str, pieces: Iterable[Any], digests: Mapping[str, str]) -> None:
+    """:func:`check` for a tensor whose bytes arrive in ``pieces`` (in order): hashed as
+    they come, never held whole."""
+    expected = digests.get(name)
+    if expected is None:
+        raise ChecksumError(f"tensor {name!r} has no stored checksum ({CHECKSUM_KEY})")
+    h = new_hasher()
+    for piece in pieces:
+        h.update(piece)
+    _compare(name, expected, str(h.hexdigest()))
+
+
 def check(name: str, data: Any, digests: Mapping[str, str]) -> None:
     """Raise :class:`ChecksumError` unless ``data`` hashes to the digest stored for ``name``."""
     expected = digests.get(name)
     if expected is None:
         raise ChecksumError(f"tensor {name!r} has no stored checksum ({CHECKSUM_KEY})")
-    actual = digest_of(data)
+    _compare(name, expected, digest_of(data))
+
+
+def _compare(name: str, expected: str, actual: str) -> None:
     if actual != expected:
         raise ChecksumError(
             f"checksum mismatch for tensor {name!r}: stored {ALGORITHM} {expected}, "

@@ -22,19 +22,23 @@ How a tensor reaches JAX (:func:`host_route` names the route of a whole tensor)
 Sharding: one read plan per process
 -----------------------------------
 With a sharding, each process builds only the shards addressable on it, and reads only
-their byte ranges (:func:`safecodec._indexing.plan_runs`: rows of a contiguous block are
-one range). The plan is per process, not per device (:meth:`JaxOutput._load_sharded_many`,
-for every sharded tensor of a ``load_all`` at once): the distinct blocks of the process's
-devices (a replicated block, same index on several devices, is read once and shared), then
+their bytes. Each block is a *box* of the tensor, read by the reader's box engine
+(:meth:`safecodec._reader.TensorReader.read_boxes`; its plan is O(ndim) numbers per
+block, never one per row: a column-sharded ``(N, 2)`` tensor costs what its bytes cost).
+The plan is per process, not per device (:meth:`JaxOutput._load_sharded_many`, for every
+sharded tensor of a ``load_all`` at once): the distinct blocks of the process's devices (a
+replicated block, same index on several devices, is read once and shared), then
 
-* **remote**: the byte runs of every block, for all tensors together, go to ONE
-  ``read_ranges`` call per batch of :data:`FETCH_BATCH` bytes: merged once
-  (:func:`safecodec._remote.merge_ranges`, which never merges a gap large against the data
-  around it, so another process's half is never fetched), fetched concurrently, and every
-  block is cut out of what arrived. Fetched memory is freed batch by batch: peak host
-  memory stays near the largest block plus one batch, not the file.
-* **local**: positioned reads per run straight into each block, or a view of the mapping
-  when a block is one aligned run (zero copy); no byte is read twice.
+* **remote**: the blocks of all tensors together go to ONE ``read_boxes`` call per batch
+  of :data:`FETCH_BATCH` bytes: spans within the read-amplification budget
+  (:data:`safecodec._reader.READ_BUDGET`, so another process's half is never fetched),
+  fetched concurrently, and every block cut out of what arrived. Fetched memory is freed
+  batch by batch: peak host memory stays near the largest block plus one batch.
+* **local**: a view of the mapping when a block is one aligned run (zero copy), else one
+  strided copy from the mapping (or, with ``copy=True``, positioned reads of its spans).
+
+``get_slice(name, sharding=s)[index]`` lays ``s`` over the slice's shape and reads each
+device's block as one box of the tensor (:meth:`JaxOutput.load_slice`).
 
 Lifetime
 --------
@@ -48,6 +52,7 @@ released when the last array that uses them is.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -55,10 +60,10 @@ from typing import Any, Final
 import jax
 import numpy as np
 
-from . import _dtypes, _integrity, _threads
+from . import _dtypes, _threads
 from ._errors import DtypeError, SafecodecError, TensorNotFoundError
 from ._header import VIEW_MAX_NDIM, TensorInfo
-from ._indexing import index_key, plan_runs
+from ._indexing import box_layout, index_key, slice_box
 from ._jax_put import (
     ALIGNMENT,
     aligned_copy,
@@ -364,39 +369,28 @@ class JaxOutput:
     def _host_block(self, reader: TensorReader, info: TensorInfo,
                     key: tuple[tuple[int, int, int], ...], target: np.dtype) -> np.ndarray:
         """One shard (a strided block of the tensor) of a local file or buffer as a host
-        array, reading only its byte ranges: a view when it is one aligned range of a
-        read-only mapping, else one copy (positioned reads per run, or copies from the
-        buffer). Remote blocks are fetched by :meth:`_fetch_blocks`."""
+        array, reading only its bytes: a view when it is one aligned range of a read-only
+        mapping, else one box read (:meth:`TensorReader.read_box`: a strided copy from
+        the mapping, or positioned reads of its spans). Remote blocks are read together
+        by :meth:`_read_blocks`."""
         dt = info.dtype
         if dt.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN:
             # Sub-byte elements do not map to byte ranges shard by shard; unpack the
             # tensor once and cut the block out of it.
             full = self._host_full(reader, info, target, True, None)
             return np.ascontiguousarray(full[tuple(slice(*k) for k in key)])
-        runs, block_shape = plan_runs(info.shape, list(key))
-        itemsize = dt.itemsize
-        base = reader.header.data_start + info.begin
-        self.bytes_loaded += sum(b - a for a, b in runs) * itemsize
+        layout = box_layout(info.shape, key, dt.itemsize)
         buf = reader.buffer
-        if buf is not None and buf.readonly and len(runs) == 1 and target == dt.numpy:
-            view = np.frombuffer(buf, dt.numpy, runs[0][1] - runs[0][0],
-                                 base + runs[0][0] * itemsize).reshape(block_shape)
+        if buf is not None and buf.readonly and not layout.outer and target == dt.numpy:
+            start = reader.header.data_start + info.begin + layout.offset
+            view = np.frombuffer(buf, dt.numpy, layout.nbytes // dt.itemsize,
+                                 start).reshape(layout.shape)
             if is_aligned(view):
+                self.bytes_loaded += layout.nbytes
                 self.aliased += 1
                 return view
-        out = aligned_empty(block_shape, dt.numpy)
-        flat = out.reshape(-1).view(np.uint8)
-        pos = 0
-        spans = [(base + a * itemsize, base + b * itemsize) for a, b in runs]
-        for a, b in spans:
-            n = b - a
-            if reader.source.positioned:
-                reader.source.readinto(a, _dtypes.as_memoryview(flat[pos : pos + n]),
-                                       f"tensor {info.name!r}")
-            else:
-                assert buf is not None  # remote blocks go through _fetch_blocks
-                flat[pos : pos + n] = np.frombuffer(buf, np.uint8, n, a)
-            pos += n
+        out = reader.read_box(info, tuple(slice(*k) for k in key), empty=aligned_empty)
+        self.bytes_loaded += out.nbytes
         return out if target == dt.numpy else cast_aligned(out, target)
 
     # -- the Output interface
@@ -514,29 +508,16 @@ class JaxOutput:
         """What one process must build for tensor ``info`` laid out with ``sharding``: its
         addressable devices and the block (index key) each one holds."""
         target = self._check_dtype(reader, info)
-        shape = info.shape
-        try:
-            check = getattr(sharding, "check_compatible_aval", None)
-            if check is not None:  # rank and divisibility, as jax.device_put checks them
-                check(shape)
-            sharding.shard_shape(shape)
-            indices = sharding.addressable_devices_indices_map(shape)
-        except (ValueError, TypeError, AssertionError, IndexError) as exc:
-            raise SafecodecError(
-                f"tensor {info.name!r} with shape {list(shape)} cannot be laid out with "
-                f"{sharding}: {exc}"
-            ) from None
-        devices = list(getattr(sharding, "_addressable_device_assignment", None) or indices)
-        keys = [index_key(indices[d], shape) for d in devices]
+        devices, keys = _device_keys(f"tensor {info.name!r}", info.shape, sharding)
         return _ShardJob(info, target, sharding, devices, keys)
 
     def _load_sharded_many(self, reader: TensorReader,
                            items: list[tuple[TensorInfo, Any]]) -> dict[str, jax.Array]:
         """Sharded tensors (info, sharding), read by ONE plan for this process (see the
-        module docstring): distinct blocks only; remotely, the runs of all of them fetched
-        in batches of :data:`FETCH_BATCH` bytes, one merged, concurrent ``read_ranges``
-        call per batch; locally, per-run positioned reads or views of the mapping. Each
-        tensor is placed as soon as its blocks are there."""
+        module docstring): distinct blocks only; remotely, all of them read in batches of
+        :data:`FETCH_BATCH` bytes, one box plan per batch; locally, a view of the mapping
+        or one box read per block. Each tensor is placed as soon as its blocks are
+        there."""
         jobs = [self._shard_job(reader, info, sharding) for info, sharding in items]
         by_ranges = reader.buffer is None and not reader.source.positioned  # remote, mostly
         address = aliasable_address(reader)
@@ -559,51 +540,87 @@ class JaxOutput:
                     job.blocks[key] = self._host_block(reader, info, key, job.target)
             if not job.pending:
                 out[info.name] = job.place()
-        batch: list[tuple[_ShardJob, Key, list[tuple[int, int]], list[int]]] = []
+        batch: list[tuple[_ShardJob, Key]] = []
         size = 0
         for n, (job, key) in enumerate(fetch):
-            info = job.info
-            runs, block_shape = plan_runs(info.shape, list(key))
-            base = reader.header.data_start + info.begin
-            item = info.dtype.itemsize
-            spans = [(base + a * item, base + b * item) for a, b in runs]
-            batch.append((job, key, spans, block_shape))
-            size += sum(b - a for a, b in spans)
+            batch.append((job, key))
+            size += math.prod(len(range(*k)) for k in key) * job.info.dtype.itemsize
             if size >= FETCH_BATCH or n == len(fetch) - 1:
-                for done in self._fetch_blocks(reader, batch):
+                for done in self._read_blocks(reader, batch):
                     out[done.info.name] = done.place()
                 batch, size = [], 0
         return out
 
-    def _fetch_blocks(self, reader: TensorReader,
-                      batch: list[tuple[_ShardJob, Key, list[tuple[int, int]], list[int]]],
-                      ) -> list[_ShardJob]:
-        """One batch of remote blocks: every byte run of every block in ONE
-        ``read_ranges`` call (merged and fetched concurrently by the source), each block
-        cut out of what arrived into fresh aligned memory. Returns the tensors this batch
-        completed."""
-        spans = [span for _, _, block_spans, _ in batch for span in block_spans]
-        first, last = batch[0][0].info.name, batch[-1][0].info.name
-        what = f"tensor {first!r}" if first == last else f"tensors {first!r}..{last!r}"
-        pieces = iter(reader.source.read_ranges(spans, what) if spans else [])
+    def _read_blocks(self, reader: TensorReader, batch: list[tuple[_ShardJob, Key]],
+                     ) -> list[_ShardJob]:
+        """One batch of remote blocks, read by one plan
+        (:meth:`TensorReader.read_boxes`: every span of every block in one merged,
+        concurrent ``read_ranges`` call) into fresh aligned memory. Returns the tensors
+        this batch completed."""
+        hosts = reader.read_boxes(
+            [(job.info, tuple(slice(*k) for k in key)) for job, key in batch],
+            empty=aligned_empty)
         done: list[_ShardJob] = []
-        for job, key, block_spans, block_shape in batch:
-            info, dt = job.info, job.info.dtype
-            host = aligned_empty(tuple(block_shape), dt.numpy)
-            flat = host.reshape(-1).view(np.uint8)
-            pos = 0
-            for _ in block_spans:
-                piece = np.frombuffer(next(pieces), np.uint8)
-                flat[pos : pos + len(piece)] = piece
-                pos += len(piece)
-            self.bytes_loaded += pos
-            if reader.digests is not None and pos == info.nbytes:  # the whole tensor
-                _integrity.check(info.name, _dtypes.as_memoryview(flat), reader.digests)
+        for (job, key), host in zip(batch, hosts, strict=True):
+            self.bytes_loaded += host.nbytes
+            dt = job.info.dtype
             job.blocks[key] = host if job.target == dt.numpy else cast_aligned(host, job.target)
             job.pending.discard(key)
             if not job.pending:
                 done.append(job)
         return done
+
+    def load_slice(self, reader: TensorReader, info: TensorInfo, per_dim: list[Any],
+                   new_axes: list[int], sharding: Any) -> jax.Array:
+        """``tensor[index]`` (normalised by :func:`safecodec._indexing.normalize_index`)
+        as a jax.Array laid out with ``sharding``: each distinct block of this process's
+        devices is one box of the tensor, and the boxes are read by one plan
+        (:meth:`TensorReader.read_boxes`)."""
+        target = self._check_dtype(reader, info)
+        shape = [len(range(*e)) for e in per_dim if not isinstance(e, int)]
+        for pos in sorted(new_axes):
+            shape.insert(pos, 1)
+        devices, keys = _device_keys(f"a slice of tensor {info.name!r}", tuple(shape),
+                                     sharding)
+        distinct = list(dict.fromkeys(keys))
+        plans = [slice_box(per_dim, new_axes, tuple(slice(*k) for k in key))
+                 for key in distinct]
+        reads = reader.read_boxes([(info, tuple(slice(*b) for b in box))
+                                   for box, _, _ in plans], empty=aligned_empty)
+        blocks: dict[Key, np.ndarray] = {}
+        for key, (_, flips, _), block in zip(distinct, plans, reads, strict=True):
+            axes = tuple(d for d, f in enumerate(flips) if f)
+            arr = np.flip(block, axes) if axes else block
+            arr = arr.reshape([len(range(*k)) for k in key])
+            if arr.dtype != target:
+                arr = cast_aligned(arr, target)
+            elif not is_aligned(arr):
+                arr = aligned_copy(arr)
+            self.bytes_loaded += arr.nbytes
+            blocks[key] = arr
+        return placement().sharded(tuple(shape), target, sharding, [blocks[k] for k in keys],
+                                   devices)
+
+
+def _device_keys(what: str, shape: tuple[int, ...], sharding: Any) -> tuple[list[Any], list[Key]]:
+    """This process's devices of ``sharding`` laid over ``shape``, and the block (index
+    key) each one holds.
+
+    Raises:
+        SafecodecError: ``shape`` cannot be laid out with ``sharding``.
+    """
+    try:
+        check = getattr(sharding, "check_compatible_aval", None)
+        if check is not None:  # rank and divisibility, as jax.device_put checks them
+            check(shape)
+        sharding.shard_shape(shape)
+        indices = sharding.addressable_devices_indices_map(shape)
+    except (ValueError, TypeError, AssertionError, IndexError) as exc:
+        raise SafecodecError(
+            f"{what} with shape {list(shape)} cannot be laid out with {sharding}: {exc}"
+        ) from None
+    devices = list(getattr(sharding, "_addressable_device_assignment", None) or indices)
+    return devices, [index_key(indices[d], shape) for d in devices]
 
 
 class _ShardJob:

@@ -29,6 +29,8 @@ class ProgressBar:
                  file: Any = None) -> None:
         self._bar: Any = None
         self._lock = _thread.allocate_lock()
+        #: The amount counted so far (also without a bar).
+        self.done = 0
         if not enabled:
             return
         try:
@@ -52,8 +54,9 @@ class ProgressBar:
 
     def update(self, n: int) -> None:
         """Advance by ``n``."""
-        if self._bar is not None:
-            with self._lock:
+        with self._lock:
+            self.done += n
+            if self._bar is not None:
                 self._bar.update(n)
 
     def close(self) -> None:

@@ -2,10 +2,19 @@
 source become arrays, lazily, one tensor or one slice at a time.
 
 Views, not copies. When the source is memory (bytes, a mapping), tensors are NumPy views
-of it. Copies are made only when the caller asked (``copy=True``), the source is not
-addressable memory (a file object without mmap, a remote object), the dtype is packed
-(F4/F6 are unpacked), or the host is big-endian. With stored checksums and ``verify=True``, what is hashed is the memory that
-is returned: the view of the mapping, or the buffer the copy landed in (read once).
+of it. Whole tensors are copied in exactly one place, :meth:`TensorReader.read_span`, and
+only when the caller asked (``copy=True``), the source is not addressable memory (a file
+object without mmap, a remote object), the dtype is packed (F4/F6 are unpacked), or the
+host is big-endian. With stored checksums and ``verify=True``, what is hashed is the
+memory that is returned: the view of the mapping, or the buffer the copy landed in (read
+once).
+
+Parts of tensors (slices without a mapping, the blocks of sharded JAX loads, remote
+batches) are *boxes*, read by ONE engine, :meth:`TensorReader.read_boxes`: a plan of
+O(ndim) numbers per box (:func:`safecodec._indexing.box_layout`), one strided copy from
+memory, or as few reads as the source allows within a read-amplification budget
+(:data:`READ_BUDGET`). Under ``verify=True`` a box is returned only once its whole tensor
+has been checked.
 
 A :class:`SafeOpen` handle produces NumPy arrays itself; other outputs (JAX) come from an
 :class:`Output` object given at construction, which receives the handle's
@@ -19,7 +28,8 @@ import _thread
 import bisect
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -31,6 +41,7 @@ from ._errors import (
     ClosedHandleError,
     HeaderError,
     SafecodecError,
+    SliceIndexError,
     TensorNotFoundError,
     counted,
 )
@@ -45,8 +56,20 @@ from ._header import (
     explain_foreign,
 )
 from ._header_fast import parse_header
-from ._indexing import finish_block, normalize_index, numpy_index, plan_runs
+from ._indexing import (
+    Box,
+    BoxLayout,
+    ascending_box,
+    box_layout,
+    coalesce,
+    finish_block,
+    normalize_index,
+    numpy_index,
+    span_starts,
+    span_strides,
+)
 from ._packed import unpack
+from ._progress import ProgressBar
 from ._resolve import open_source
 from ._source import BufferSource, MapMode
 
@@ -54,6 +77,8 @@ __all__ = [
     "FIRST_READ",
     "JAX_FRAMEWORKS",
     "NUMPY_FRAMEWORKS",
+    "READ_BUDGET",
+    "SMALL_GAP",
     "Output",
     "SafeOpen",
     "TensorReader",
@@ -69,6 +94,28 @@ __all__ = [
 #: Bytes fetched by the first read of a source: the length prefix and, usually, the whole
 #: header, in one request (remote sources) or one syscall.
 FIRST_READ: Final = 64 * 1024
+
+#: Read-amplification budget of a box read from a source that is not memory (positioned
+#: reads, remote objects): the gaps between a box's runs are read with the data only
+#: while the bytes read stay within this many times the box's own bytes, so a process
+#: never reads another process's half of a column-sharded tensor.
+READ_BUDGET: Final = 1.25
+#: ...except a gap of at most this many bytes, which is always read with its neighbours:
+#: it costs less than the request (or syscall) it saves (an S3 answer's headers alone are
+#: about 400-600 bytes). ``safecodec._remote.MERGE_ALWAYS`` is the same rule.
+SMALL_GAP: Final = 512
+#: A tensor checked under ``verify=True`` without being read whole is hashed in pieces
+#: of this many bytes (one read each): host memory holds one piece, not the tensor.
+VERIFY_PIECE: Final = 16 << 20
+#: Positioned reads of a box pass through at most about this many bytes of the file at a
+#: time (spans are read into scratch memory of that size, then copied into the result).
+PREAD_WINDOW: Final = 16 << 20
+#: Spans of a box that is not read whole are copied with a vectorised gather when shorter
+#: than this (one NumPy call per batch of spans), one slice copy each when longer.
+GATHER_RUN: Final = 4096
+#: At most this many ranges go to one ``read_ranges`` call of :meth:`TensorReader.read_boxes`
+#: (the smallest gaps are merged first, as ``safecodec._remote.MAX_SPANS``).
+BOX_REQUESTS: Final = 1024
 
 #: ``framework=`` spellings for NumPy outputs.
 NUMPY_FRAMEWORKS: Final = frozenset({"numpy", "np"})
@@ -197,6 +244,8 @@ class TensorReader:
         self.buffer: memoryview | None = None if copy else source.buffer(mode)
         self._verified: set[str] = set()
         self._lock = _thread.allocate_lock()
+        #: The bar a load in progress advances, per tensor, by its bytes (None: no bar).
+        self.progress: ProgressBar | None = None
 
     # -- checksums
     def verify(self, info: TensorInfo, *, eager: bool = False) -> None:
@@ -207,14 +256,26 @@ class TensorReader:
             return
         start = self.header.data_start + info.begin
         if self.buffer is not None:
-            data: Any = self.buffer[start : start + info.nbytes]
+            _integrity.check(info.name, self.buffer[start : start + info.nbytes], self.digests)
         elif eager:
-            data = self.source.read(start, info.nbytes, f"tensor {info.name!r}")
+            _integrity.check_pieces(info.name, self._pieces(start, info.nbytes, info.name),
+                                    self.digests)
         else:
             return
-        _integrity.check(info.name, data, self.digests)
         with self._lock:
             self._verified.add(info.name)
+
+    def _pieces(self, start: int, length: int, name: str) -> Iterator[Any]:
+        """The bytes ``start..start+length`` of the source, :data:`VERIFY_PIECE` at a time."""
+        for at in range(start, start + length, VERIFY_PIECE):
+            yield self.source.read(at, min(VERIFY_PIECE, start + length - at), f"tensor {name!r}")
+
+    def _verified_now(self, info: TensorInfo, data: Any) -> None:
+        """Check ``data``, the whole tensor ``info`` just read, when reads are verified."""
+        if self.digests is not None and info.name not in self._verified:
+            _integrity.check(info.name, data, self.digests)
+            with self._lock:
+                self._verified.add(info.name)
 
     def raw_bytes(self, info: TensorInfo) -> Any:
         """The tensor's bytes exactly as stored (a view when the source is memory; else
@@ -239,6 +300,8 @@ class TensorReader:
                     self.buffer, np.uint8, last.end - first.begin, start))
             else:  # positioned reads from the page cache beat faulting a mapping in
                 self.source.readinto(start, out, what)
+            if self.progress is not None:
+                self.progress.update(len(out))
         if self.digests is not None:
             for info in infos:
                 a = info.begin - first.begin
@@ -305,11 +368,201 @@ class TensorReader:
             arr = _native(arr, dt)
         return arr
 
-    def ranges(self, runs: Sequence[tuple[int, int]], name: str) -> list[Any]:
-        """Fetch byte ranges (absolute offsets) of one tensor; merged by the source."""
+    # -- boxes: THE read engine for parts of tensors
+    def read_box(self, info: TensorInfo, box: tuple[slice, ...], *,
+                 empty: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+                 ) -> np.ndarray:
+        """``tensor[box]`` as a fresh C-contiguous array of the file's dtype (decoded as
+        :meth:`array` decodes), reading only the box's bytes (see :meth:`read_boxes`).
+
+        Args:
+            info: The tensor.
+            box: One slice per axis, start and stop in ``0..size``, step >= 1.
+
+        Raises:
+            SliceIndexError: ``box`` is not such a box.
+            ChecksumError: ``verify=True`` and the tensor's bytes do not match.
+        """
+        return self.read_boxes([(info, box)], empty=empty)[0]
+
+    def read_boxes(self, requests: Sequence[tuple[TensorInfo, tuple[slice, ...]]], *,
+                   empty: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+                   ) -> list[np.ndarray]:
+        """Many boxes (tensor, one slice per axis) read by one plan; each comes back as a
+        fresh C-contiguous array, in the order asked. The plan holds O(ndim) numbers per
+        box, never one per row (:func:`safecodec._indexing.box_layout`).
+
+        * **Memory** (a mapping or a buffer): one strided NumPy copy per box (a box that
+          is one run of a local file: one positioned read, split across threads).
+        * **Positioned reads** (``copy=True``, no mmap): the box's runs widened into spans
+          while the bytes read stay within :data:`READ_BUDGET`, one read per span (bounded
+          row runs otherwise), then one strided copy.
+        * **Remote** (and other sources): runs widened the same way, gaps of at most
+          :data:`SMALL_GAP` bytes included (a request costs more); the spans of every box
+          go to ONE ``read_ranges`` call (at most :data:`BOX_REQUESTS` ranges, the
+          smallest gaps merged first; merged and fetched concurrently by the source), and
+          each box is cut out of what arrived.
+
+        With ``verify=True``, a tensor that has a stored checksum is checked once before
+        any box of it is returned: a box that is the whole tensor is checked on the bytes
+        read; any other box costs one more pass over the whole tensor (from memory, or
+        :data:`VERIFY_PIECE`-sized reads: remotely, its bytes are fetched once more).
+        Every read counts in the handle's ``stats`` (a copy from memory is one request).
+
+        Args:
+            requests: ``(info, box)`` pairs; ``box`` as for :meth:`read_box`.
+            empty: Allocates each result (``empty(shape, dtype)``); default ``np.empty``.
+
+        Raises:
+            SliceIndexError: A box is malformed.
+            ChecksumError: ``verify=True`` and a tensor's bytes do not match.
+        """
+        alloc = empty or _empty
+        out: list[Any] = [None] * len(requests)
+        fetch: list[tuple[int, TensorInfo, BoxLayout, BoxLayout]] = []
+        for k, (info, box) in enumerate(requests):
+            dt = info.dtype
+            key = _key(info, box)
+            if dt.packed:
+                self.verify(info, eager=True)
+                out[k] = self._packed_box(info, key)
+                continue
+            layout = box_layout(info.shape, key, dt.itemsize)
+            whole = not layout.outer and layout.nbytes == info.nbytes
+            if not whole:
+                self.verify(info, eager=True)
+            if not layout.nbytes:
+                out[k] = alloc(layout.shape, dt.numpy)
+                continue
+            if self.buffer is not None and not (self.source.positioned and not layout.outer):
+                arr = alloc(layout.shape, dt.numpy)
+                _copy_strided(arr, self._strided(info, layout))
+            elif self.source.positioned:
+                arr = self._pread_box(info, key, layout, alloc)
+            else:
+                fetch.append((k, info, layout,
+                              coalesce(layout, READ_BUDGET, SMALL_GAP, BOX_REQUESTS)))
+                continue
+            out[k] = self._finish_box(info, arr, whole)
+        if fetch:
+            for (k, info, layout, _), arr in zip(fetch, self._fetch_boxes(fetch, alloc),
+                                                 strict=True):
+                out[k] = self._finish_box(info, arr, not layout.outer
+                                          and layout.nbytes == info.nbytes)
+        return out
+
+    def _finish_box(self, info: TensorInfo, arr: np.ndarray, whole: bool) -> np.ndarray:
+        if whole:
+            self._verified_now(info, _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)))
+        if self.progress is not None:
+            self.progress.update(arr.nbytes)
+        return arr if _dtypes.HOST_IS_LITTLE_ENDIAN else _native(arr, info.dtype)
+
+    def _strided(self, info: TensorInfo, layout: BoxLayout) -> np.ndarray:
+        """The box as a strided view of the buffer (one request in ``stats``)."""
+        assert self.buffer is not None
+        stats = self.source.stats
+        stats.requests += 1
+        stats.bytes_read += layout.nbytes
+        start = self.header.data_start + info.begin + layout.offset
+        if not layout.nbytes:
+            return np.empty(layout.shape, info.dtype.numpy)
+        return np.ndarray(layout.shape, info.dtype.numpy, self.buffer, start, layout.strides)
+
+    def _pread_box(self, info: TensorInfo, key: Box, layout: BoxLayout,
+                   alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> np.ndarray:
+        """A box of a local file by positioned reads: one per span (:func:`coalesce`:
+        exact bytes unless the budget allows a gap, at most :data:`BOX_REQUESTS` spans),
+        :data:`PREAD_WINDOW` bytes of the file at a time along the box's first long axis
+        (the memory the spans pass through stays bounded)."""
+        base = self.header.data_start + info.begin
+        arr = alloc(layout.shape, info.dtype.numpy)
+        what = f"tensor {info.name!r}"
+        if not layout.outer:  # one run: straight into the result
+            self.source.readinto(base + layout.offset,
+                                 _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)), what)
+            return arr
+        axis = next(d for d, n in enumerate(layout.shape) if n > 1)
+        start, _, step = key[axis]
+        rows = layout.shape[axis]
+        per = max(1, PREAD_WINDOW // max(1, layout.strides[axis]))
+        itemsize = info.dtype.itemsize
+        for a in range(0, rows, per):
+            b = min(rows, a + per)
+            part = (*key[:axis], (start + a * step, start + (b - 1) * step + 1, step),
+                    *key[axis + 1 :])
+            sub = box_layout(info.shape, part, itemsize)
+            spans = coalesce(sub, READ_BUDGET, 0, BOX_REQUESTS)
+            packed = np.empty(spans.spans * spans.run, np.uint8)
+            view = _dtypes.as_memoryview(packed)
+            run = spans.run
+            for i, at in enumerate(span_starts(spans).tolist()):
+                self.source.readinto(base + at, view[i * run : (i + 1) * run], what)
+            dst = arr[(slice(None),) * axis + (slice(a, b),)]
+            _copy_strided(dst, np.ndarray(sub.shape, info.dtype.numpy, packed, 0,
+                                          span_strides(spans)))
+        return arr
+
+    def _fetch_boxes(self, boxes: list[tuple[int, TensorInfo, BoxLayout, BoxLayout]],
+                     alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray],
+                     ) -> list[np.ndarray]:
+        """Boxes of a remote object (or a source without positioned reads): every span
+        of every box in ONE ``read_ranges`` call, each box cut out of what arrived."""
+        data = self.header.data_start
+        starts = [data + info.begin + span_starts(spans) for _, info, _, spans in boxes]
+        lengths = [spans.run for *_, spans in boxes]
+        merged = _merge(np.concatenate(starts),
+                        np.concatenate([s + n for s, n in zip(starts, lengths, strict=True)]),
+                        BOX_REQUESTS)
+        first, last = boxes[0][1].name, boxes[-1][1].name
+        what = f"tensor {first!r}" if first == last else f"tensors {first!r}..{last!r}"
+        ranges = [(int(a), int(b)) for a, b in merged]
+        pieces = [np.frombuffer(p, np.uint8) for p in self.source.read_ranges(ranges, what)]
+        lo = merged[:, 0]
+        out: list[np.ndarray] = []
+        for (_, info, layout, spans), at, run in zip(boxes, starts, lengths, strict=True):
+            arr = alloc(layout.shape, info.dtype.numpy)
+            p0, p1 = np.searchsorted(lo, [at[0], at[-1]], "right") - 1
+            if p0 == p1:  # the whole box arrived in one piece: one strided copy
+                src = np.ndarray(layout.shape, info.dtype.numpy, pieces[p0], int(at[0] - lo[p0]),
+                                 layout.strides)
+            else:
+                packed = np.empty(len(at) * run, np.uint8)
+                for p in range(int(p0), int(p1) + 1):
+                    i, j = np.searchsorted(at, [lo[p], merged[p, 1]])
+                    _gather(packed[i * run : j * run], pieces[p], at[i:j] - lo[p], run)
+                src = np.ndarray(layout.shape, info.dtype.numpy, packed, 0, span_strides(spans))
+            _copy_strided(arr, src)
+            out.append(arr)
+        return out
+
+    def _packed_box(self, info: TensorInfo, box: Any) -> np.ndarray:
+        """A box of a packed (F4/F6) tensor: the bytes from its first element to its last
+        are read once, unpacked, and the box copied out of them."""
+        dt = info.dtype
+        layout = box_layout(info.shape, box, 1)  # in elements
+        if not layout.nbytes:
+            return np.empty(layout.shape, dt.numpy)
+        group = 8 // math.gcd(8, dt.bits)  # elements per packed group (F4: 2, F6: 4)
+        gbytes = group * dt.bits // 8
+        first, stop = layout.offset, layout.offset + layout.extent
+        lo, hi = (first // group) * gbytes, -(-stop // group) * gbytes
+        start = self.header.data_start + info.begin + lo
         if self.buffer is not None:
-            return [self.buffer[a:b] for a, b in runs]
-        return list(self.source.read_ranges(runs, f"tensor {name!r}"))
+            raw = np.frombuffer(self.buffer, np.uint8, hi - lo, start)
+        else:
+            raw = np.frombuffer(self.source.read(start, hi - lo, f"tensor {info.name!r}"),
+                                np.uint8)
+        if not self.unpack:
+            raise SafecodecError(
+                f"tensor {info.name!r} is packed {dt.code}; slicing needs unpack=True"
+            )
+        vals = unpack(raw, dt, (hi - lo) * 8 // dt.bits)
+        skip = first - (lo // gbytes) * group
+        item = vals.itemsize
+        src = np.ndarray(layout.shape, vals.dtype, vals, skip * item,
+                         tuple(st * item for st in layout.strides))
+        return np.ascontiguousarray(src)
 
     def fetched(self, infos: list[TensorInfo]) -> TensorReader:
         """Remote whole loads: stream the tensors' bytes into memory in one pass (merged,
@@ -325,6 +578,90 @@ class TensorReader:
                             unpack=self.unpack, mode="copy", digests=self.digests)
 
 
+def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
+
+
+def _key(info: TensorInfo, box: tuple[Any, ...]) -> Box:
+    """A box (one slice per axis, or ``(start, stop, step)`` triples) as triples, checked:
+    start and stop within the axis, step >= 1.
+
+    Raises:
+        SliceIndexError: Anything else.
+    """
+    shape = info.shape
+    if len(box) != len(shape):
+        raise SliceIndexError(
+            f"tensor {info.name!r}: a box needs one slice per axis ({len(shape)}), got {len(box)}"
+        )
+    key = []
+    for n, item in zip(shape, box, strict=True):
+        if isinstance(item, slice):
+            start, stop, step = item.start, item.stop, item.step
+            start = 0 if start is None else start
+            stop = n if stop is None else stop
+            step = 1 if step is None else step
+        else:
+            start, stop, step = item
+        if not (isinstance(start, int) and isinstance(stop, int) and isinstance(step, int)
+                and 0 <= start <= n and 0 <= stop <= n and step >= 1):
+            raise SliceIndexError(
+                f"tensor {info.name!r} with shape {list(shape)}: a box takes slices with "
+                f"start and stop in 0..size and step >= 1, got {item!r}"
+            )
+        key.append((start, max(start, stop), step))
+    return tuple(key)
+
+
+def _copy_strided(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` (a C-contiguous ``dst``, a strided ``src``); a large copy is
+    split along its first axis across threads (:mod:`safecodec._threads`)."""
+    rows = dst.shape[0] if dst.ndim else 0
+    if dst.nbytes < 2 * _threads.MIN_PIECE or rows < 2:
+        np.copyto(dst, src)
+        return
+    n = min(_threads.get_threads(), rows, dst.nbytes // _threads.MIN_PIECE)
+    cuts = [rows * i // n for i in range(n + 1)]
+
+    def part(a: int, b: int) -> None:
+        np.copyto(dst[a:b], src[a:b])
+
+    _threads.run(part, list(itertools.pairwise(cuts)))
+
+
+def _merge(starts: np.ndarray, ends: np.ndarray, limit: int) -> np.ndarray:
+    """Ranges ``(start, end)`` (int64 arrays) sorted and merged where they overlap or
+    touch; while more than ``limit`` remain, the smallest gaps are merged (vectorised,
+    no Python object per range). Returns an ``(n, 2)`` int64 array."""
+    order = np.argsort(starts, kind="stable")
+    s, e = starts[order], ends[order]
+    reach = np.maximum.accumulate(e)
+    cut = np.flatnonzero(s[1:] > reach[:-1]) + 1
+    heads = np.concatenate([[0], cut]).astype(np.intp)
+    lo, hi = s[heads], np.maximum.reduceat(reach, heads)
+    if len(lo) > limit > 0:
+        gaps = lo[1:] - hi[:-1]
+        keep = np.sort(np.argpartition(gaps, len(gaps) - (limit - 1))[len(gaps) - (limit - 1):])
+        heads = np.concatenate([[0], keep + 1]).astype(np.intp)
+        lo, hi = lo[heads], np.maximum.reduceat(hi, heads)
+    return np.stack([lo, hi], axis=1)
+
+
+def _gather(dst: np.ndarray, piece: np.ndarray, offsets: np.ndarray, run: int) -> None:
+    """Copy ``len(offsets)`` runs of ``run`` bytes at ``offsets`` in ``piece`` back to back
+    into ``dst``: one slice copy each when runs are long, a vectorised gather of a batch
+    of them at a time when they are short."""
+    if run >= GATHER_RUN:
+        for i, at in enumerate(offsets.tolist()):
+            dst[i * run : (i + 1) * run] = piece[at : at + run]
+        return
+    rows = dst.reshape(len(offsets), run)
+    step = max(1, (1 << 20) // run)
+    inner = np.arange(run, dtype=np.int64)
+    for a in range(0, len(offsets), step):
+        rows[a : a + step] = piece[offsets[a : a + step, None] + inner]
+
+
 class Output(Protocol):
     """What a handle needs from a non-NumPy output (the JAX output implements it). Every
     call receives the handle's reader; the output keeps no reference to the handle."""
@@ -334,6 +671,11 @@ class Output(Protocol):
 
     def load_tensor(self, reader: TensorReader, info: TensorInfo) -> Any:
         """The whole tensor ``info``."""
+
+    def load_slice(self, reader: TensorReader, info: TensorInfo, per_dim: list[Any],
+                   new_axes: list[int], sharding: Any) -> Any:
+        """``tensor[index]`` (normalised: :func:`safecodec._indexing.normalize_index`)
+        laid out with ``sharding``, each device's block read as a box."""
 
     def load_all(self, reader: TensorReader, infos: list[TensorInfo], *,
                  sharding: Any = None, check_names: bool = True) -> dict[str, Any]:
@@ -354,10 +696,11 @@ class TensorSlice:
     ``copy=True``, remote sources), indexing it after the handle closed raises
     :class:`~safecodec.ClosedHandleError`."""
 
-    def __init__(self, handle: SafeOpen, info: TensorInfo) -> None:
+    def __init__(self, handle: SafeOpen, info: TensorInfo, sharding: Any = None) -> None:
         self._handle = handle
         self._info = info
         self._reader = handle.reader
+        self._sharding = sharding
 
     def get_shape(self) -> list[int]:
         """The tensor's shape, as a list (like the reference wheel)."""
@@ -388,57 +731,34 @@ class TensorSlice:
         return f"TensorSlice({self._info.name!r}, dtype={self.get_dtype()}, shape={self.get_shape()})"
 
     def __getitem__(self, index: Any) -> Any:
-        arr = self.numpy(index)
         output = self._handle.output
+        if self._sharding is not None:
+            assert output is not None  # get_slice refuses sharding= on NumPy handles
+            per_dim, new_axes = self._normalized(index)
+            return output.load_slice(self._reader, self._info, per_dim, new_axes,
+                                     self._sharding)
+        arr = self.numpy(index)
         return arr if output is None else output.convert(self._reader, arr, self._info)
 
-    def numpy(self, index: Any = ()) -> np.ndarray:
-        """The selected part as a NumPy array (whatever the handle's framework)."""
-        reader = self._reader
+    def _normalized(self, index: Any) -> tuple[list[Any], list[int]]:
         info = self._info
         if 0 in info.shape or len(info.shape) > VIEW_MAX_NDIM:
             check_numpy_shape(info)
-        per_dim, new_axes = normalize_index(index, info.shape, info.name)
+        return normalize_index(index, info.shape, info.name)
+
+    def numpy(self, index: Any = ()) -> np.ndarray:
+        """The selected part as a NumPy array (whatever the handle's framework): a view
+        of the mapping or buffer when there is one, else a box read by
+        :meth:`TensorReader.read_box` (only the bytes the index selects)."""
+        reader = self._reader
+        info = self._info
+        per_dim, new_axes = self._normalized(index)
         if reader.buffer is not None and not info.dtype.packed:
             full = reader.array(info)
             part: np.ndarray = full[numpy_index(per_dim, new_axes)]
             return part
-        return self._read_runs(reader, per_dim, new_axes)
-
-    def _read_runs(self, reader: TensorReader, per_dim: list[Any], new_axes: list[int]) -> np.ndarray:
-        info = self._info
-        dt = info.dtype
-        runs, block_shape = plan_runs(info.shape, per_dim)
-        base = reader.header.data_start + info.begin
-        if dt.packed:
-            group = 8 // math.gcd(8, dt.bits)  # elements per packed group (F4: 2, F6: 4)
-            gbytes = group * dt.bits // 8
-            spans = [((a // group) * gbytes, -(-b // group) * gbytes) for a, b in runs]
-            chunks = reader.ranges([(base + s, base + e) for s, e in spans], info.name)
-            parts = []
-            for (a, b), (s, _), chunk in zip(runs, spans, chunks, strict=True):
-                vals = unpack(np.frombuffer(chunk, np.uint8), dt, len(chunk) * 8 // dt.bits)
-                skip = a - (s // gbytes) * group
-                parts.append(vals[skip : skip + (b - a)])
-            flat = np.concatenate(parts) if parts else np.empty(0, dt.numpy)
-            block = flat.reshape(block_shape)
-            if not reader.unpack:
-                raise SafecodecError(
-                    f"tensor {info.name!r} is packed {dt.code}; slicing needs unpack=True"
-                )
-        else:
-            itemsize = dt.itemsize
-            block = np.empty(block_shape, dt.numpy)
-            flat = block.reshape(-1).view(np.uint8)
-            chunks = reader.ranges([(base + a * itemsize, base + b * itemsize) for a, b in runs],
-                                   info.name)
-            pos = 0
-            for chunk in chunks:
-                n = len(chunk)
-                flat[pos : pos + n] = np.frombuffer(chunk, np.uint8)
-                pos += n
-            if not _dtypes.HOST_IS_LITTLE_ENDIAN:
-                block = _native(block, dt)
+        box = ascending_box(per_dim)
+        block = reader.read_box(info, tuple(slice(*b) for b in box))
         return finish_block(block, per_dim, new_axes)
 
 
@@ -458,7 +778,8 @@ class SafeOpen:
             :func:`safecodec._resolve.open_source`).
         framework: ``"numpy"``/``"np"``, or ``"jax"``/``"flax"`` (then ``output`` is the
             JAX output that :func:`safecodec.safe_open` builds).
-        fs, storage_options, progress: For remote sources.
+        fs, storage_options: For remote sources.
+        progress: A progress bar on loads (local: bytes per tensor; remote: the transfer).
         copy: Every read is a copy (positioned reads, no mapping).
         unpack: Unpack F4/F6 tensors.
         device: NumPy outputs accept only None or ``"cpu"`` (as the reference wheel does);
@@ -488,6 +809,7 @@ class SafeOpen:
         #: The output converter (None for NumPy outputs).
         self.output: Output | None = output
         self._reader: TensorReader | None = None
+        self._progress = progress
         self._source = open_source(source, fs=fs, storage_options=storage_options,
                                    progress=progress)
         try:
@@ -554,12 +876,32 @@ class SafeOpen:
             return self.output.load_tensor(reader, info)
         return reader.array(info)
 
-    def get_slice(self, name: str) -> TensorSlice:
+    def get_slice(self, name: str, sharding: Any = None) -> TensorSlice:
         """A lazy :class:`TensorSlice` of tensor ``name``. With verify=True the whole
-        tensor is read and checked once, before the first slice."""
+        tensor is read and checked once, before the first slice.
+
+        Args:
+            name: The tensor.
+            sharding: JAX handles only: a ``jax.sharding.Sharding`` laid over the shape of
+                each *slice* taken (``f.get_slice(name, sharding=s)[index]`` is a
+                ``jax.Array`` of ``tensor[index]`` placed with ``s``); each device's block
+                is read as one box of the tensor, and nothing else is read. The handle's
+                own ``sharding=`` applies to whole tensors, not to slices.
+
+        Raises:
+            SafecodecError: ``sharding`` on a NumPy handle, or not a Sharding.
+        """
         info = self._info(name)
+        if sharding is not None:
+            if self.output is None:
+                check_numpy_placement(None, sharding)
+            elif not _is_sharding(sharding):
+                raise SafecodecError(
+                    f"get_slice(sharding=) takes a jax.sharding.Sharding, got "
+                    f"{type(sharding).__name__}"
+                )
         self.reader.verify(info, eager=True)
-        return TensorSlice(self, info)
+        return TensorSlice(self, info, sharding)
 
     def get_tensors(self) -> dict[str, Any]:
         """Every tensor, in file order."""
@@ -589,6 +931,22 @@ class SafeOpen:
     def _load_infos(self, infos: list[TensorInfo], sharding: Any,
                     check_names: bool = True) -> dict[str, Any]:
         reader = self.reader
+        if not self._progress or self._source.remote:  # remote reads show their own bar
+            return self._load_infos_now(reader, infos, sharding, check_names)
+        total = sum(i.nbytes for i in infos)
+        with ProgressBar(total, f"load {os.path.basename(str(self._source.name))}",
+                         True) as bar:
+            reader.progress = bar
+            try:
+                out = self._load_infos_now(reader, infos, sharding, check_names)
+            finally:
+                reader.progress = None
+            if bar.done < total:  # tensors handed out as views are counted here
+                bar.update(total - bar.done)
+        return out
+
+    def _load_infos_now(self, reader: TensorReader, infos: list[TensorInfo], sharding: Any,
+                        check_names: bool) -> dict[str, Any]:
         if reader.buffer is not None and reader.digests is not None:
             for info in infos:
                 reader.verify(info)
@@ -678,6 +1036,12 @@ def check_output(framework: Any, device: Any, sharding: Any,
             "framework='jax'), which builds their JAX output"
         )
     return fw, output
+
+
+def _is_sharding(obj: Any) -> bool:
+    """Whether ``obj`` is a ``jax.sharding.Sharding`` (without importing JAX here)."""
+    return any(c.__name__ == "Sharding" and c.__module__.startswith("jax")
+               for c in type(obj).__mro__)
 
 
 def check_numpy_placement(device: Any, sharding: Any) -> None:

@@ -298,9 +298,10 @@ class ShardedSafeOpen:
         """Tensor ``name``, read from its shard only."""
         return self.shard_handle(name).get_tensor(name)
 
-    def get_slice(self, name: str) -> Any:
-        """A lazy :class:`~safecodec.TensorSlice` of ``name``."""
-        return self.shard_handle(name).get_slice(name)
+    def get_slice(self, name: str, sharding: Any = None) -> Any:
+        """A lazy :class:`~safecodec.TensorSlice` of ``name``, read from its shard only
+        (``sharding``: see :meth:`safecodec.SafeOpen.get_slice`)."""
+        return self.shard_handle(name).get_slice(name, sharding=sharding)
 
     def get_tensors(self) -> dict[str, Any]:
         """Every tensor of the index: shard headers read concurrently, then each shard's

@@ -273,6 +273,7 @@ def test_api_examples_render_as_code_blocks(site: Site) -> None:
 #: Modules whose docstrings hold the examples the API reference shows (and a few more).
 DOCSTRING_MODULES = [
     "safecodec._api", "safecodec._header", "safecodec._dtypes", "safecodec._shardindex",
+    "safecodec._indexing",
     "safecodec._remote", "safecodec._tree", "safecodec._safejax", "safecodec._treepath",
     "safecodec._sharded", "safecodec.numpy", "safecodec.jax", "safecodec.flax",
     "safecodec.haiku", "safecodec.objax", "safecodec.orbax",
