@@ -40,8 +40,10 @@ if TYPE_CHECKING:  # type checkers and the API reference see every name as if ea
 
 #: Every public name that is imported on first use -> the module (relative to this
 #: package) that defines it. A public submodule is listed under its own name
-#: (``"name": "name"``) and resolves to the module itself. Adding a name here, to
-#: ``__all__`` and to the ``TYPE_CHECKING`` block is all a new public name needs.
+#: (``"remap": "remap"``, with ``from . import remap`` in the ``TYPE_CHECKING`` block) and
+#: resolves to the module itself. Adding a name here, to ``__all__`` and to the
+#: ``TYPE_CHECKING`` block is all a new public name needs (tests/test_packaging.py checks
+#: that the three agree).
 _LAZY: dict[str, str] = {
     "load": "_api",
     "load_file": "_api",
