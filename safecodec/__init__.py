@@ -29,6 +29,7 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:  # type checkers and the API reference see every name as if eager
+    from . import remap
     from ._api import load, load_file, read_header, safe_open, save, save_file, verify_file
     from ._header import Header, TensorInfo
     from ._reader import SafeOpen, TensorSlice
@@ -64,6 +65,7 @@ _LAZY: dict[str, str] = {
     "serialize": "_safejax",
     "deserialize": "_safejax",
     "__version__": "_version",
+    "remap": "remap",  # a public submodule: `from safecodec import remap as R`
 }
 
 __all__ = [
@@ -89,6 +91,7 @@ __all__ = [
     "load_file",
     "load_tree",
     "read_header",
+    "remap",
     "safe_open",
     "save",
     "save_file",

@@ -5,7 +5,9 @@ and processes.
 How a tensor reaches JAX (:func:`host_route` names the route of a whole tensor)
 --------------------------------------------------------------------
 * **alias**: CPU, 64-byte aligned, byte-sized dtype, same dtype in JAX, memory nobody can
-  write (a read-only mapping or immutable bytes): the host array is a view of the file's
+  change (safecodec's read-only mapping, or immutable ``bytes``; never a caller's
+  writable memory, even through a read-only view: :func:`aliasable_address` decides,
+  for every route below): the host array is a view of the file's
   mapping and the CPU client *aliases* it. Loading costs a header parse, not a memcpy.
   safecodec's writer (``alignment=64``, the default) puts every tensor whose byte size is
   a multiple of 64 at such an address. On accelerators the view itself is handed to the
@@ -13,8 +15,8 @@ How a tensor reaches JAX (:func:`host_route` names the route of a whole tensor)
 * **read**: one positioned read from the page cache into fresh aligned memory
   (``copy=True``, no mmap, a tensor not aligned in a local file: cheaper than faulting the
   mapping in).
-* **copy**: one memcpy from the buffer into fresh aligned memory (the caller's writable
-  buffer, or a small unaligned tensor).
+* **copy**: one memcpy from the buffer into fresh aligned memory (memory its owner can
+  write, read-only view or not, or a small unaligned tensor).
 * **cast**: 64-bit values with x64 off: narrowed into fresh aligned memory (JAX's rule).
 * **decode**: packed F4 is unpacked once into ``float4_e2m1fn``; big-endian hosts swap.
   **F6** has no JAX dtype: a :class:`~safecodec.DtypeError` points to the NumPy output.
@@ -130,11 +132,15 @@ _CANONICAL: dict[tuple[np.dtype, bool], np.dtype] = {}
 
 
 def aliasable_address(reader: TensorReader) -> int | None:
-    """Where tensor offset 0 lies in memory when the reader's buffer is one JAX may alias
-    (mapped read-only or immutable, little-endian host); None when every tensor must be
-    copied (no buffer: copy=True, no mmap, remote; or a buffer the caller can write)."""
+    """THE predicate "may JAX alias this reader's memory?", used by every route below:
+    where tensor offset 0 lies in memory when it may, None when every tensor must be
+    copied. It may when the memory can never change while an array uses it
+    (:meth:`safecodec._source.SourceBase.stable`: safecodec's own read-only mapping of a
+    file, or immutable ``bytes``), on a little-endian host. Not: no buffer (copy=True, no
+    mmap, remote), and not any memory its owner can write, whatever a view of it says:
+    a read-only memoryview of a ``bytearray`` changes when the ``bytearray`` does."""
     buf = reader.buffer
-    if buf is None or not buf.readonly or not _dtypes.HOST_IS_LITTLE_ENDIAN:
+    if buf is None or not reader.stable or not _dtypes.HOST_IS_LITTLE_ENDIAN:
         return None
     base = np.frombuffer(buf, np.uint8, 0 if not len(buf) else 1).ctypes.data
     return int(base) + reader.header.data_start
@@ -166,8 +172,6 @@ def host_route(reader: TensorReader, info: TensorInfo, target: np.dtype, cpu: bo
         return "copy"
     if address is not None and (address + info.begin) % ALIGNMENT == 0:
         return "alias"
-    if not buf.readonly:
-        return "copy"  # the caller's writable memory: never alias it
     return "read" if reader.source.positioned and info.nbytes >= PREAD_MIN else "copy"
 
 
@@ -369,8 +373,8 @@ class JaxOutput:
     def _host_block(self, reader: TensorReader, info: TensorInfo,
                     key: tuple[tuple[int, int, int], ...], target: np.dtype) -> np.ndarray:
         """One shard (a strided block of the tensor) of a local file or buffer as a host
-        array, reading only its bytes: a view when it is one aligned range of a read-only
-        mapping, else one box read (:meth:`TensorReader.read_box`: a strided copy from
+        array, reading only its bytes: a view when it is one aligned range of memory JAX
+        may alias (:func:`aliasable_address`), else one box read (:meth:`TensorReader.read_box`: a strided copy from
         the mapping, or positioned reads of its spans). Remote blocks are read together
         by :meth:`_read_blocks`."""
         dt = info.dtype
@@ -381,7 +385,8 @@ class JaxOutput:
             return np.ascontiguousarray(full[tuple(slice(*k) for k in key)])
         layout = box_layout(info.shape, key, dt.itemsize)
         buf = reader.buffer
-        if buf is not None and buf.readonly and not layout.outer and target == dt.numpy:
+        if (buf is not None and not layout.outer and target == dt.numpy
+                and aliasable_address(reader) is not None):
             start = reader.header.data_start + info.begin + layout.offset
             view = np.frombuffer(buf, dt.numpy, layout.nbytes // dt.itemsize,
                                  start).reshape(layout.shape)
@@ -410,10 +415,9 @@ class JaxOutput:
             arr = cast_aligned(arr, target)
         elif cpu and not is_aligned(arr):
             arr = aligned_copy(arr)
-        elif cpu and arr.flags.writeable and not arr.flags.owndata:
-            buf = reader.buffer
-            if buf is not None and not buf.readonly:
-                arr = aligned_copy(arr)  # a view of a caller's writable buffer
+        elif (cpu and not arr.flags.owndata and reader.buffer is not None
+              and aliasable_address(reader) is None):
+            arr = aligned_copy(arr)  # a view of memory that can change under JAX
         return placement().single(arr, device, committed)
 
     def load_tensor(self, reader: TensorReader, info: TensorInfo) -> jax.Array:

@@ -242,6 +242,9 @@ class TensorReader:
         self.mode = mode
         self.digests = digests
         self.buffer: memoryview | None = None if copy else source.buffer(mode)
+        #: Whether ``buffer`` can never change while an array uses it (outputs that must
+        #: not change, JAX's, may alias it only then; see ``Source.stable``).
+        self.stable = self.buffer is not None and bool(source.stable(mode))
         self._verified: set[str] = set()
         self._lock = _thread.allocate_lock()
         #: The bar a load in progress advances, per tensor, by its bytes (None: no bar).
@@ -438,7 +441,15 @@ class TensorReader:
                 arr = alloc(layout.shape, dt.numpy)
                 _copy_strided(arr, self._strided(info, layout))
             elif self.source.positioned:
-                arr = self._pread_box(info, key, layout, alloc)
+                try:
+                    arr = self._pread_box(info, key, layout, alloc)
+                except ClosedHandleError:
+                    if self.buffer is None:
+                        raise
+                    # The handle is closed, its mapping is not: a slice of a mapped file
+                    # outlives its handle (TensorSlice), whichever way its box is read.
+                    arr = alloc(layout.shape, dt.numpy)
+                    _copy_strided(arr, self._strided(info, layout))
             else:
                 fetch.append((k, info, layout,
                               coalesce(layout, READ_BUDGET, SMALL_GAP, BOX_REQUESTS)))

@@ -22,12 +22,18 @@ Remote writes go through :class:`safecodec._sink.RemoteAtomicFile`. What it guar
   makes a read download the whole object.
 * **One version, on every read.** Every read is pinned to the object seen when it was
   opened (its header was read from it): HTTP(S) requests carry ``If-Match`` with its
-  strong ETag (a replaced object answers 412); S3 objects in a versioned bucket are read
-  by version id; on every other filesystem (S3 without versioning, GCS, memory...) the
-  object's identity (size plus ETag / version / generation / mtime, whatever ``info``
-  reports) is re-checked after each read, one metadata request
-  (:meth:`FsspecSource.check_unchanged`). A change raises RemoteIOError on lazy reads,
-  slices, whole-file, JAX, sharded and tree loads alike: they all read through here.
+  strong ETag (a replaced object answers 412), and an answer is taken as proof of the
+  version only when it carries that ETag (another ETag: refused; none, from a server that
+  ignores ``If-Match`` and omits ETags on 206: the identity is re-checked); S3 objects in
+  a versioned bucket are read by version id; on every other filesystem (S3 without
+  versioning, GCS, memory, HTTP without a strong ETag...) the object's identity (size
+  plus ETag / version / generation / mtime, whatever ``info`` reports) is re-checked after
+  each read, one metadata request (:meth:`FsspecSource.check_unchanged`). A change raises
+  RemoteIOError on lazy reads, slices, whole-file, JAX, sharded and tree loads alike: they
+  all read through here. What re-checking cannot see: a replacement of the same size on a
+  server that reports nothing else (no ETag, no modification time).
+* **Closed is closed.** A read through a closed source (a slice kept after its handle
+  was closed) raises :class:`~safecodec.ClosedHandleError`, as local sources do.
 * **One error type.** Every failure of the filesystem surfaces as RemoteIOError (both an
   ``OSError`` and a :class:`~safecodec.SafecodecError`) with the cause chained; a timeout
   says what timed out and after how long.
@@ -44,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
-from ._errors import RemoteIOError
+from ._errors import ClosedHandleError, RemoteIOError
 from ._progress import ProgressBar
 from ._source import SourceBase, SourceStats
 
@@ -315,8 +321,6 @@ class FsspecSource(SourceBase):
 
     # -- fetching
     def _fetch_one(self, start: int, end: int) -> bytes:
-        if self._http:
-            return self._http_fetch([(start, end)])[0]  # type: ignore[no-any-return]
         if self._exact:
             return self.fs.cat_file(self.path, start=start, end=end,  # type: ignore[no-any-return]
                                     **self._pin)
@@ -332,15 +336,19 @@ class FsspecSource(SourceBase):
                bar: ProgressBar | None = None) -> list[bytes]:
         """Fetch ``spans`` concurrently; check every answer's length."""
         if self._closed:
-            raise RemoteIOError(f"{self.name}: the source is closed")
+            raise ClosedHandleError(f"{self.name}: read after the handle was closed")
         if not spans:
             return []
         for start, end in spans:
             self.check_range(start, end - start, what)
         results: list[Any]
         began = time.monotonic()
-        if self._http and len(spans) > 1:
-            results = self._http_fetch(spans)
+        confirmed = True  # every answer proved its version (HTTP: the pinned ETag)
+        if self._http:
+            try:
+                results, confirmed = self._http_fetch(spans)
+            except Exception as exc:  # no session, say: surfaced below with the first range
+                results = [exc] * len(spans)
         elif _is_async(self.fs) and len(spans) > 1:
             results = self.fs.cat_ranges(
                 [self.path] * len(spans), [s for s, _ in spans], [e for _, e in spans],
@@ -386,19 +394,33 @@ class FsspecSource(SourceBase):
                 raise failure
             raise RemoteIOError(message) from (
                 None if isinstance(failure, RemoteIOError) else failure)
-        if self._recheck:
+        if self._recheck or not confirmed:
             self.check_unchanged()
         return results
 
-    def _http_fetch(self, spans: Sequence[tuple[int, int]]) -> list[Any]:
+    def _http_fetch(self, spans: Sequence[tuple[int, int]]) -> tuple[list[Any], bool]:
         """HTTP(S) ranges, streamed, concurrently: each answer is read in pieces and the
         transfer stops (RemoteIOError) as soon as it exceeds what was asked, so a server
         that ignores ``Range`` costs at most one piece more than the request, never the
-        whole object in memory. Requests carry ``If-Match`` with the ETag seen at open
-        time: a replaced object answers 412, reported as a change."""
+        whole object in memory.
+
+        Requests carry ``If-Match`` with the ETag seen at open time: a replaced object
+        answers 412, reported as a change. But a server may ignore ``If-Match``, so an
+        answer proves its version only by carrying that same ETag: one with another ETag
+        is refused; one with none (a server that sends ETags on HEAD and not on 206, as
+        some do) proves nothing, and then the caller re-checks the object's identity
+        (:meth:`check_unchanged`) before using what arrived.
+
+        Returns:
+            The answers (bytes, or the exception of each failed range) and whether every
+            answer carried the pinned ETag (always False without a pin).
+        """
         import asyncio
 
         from fsspec.asyn import sync
+
+        pinned = self._pin.get("headers", {}).get("If-Match")
+        unconfirmed: list[int] = []
 
         async def one(session: Any, start: int, end: int) -> Any:
             kw = dict(self.fs.kwargs)
@@ -417,13 +439,14 @@ class FsspecSource(SourceBase):
                     if r.status == 404:
                         return FileNotFoundError(2, "No such file (it disappeared)", self.name)
                     r.raise_for_status()
-                    pinned = self._pin.get("headers", {}).get("If-Match")
                     sent = r.headers.get("ETag")
                     if pinned and sent and sent != pinned:  # a server ignoring If-Match
                         return RemoteIOError(
                             f"{self.name} changed since it was opened (ETag {pinned} then, "
                             f"{sent} now); the file's header no longer describes it, open it "
                             "again")
+                    if sent != pinned:
+                        unconfirmed.append(start)  # no proof of the version: re-check
                     buf = bytearray()
                     async for piece in r.content.iter_chunked(HTTP_PIECE):
                         buf += piece
@@ -441,7 +464,8 @@ class FsspecSource(SourceBase):
             session = await self.fs.set_session()
             return list(await asyncio.gather(*(one(session, a, b) for a, b in spans)))
 
-        return sync(self.fs.loop, many)  # type: ignore[no-any-return]
+        results = sync(self.fs.loop, many)
+        return results, bool(pinned) and not unconfirmed
 
     # -- the source interface
     def read(self, offset: int, length: int, what: str = "data") -> bytes | memoryview:

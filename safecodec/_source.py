@@ -21,6 +21,7 @@ import _thread
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -68,6 +69,8 @@ class Source(Protocol):
     ) -> list[bytes | bytearray | memoryview]: ...
 
     def buffer(self, mode: MapMode = "copy") -> memoryview | None: ...
+
+    def stable(self, mode: MapMode = "copy") -> bool: ...
 
     def readinto(self, offset: int, out: memoryview, what: str = "data") -> None: ...
 
@@ -169,6 +172,12 @@ class SourceBase:
         """The whole content as memory, or None when it is not addressable."""
         return None
 
+    def stable(self, mode: MapMode = "copy") -> bool:
+        """Whether the memory ``buffer(mode)`` returns can never change while anything
+        uses it, so that an output may alias it (see :func:`immutable_memory`). False
+        when there is no buffer."""
+        return False
+
     def close(self) -> None:
         """Release what the source holds; views already handed out stay valid."""
 
@@ -194,12 +203,17 @@ class BufferSource(SourceBase):
                 f"{type(data).__name__}"
             ) from None
         if not view.c_contiguous:
-            view = memoryview(view.tobytes())
+            data = view.tobytes()  # our own copy, which nobody else can write
+            view = memoryview(data)
         self._view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        self._stable = immutable_memory(data)
+        self._closed = False
         self.size = self._view.nbytes
         self.name = name
 
     def read(self, offset: int, length: int, what: str = "data") -> memoryview:
+        if self._closed:  # views handed out stay valid; reads (copies) end with the handle
+            raise ClosedHandleError(f"{self.name}: read after the handle was closed")
         self.check_range(offset, length, what)
         self.stats.requests += 1
         self.stats.bytes_read += length
@@ -207,6 +221,53 @@ class BufferSource(SourceBase):
 
     def buffer(self, mode: MapMode = "copy") -> memoryview:
         return self._view
+
+    def close(self) -> None:
+        """Later reads raise ClosedHandleError, as on every other source (``copy=True``
+        reads are reads); the buffer and views of it stay valid."""
+        self._closed = True
+
+    def stable(self, mode: MapMode = "copy") -> bool:
+        """True only for immutable memory (``bytes``, or views of it): a read-only view
+        of a ``bytearray`` still changes when its owner writes the ``bytearray``."""
+        return self._stable
+
+
+def immutable_memory(data: Any) -> bool:
+    """THE answer to "can these bytes change under us?" for memory a caller handed over:
+    True only when they cannot, whoever holds a reference to them.
+
+    ``readonly`` does not say that: a read-only memoryview (or a non-writeable NumPy
+    array) of a ``bytearray`` changes whenever the ``bytearray``'s owner writes it. So the
+    answer follows views down to the object that owns the memory (``memoryview.obj``,
+    ``ndarray.base``) and trusts only ``bytes``, the one immutable buffer type. Everything
+    else (``bytearray``, ``array.array``, ``mmap.mmap`` even with ``ACCESS_READ``, since the
+    file under it can be written, NumPy arrays owning their memory, ctypes arrays) can
+    change. Mappings safecodec makes itself answer through
+    :meth:`MappedSource.stable`.
+
+    Example:
+        >>> immutable_memory(b"abc"), immutable_memory(memoryview(b"abc")[1:])
+        (True, True)
+        >>> immutable_memory(memoryview(bytearray(b"abc")).toreadonly())
+        False
+    """
+    seen = 0
+    while seen < 64:  # a chain of views is short; a cycle is not possible, but be finite
+        seen += 1
+        if isinstance(data, bytes):
+            return True
+        if isinstance(data, memoryview):
+            if data.obj is None or data.obj is data:
+                return False
+            data = data.obj
+        elif isinstance(data, np.ndarray):
+            if data.base is None:
+                return False  # the array owns its memory, and its owner may write it
+            data = data.base
+        else:
+            return False
+    return False
 
 
 class FileSource(SourceBase):
@@ -221,15 +282,24 @@ class FileSource(SourceBase):
         self._lock = _thread.allocate_lock()
         self._inflight = _InFlight(self.name)
         self._fd: int | None = None
-        try:
-            fd = self._file.fileno()
-            os.fstat(fd)
-            self._fd = fd if hasattr(os, "pread") else None
-            self.positioned = self._fd is not None
-        except (AttributeError, OSError, ValueError, Exception):  # BytesIO raises UnsupportedOperation
-            self._fd = None
+        self._close: Any = self._file.close if self._owned else _nothing
+        if hasattr(os, "pread"):
+            try:
+                fd = self._file.fileno()
+                os.fstat(fd)
+            except Exception:  # BytesIO raises UnsupportedOperation; a closed file ValueError
+                fd = None
+            if fd is not None and not self._owned:
+                fd = own_descriptor(fd, self.name)
+                self._close = partial(os.close, fd)
+            self._fd = fd
+            self.positioned = fd is not None
         if self._fd is not None:
-            self.size = os.fstat(self._fd).st_size
+            try:
+                self.size = os.fstat(self._fd).st_size
+            except BaseException:
+                self._close()
+                raise
         else:
             try:
                 self.size = self._file.seek(0, os.SEEK_END)
@@ -263,8 +333,14 @@ class FileSource(SourceBase):
         while done < length:
             want = min(length - done, READ_CHUNK)
             with self._lock:
-                self._file.seek(offset + done)
-                chunk = self._file.read(want)
+                try:
+                    self._file.seek(offset + done)
+                    chunk = self._file.read(want)
+                except ValueError as exc:  # "I/O operation on closed file"
+                    raise RemoteIOError(
+                        f"reading {what} from {self.name} failed: its owner closed the file "
+                        f"object ({exc})"
+                    ) from exc
             if not chunk:
                 raise RemoteIOError(
                     f"unexpected end of {self.name} while reading {what}: wanted {length} "
@@ -275,13 +351,30 @@ class FileSource(SourceBase):
         self.stats.bytes_read += length
 
     def close(self) -> None:
-        """Close the file (once no read is in flight); later reads raise
-        ClosedHandleError."""
-        self._inflight.close(self._file.close if self._owned else _nothing)
+        """Close the file, or the duplicate of a caller's descriptor (once no read is in
+        flight); later reads raise ClosedHandleError."""
+        self._inflight.close(self._close)
 
 
 def _nothing() -> None:
-    """Closing a file object the caller owns: nothing to do."""
+    """Closing a file object the caller owns and that has no descriptor: nothing to do."""
+
+
+def own_descriptor(fd: int, name: str) -> int:
+    """A duplicate of a caller's descriptor ``fd``, which the source owns and closes.
+
+    Reading through the caller's descriptor number would be wrong as soon as the caller
+    closes its file object: the process reuses the number for the next file it opens, and
+    a later read would return that file's bytes. The duplicate refers to the same open
+    file (the same inode, whatever happens to the path) and lives until the source closes.
+
+    Raises:
+        SafecodecError: The descriptor cannot be duplicated (EMFILE, a closed file...).
+    """
+    try:
+        return os.dup(fd)
+    except OSError as exc:
+        raise SafecodecError(f"cannot duplicate the descriptor of {name}: {exc}") from exc
 
 
 class MappedSource(SourceBase):
@@ -301,13 +394,22 @@ class MappedSource(SourceBase):
             self._file: Any = open(path, "rb")  # noqa: SIM115
             self._owned = True
             self.name = os.fspath(path)
+            self._fd = self._file.fileno()
+            self._close: Any = self._file.close
+            self._caller_writes = False
         else:
             self._file = file
             self._owned = False
             self.name = str(getattr(file, "name", "file object"))
-        self._fd = self._file.fileno()
+            self._fd = own_descriptor(self._file.fileno(), self.name)
+            self._close = partial(os.close, self._fd)
+            self._caller_writes = _writable(file)
         self.positioned = True
-        self.size = os.fstat(self._fd).st_size
+        try:
+            self.size = os.fstat(self._fd).st_size
+        except BaseException:
+            self._close()
+            raise
         self._maps: dict[str, memoryview] = {}
         self._lock = _thread.allocate_lock()
         self._inflight = _InFlight(self.name)
@@ -321,6 +423,14 @@ class MappedSource(SourceBase):
                     view = map_file(self._fd, self.size, mode)
                     self._maps[mode] = view
         return view
+
+    def stable(self, mode: MapMode = "copy") -> bool:
+        """The read-only mapping is stable (outputs may alias it); the copy-on-write one is
+        not (NumPy views of it are writable). Short of one exception: a file that another
+        program modifies in place changes every mapping of it (and a truncation kills
+        the process with SIGBUS, see SECURITY.md), so a file object the caller opened for
+        writing is never aliased: the caller holds the means to change it."""
+        return mode == "read" and not self._caller_writes
 
     def read(self, offset: int, length: int, what: str = "data") -> bytearray:
         # Small reads (the header) go through pread: no mapping is created for them.
@@ -340,7 +450,15 @@ class MappedSource(SourceBase):
         """Drop the mappings and close the file once no read is in flight. Mappings are
         not closed: arrays handed out keep them alive through their base."""
         self._maps = {}
-        self._inflight.close(self._file.close if self._owned else _nothing)
+        self._inflight.close(self._close)
+
+
+def _writable(file: Any) -> bool:
+    """Whether a caller's file object can write its file (then its mapping can change)."""
+    try:
+        return bool(file.writable())
+    except Exception:  # no writable(), or a closed file: assume the worst
+        return True
 
 
 def map_file(fd: int, size: int, mode: MapMode) -> memoryview:

@@ -244,6 +244,7 @@ def save_tree(
     fs: Any = None,
     storage_options: dict[str, Any] | None = None,
     max_shard_size: int | str | None = None,
+    remap: Any = None,
 ) -> bytes | None:
     """Save any pytree losslessly to safetensors bytes or a file.
 
@@ -269,6 +270,9 @@ def save_tree(
         storage_options: Options for the fsspec filesystem a URL names.
         max_shard_size: Write a sharded checkpoint (shards plus an index) at ``path``;
             :func:`load_tree` reads it back from the directory or the index.
+        remap: :class:`safecodec.remap.Rules` (usually ``rules.inverse()``): write the
+            tensors the rules make from the tree's leaves, flat, under the rules' names
+            (a Hugging Face checkpoint), without a recorded tree structure.
 
     Returns:
         The file's bytes when ``path`` is None, else None.
@@ -285,7 +289,10 @@ def save_tree(
         >>> sc.load_tree(data)
         {'w': [array([1., 1.], dtype=float32), None], 'step': 3}
     """
-    tensors, md = flatten_tree(tree, metadata)
+    if remap is not None:  # safecodec.remap sits above this module: it is called, not imported
+        tensors, md = remap.export(tree, metadata)
+    else:
+        tensors, md = flatten_tree(tree, metadata)
     if path is None:
         return save(tensors, md, alignment=alignment)
     save_file(tensors, path, md, alignment=alignment, fs=fs, storage_options=storage_options,
@@ -700,6 +707,7 @@ def load_tree(
     copy: bool = False,
     with_metadata: bool = False,
     storage_options: dict[str, Any] | None = None,
+    remap: Any = None,
 ) -> Any:
     """Load a tree saved by :func:`save_tree` (or any safetensors file).
 
@@ -734,6 +742,9 @@ def load_tree(
         copy: Independent NumPy arrays instead of views of the file.
         with_metadata: Return ``(tree, user_metadata)`` instead of the tree alone.
         storage_options: Options for the fsspec filesystem a URL names.
+        remap: :class:`safecodec.remap.Rules` mapping the checkpoint's tensors onto
+            ``like`` (required with it): the same as
+            ``safecodec.remap.plan(source, remap, like=like).load()``.
 
     Returns:
         The tree, or ``(tree, metadata)`` with ``with_metadata=True``. Metadata is what the
@@ -747,6 +758,14 @@ def load_tree(
             as :mod:`safecodec.jax` does.)
         SafecodecError: The file is not a valid safetensors file.
     """
+    if remap is not None:  # safecodec.remap sits above this module: it is called, not imported
+        if like is None:
+            raise SafecodecError("load_tree(remap=...) needs like=, the template to fill")
+        tree = remap.plan(source, like, fs=fs, storage_options=storage_options).load()
+        if with_metadata:
+            with _open(source, fs=fs, copy=False, jax=False, storage_options=storage_options) as h:
+                return tree, split_metadata(h.header.raw_metadata)[0]
+        return tree
     want_jax = _want_jax(framework)
     jax_handle = bool(want_jax) if like is None or want_jax is not None else _template_has_jax(like)
     with _open(source, fs=fs, copy=copy, jax=jax_handle,

@@ -94,6 +94,8 @@ SCALAR_DTYPE_KINDS: Final = {"int": "iu", "float": "f", "bool": "b", "complex": 
 _IMPL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # How much of a bad node a message shows.
 _SHOWN: Final = 120
+# "No such key" (None is a valid key).
+_NOTHING: Final = object()
 
 
 @dataclass(frozen=True)
@@ -346,7 +348,7 @@ class _Decoder:
 
     def _children(self, triples: list[Any], obj: Any, path: Path,
                   depth: int) -> tuple[tuple[PathElem, Node], ...]:
-        seen: set[tuple[Any, ...]] = set()
+        seen: set[Any] = set()
         out = []
         for k, key, child in triples:
             ok = _recordable(key) and (k != "a" or isinstance(key, str)) and (
@@ -354,10 +356,16 @@ class _Decoder:
             if not ok:
                 what = {"a": "an attribute name", "i": "an index"}.get(k, "a key")
                 raise _fault(path, f"{key!r} cannot be {what}", obj)
-            mkey = match_key(((k, key),))
-            if mkey in seen:
-                raise _fault(path, f"key {key!r} appears twice", obj)
-            seen.add(mkey)
+            # Distinct as the rebuilt tree sees them: Python's dict equality, under which
+            # 1 == True == 1.0 and 0 == False == -0.0 (a dict would merge them and drop a
+            # leaf); this also covers match_key's, which ignores the kind ("k" "w" and "a"
+            # "w" name the same place in a template).
+            clash = next((s for s in seen if s == key), _NOTHING) if key in seen else _NOTHING
+            if clash is not _NOTHING:
+                also = "" if type(clash) is type(key) else (
+                    f" (as {clash!r}: equal keys in Python, a dict cannot hold both)")
+                raise _fault(path, f"key {key!r} appears twice{also}", obj)
+            seen.add(key)
             elem = (str(k), key)
             out.append((elem, self.node(child, (*path, elem), depth + 1)))
         return tuple(out)

@@ -3,7 +3,10 @@
 * :func:`http_server`: a threaded HTTP/1.1 server over a temporary directory that honours
   single ``Range: bytes=a-b`` requests (206 + Content-Range), answers HEAD with size and
   ETag, and counts requests and body bytes sent. ``ignore_range = True`` makes it answer
-  every GET with the whole file (a server that does not do ranges).
+  every GET with the whole file (a server that does not do ranges). ``etags`` says where it
+  sends ETags: ``"all"`` (default: HEAD, 200 and 206, and ``If-Match`` honoured: 412),
+  ``"head"`` (on HEAD only, and ``If-Match`` ignored: servers like this exist) or ``"none"``
+  (never, ``If-Match`` ignored).
 * :func:`s3_server`: a moto S3 server (``moto.server.ThreadedMotoServer``) behind a small
   TCP proxy that counts every byte sent to the client (HTTP headers included), so a test
   can assert how much crossed the wire.
@@ -14,6 +17,7 @@ Test modules import the fixtures they use: ``from conftest_remote import http_se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -91,7 +95,8 @@ class _RangeHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(size))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", etag)
+        if self.server.etags != "none":
+            self.send_header("ETag", etag)
         self.end_headers()
 
     def do_GET(self) -> None:
@@ -102,7 +107,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
             self._not_found()
             return
         size, etag = self._headers_for(full)
-        pinned = self.headers.get("If-Match")
+        pinned = self.headers.get("If-Match") if self.server.etags == "all" else None
         if pinned and pinned != "*" and etag not in (p.strip() for p in pinned.split(",")):
             self.send_response(412)  # as real servers (S3, GCS, nginx) answer a stale If-Match
             self.send_header("Content-Length", "0")
@@ -130,7 +135,8 @@ class _RangeHandler(BaseHTTPRequestHandler):
             body = f.read(end - start)
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", etag)
+        if self.server.etags == "all":
+            self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{size}")
@@ -148,6 +154,7 @@ class _RangeServer(ThreadingHTTPServer):
         self.root = root
         self.counter = Counter()
         self.ignore_range = False
+        self.etags = "all"
 
     def url(self, rel: str = "") -> str:
         host, port = self.server_address[:2]
@@ -162,12 +169,11 @@ class _RangeServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-@pytest.fixture(scope="module")
-def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_RangeServer]:
-    """A Range-honouring HTTP server on 127.0.0.1 over a fresh directory (``.root``)."""
-    pytest.importorskip("aiohttp", reason="fsspec's HTTP filesystem needs aiohttp")
-    root = str(tmp_path_factory.mktemp("http-root"))
+@contextlib.contextmanager
+def serve_http(root: str, etags: str = "all") -> Iterator[_RangeServer]:
+    """A running :class:`_RangeServer` over ``root`` (``etags``: see the module docstring)."""
     server = _RangeServer(root)
+    server.etags = etags
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -176,6 +182,14 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_RangeServ
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_RangeServer]:
+    """A Range-honouring HTTP server on 127.0.0.1 over a fresh directory (``.root``)."""
+    pytest.importorskip("aiohttp", reason="fsspec's HTTP filesystem needs aiohttp")
+    with serve_http(str(tmp_path_factory.mktemp("http-root"))) as server:
+        yield server
 
 
 # ----------------------------------------------------------------------------- S3
@@ -228,7 +242,18 @@ class S3Server:
 def s3_server() -> Iterator[S3Server]:
     """A moto S3 server on 127.0.0.1 behind a byte-counting proxy."""
     pytest.importorskip("s3fs", reason="the S3 tests need s3fs")
-    server_mod = pytest.importorskip("moto.server", reason="the S3 tests need moto[server]")
+    pytest.importorskip("moto.server", reason="the S3 tests need moto[server]")
+    with serve_s3() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_s3() -> Iterator[S3Server]:
+    """A running moto S3 server on 127.0.0.1 behind a byte-counting proxy; AWS
+    configuration and credentials from anywhere but our arguments are switched off
+    meanwhile."""
+    import moto.server as server_mod
+
     saved = {k: os.environ.get(k) for k in ("AWS_EC2_METADATA_DISABLED", "AWS_CONFIG_FILE",
                                              "AWS_SHARED_CREDENTIALS_FILE")}
     # Never look for credentials or configuration anywhere but the arguments we pass.
