@@ -100,7 +100,7 @@ __all__ = [
     "host_route",
 ]
 
-_F6_CODES: Final = frozenset({"F6_E2M3", "F6_E3M2"})
+_F6_CODES: Final = _dtypes.F6_CODES
 #: Unaligned tensors at least this large are copied with a positioned read instead of
 #: from the mapping (faulting pages in costs more than a read from the page cache).
 PREAD_MIN: Final = 1 << 16
