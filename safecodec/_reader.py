@@ -36,7 +36,6 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -156,14 +155,14 @@ def normalize_framework(framework: Any) -> str:
 BACKENDS: Final = ("mmap", "pread")
 
 
-@dataclass(frozen=True, slots=True)
 class ReadOptions:
     """Every option of a read (``safe_open``, ``load_file``, ``safecodec.jax.load_file``...),
     in one frozen value: built once by the routers (:mod:`safecodec._api`) from the public
     keyword arguments, then passed down whole (sharded handles give it to every shard).
 
     Building one checks it: ``backend`` is one of :data:`BACKENDS` (``"pread"`` sets
-    ``copy``), and ``framework`` is normalised (:func:`normalize_framework`).
+    ``copy``), and ``framework`` is normalised (:func:`normalize_framework`). A plain
+    class with slots, not a dataclass: the read path does not import ``dataclasses``.
 
     Attributes:
         framework: ``"numpy"`` or ``"jax"`` (normalised).
@@ -181,32 +180,65 @@ class ReadOptions:
         SafecodecError: An unknown backend or framework.
     """
 
-    framework: str = "numpy"
-    copy: bool = False
-    unpack: bool = True
-    verify: bool = False
-    progress: bool = False
-    backend: str = "mmap"
-    device: Any = None
-    sharding: Any = None
-    strict_x64: bool = False
-    fs: Any = None
-    storage_options: dict[str, Any] | None = None
+    __slots__ = ("backend", "copy", "device", "framework", "fs", "progress", "sharding",
+                 "storage_options", "strict_x64", "unpack", "verify")
 
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
+    framework: str
+    copy: bool
+    unpack: bool
+    verify: bool
+    progress: bool
+    backend: str
+    device: Any
+    sharding: Any
+    strict_x64: bool
+    fs: Any
+    storage_options: dict[str, Any] | None
+
+    def __init__(self, *, framework: str = "numpy", copy: bool = False, unpack: bool = True,
+                 verify: bool = False, progress: bool = False, backend: str = "mmap",
+                 device: Any = None, sharding: Any = None, strict_x64: bool = False,
+                 fs: Any = None, storage_options: dict[str, Any] | None = None) -> None:
+        if backend not in BACKENDS:
             raise SafecodecError(
-                f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}"
+                f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
             )
-        if self.backend == "pread" and not self.copy:
-            object.__setattr__(self, "copy", True)
-        object.__setattr__(self, "framework", normalize_framework(self.framework))
+        values = {"framework": normalize_framework(framework),
+                  "copy": bool(copy) or backend == "pread", "unpack": unpack,
+                  "verify": verify, "progress": progress, "backend": backend,
+                  "device": device, "sharding": sharding, "strict_x64": strict_x64,
+                  "fs": fs, "storage_options": storage_options}
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"ReadOptions is frozen: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"ReadOptions is frozen: cannot delete {name!r}")
+
+    def _values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ReadOptions):
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]  # holds a dict (storage_options)
+
+    def __repr__(self) -> str:
+        return "ReadOptions(" + ", ".join(f"{k}={v!r}" for k, v in self._values().items()) + ")"
+
+    def replace(self, **changes: Any) -> ReadOptions:
+        """A copy with ``changes`` (checked like a new one)."""
+        return ReadOptions(**{**self._values(), **changes})
 
     def located(self, fs: Any) -> ReadOptions:
         """These options for a file the resolver located (a shard, the one file of a
         directory): on ``fs`` (None: local), the caller's ``storage_options`` already
         spent on building ``fs``."""
-        return replace(self, fs=fs, storage_options=None)
+        return self.replace(fs=fs, storage_options=None)
 
 
 def read_header_from(source: Any) -> Header:
@@ -710,7 +742,7 @@ class TensorReader:
             memoryview(memory), [(start + i.begin, start + i.end) for i in infos], "tensors"
         )
         return TensorReader(BufferSource(memory, self.source.name), self.header,
-                            replace(self.options, copy=False), mode="copy",
+                            self.options.replace(copy=False, backend="mmap"), mode="copy",
                             digests=self.digests)
 
 

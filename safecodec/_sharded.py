@@ -34,7 +34,6 @@ import _thread
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Final
 
 from ._errors import ClosedHandleError, RemoteIOError, SafecodecError, counted
@@ -177,7 +176,7 @@ class ShardedSafeOpen:
         try:
             options = self.options.located(self._loc.fs)
             if self._loc.fs is None:
-                options = replace(options, progress=False)
+                options = options.replace(progress=False)
             handle = SafeOpen(path, output=self.output, options=options)
         except FileNotFoundError as exc:
             raise SafecodecError(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import fsspec
@@ -36,8 +35,10 @@ def test_read_options_settle_backend_and_framework_once() -> None:
     with pytest.raises(SafecodecError, match="unsupported framework"):
         ReadOptions(framework="pt")
     opts = ReadOptions(fs=object(), storage_options={"anon": True}, verify=True)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        opts.copy = True  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="frozen"):
+        opts.copy = True
+    assert opts.replace(verify=False) == ReadOptions(fs=opts.fs, storage_options={"anon": True})
+    assert ReadOptions(backend="pread").replace(copy=False).copy  # pread stays a copy
     located = opts.located(None)
     assert located.fs is None and located.storage_options is None and located.verify
 
@@ -88,6 +89,11 @@ def test_a_remote_source_fetches() -> None:
             assert read_route(f.reader, f.header.tensors["w"].dtype) is Route.FETCH
             got = f.get_tensors()
         np.testing.assert_array_equal(got["w"], _tensors()["w"])
+        # a whole remote load streams into private memory once, then hands out views of
+        # it, whatever the backend
+        pread = sc.load_file("memory://route19/m.safetensors", backend="pread")
+        np.testing.assert_array_equal(pread["w"], _tensors()["w"])
+        assert not pread["w"].flags.owndata
     finally:
         fs.rm("/route19", recursive=True)
 
