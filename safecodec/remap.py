@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -62,7 +63,8 @@ import numpy as np
 from ._api import read_header, safe_open
 from ._errors import SafecodecError, TreeStructureError
 from ._header import Header, visible_metadata
-from ._jax_put import aligned_empty, placement
+from ._jax_load import aliasable_address
+from ._jax_put import aligned_empty, is_aligned, placement
 from ._progress import ProgressBar
 from ._pytree import (
     CONTAINERS,
@@ -1209,8 +1211,11 @@ def _read_boxes(handle: Any, requests: Sequence[tuple[str, tuple[slice, ...]]]) 
         shard = handle.shard_handle(name) if hasattr(handle, "shard_handle") else handle
         reader = shard.reader
         info = reader.header.tensors[name]
-        if reader.buffer is not None or info.dtype.packed:
-            out[k] = np.asarray(shard.get_slice(name)[box])
+        if reader.buffer is not None and not info.dtype.packed:
+            reader.verify(info)  # with stored checksums and verify=True: once per tensor
+            out[k] = reader.array(info)[box]  # a view of the mapping
+        elif reader.buffer is not None:
+            out[k] = np.asarray(shard.get_slice(name)[box])  # packed: decoded
         else:
             full = box or tuple(slice(0, n, 1) for n in info.shape)
             batches.setdefault(id(reader), (reader, []))[1].append((k, info, full))
@@ -1341,15 +1346,138 @@ class Plan:
         read = {row.target: row.bytes for row in summary["targets"]} if summary else {}
         values: dict[str, Any] = {}
         try:
+            def done(name: str, value: Any) -> None:
+                values[name] = value
+                if callback is not None:
+                    callback(name, read[name])
+
             with ProgressBar(total, "remap", progress is True) as bar:
-                for name, t in self.targets.items():
-                    bar.describe(name)
-                    values[name] = self._place(t, bar)
-                    if callback is not None:
-                        callback(name, read[name])
+                self._place_all(bar, done)
         finally:
             self.close()  # the arrays handed out keep their mapping alive
         return _rebuild(self._like, values)
+
+    def _direct_block(self, t: _Target, region: Region, staging: list[np.ndarray],
+                      ) -> tuple[np.ndarray, bool, np.ndarray | None, int] | None:
+        """One block of ``t`` as a host array for the placement to copy from, with no NumPy
+        copy where the operations allow it: ``(array, may_alias, spare, source bytes)``.
+
+        The operations run forward on views: of the mapping itself for an unstacked
+        target (the placement's copy is then the block's one copy: XLA's transposing copy
+        is faster than NumPy's strided one), or of a staging array for a stacked target,
+        into which the layers' boxes are copied in their source order (runs of rows).
+        ``may_alias``: the placement may alias the array (safecodec's own memory, or a view
+        of a checkpoint that :func:`~safecodec._jax_load.aliasable_address` allows);
+        ``spare``: staging memory that the caller may reuse (``staging``, one per thread)
+        once the placement has copied out of it. None when an operation copies on its own
+        (the target is then built by :meth:`_place`)."""
+        reads = self._requests(t, region)
+        if not reads:
+            return None
+        parts = _read_boxes(self._handle, [(src, box) for src, box, _ in reads])
+        nbytes = sum(p.nbytes for p in parts)
+        steps = reads[0][2]
+        spare: np.ndarray | None = None
+        if t.stacked:
+            shape = (len(parts), *parts[0].shape)
+            size = math.prod(shape) * parts[0].dtype.itemsize
+            memory = staging.pop() if staging else None
+            if memory is None or memory.nbytes < size:
+                memory = aligned_empty((size,), np.uint8)
+            base = memory[:size].view(parts[0].dtype).reshape(shape)
+            for k, part in enumerate(parts):
+                np.copyto(base[k], part)
+            view = base[0]
+            for forward, cover, wanted in steps:
+                view = _residual(forward(view), cover, wanted)
+            offset = view.__array_interface__["data"][0] - base.ctypes.data
+            if view.size == 0 or offset < 0 or not np.may_share_memory(view, base):
+                return None  # an operation copied: no view to stack
+            arr = np.ndarray((len(parts), *view.shape), view.dtype, buffer=base, offset=offset,
+                             strides=(base.strides[0], *view.strides))
+            may_alias = True
+            if arr.dtype != t.leaf.dtype or not arr.flags.c_contiguous:
+                spare = memory  # the placement copies out of it (or the cast below does)
+        else:
+            arr = parts[0]
+            for forward, cover, wanted in steps:
+                arr = _residual(forward(arr), cover, wanted)
+            shard = (self._handle.shard_handle(reads[0][0]) if hasattr(self._handle, "shard_handle")
+                     else self._handle)
+            may_alias = (shard.reader.buffer is None  # a fresh read
+                         or not np.may_share_memory(arr, parts[0])  # an operation copied
+                         or aliasable_address(shard.reader) is not None)
+        if arr.shape != tuple(len(r) for r in region):
+            return None
+        if arr.dtype != t.leaf.dtype:
+            cast = aligned_empty(arr.shape, t.leaf.dtype)
+            np.copyto(cast, arr, casting="unsafe")
+            arr, may_alias = cast, True
+        return arr, may_alias, spare, nbytes
+
+    def _direct_put(self, t: _Target, region: Region, devs: list[Any], bar: ProgressBar,
+                    staging: list[np.ndarray]) -> list[tuple[Any, Any]] | None:
+        """One block of a JAX leaf built by :meth:`_direct_block` and put on its devices:
+        ``[(device, single-device array)]``. An array JAX may not alias is copied by the
+        placement, once per device; a block on several devices that JAX may not alias as
+        it is (strided, unaligned, or memory that may change) is first copied once into
+        aligned memory, which every CPU device then aliases. None: see ``_direct_block``."""
+        got = self._direct_block(t, region, staging)
+        if got is None:
+            return None
+        arr, may_alias, spare, nbytes = got
+        put = placement()
+        aligned = is_aligned(arr)  # JAX's CPU client aliases exactly these
+        if (len(devs) > 1 and not aligned) or (not may_alias and (aligned or len(devs) > 1)):
+            one = aligned_empty(arr.shape, arr.dtype)
+            _copy_into(one, arr)
+            arr = one
+        committed = t.leaf.sharding is not None
+        out = [(d, put.single(arr, d, committed)) for d in devs]
+        if spare is not None:
+            jax_module().block_until_ready([x for _, x in out])  # copied out of it: reuse it
+            staging.append(spare)
+        bar.update(nbytes)
+        return out
+
+    def _place_all(self, bar: ProgressBar, done: Callable[[str, Any], None]) -> None:
+        """Every JAX leaf that :meth:`_direct_put` can build, block by block on the thread
+        pool (NumPy's copies and XLA's placement release the GIL), then the rest by
+        :meth:`_place`; ``done(name, value)`` in the targets' order."""
+        jax = jax_module()
+        tasks = [(name, region, devs) for name, t in self.targets.items()
+                 if t.leaf.kind == "jax" and not t.whole for region, devs in t.blocks]
+        local = threading.local()
+
+        def work(task: tuple[str, Region, list[Any]]) -> list[tuple[Any, Any]] | None:
+            staging = getattr(local, "staging", None)
+            if staging is None:
+                staging = local.staging = []
+            name, region, devs = task
+            return self._direct_put(self.targets[name], region, devs, bar, staging)
+
+        nbytes = sum(math.prod(len(r) for r in region) for _, region, _ in tasks)
+        threads = get_threads() if nbytes >= MIN_PIECE else 1
+        results = run_concurrently(work, tasks, max_workers=threads) if threads > 1 else [
+            work(task) for task in tasks]
+        built: dict[str, list[Any]] = {}
+        for (name, _, _), got in zip(tasks, results, strict=True):
+            built.setdefault(name, []).append(got)
+        del results
+        for name, t in self.targets.items():
+            blocks = built.pop(name, None)
+            leaf = t.leaf
+            if blocks is None or any(b is None for b in blocks):
+                bar.describe(name)
+                done(name, self._place(t, bar))
+            elif leaf.sharding is None:
+                done(name, blocks[0][0][1])
+            else:
+                pieces = {d: x for block in blocks for d, x in block}
+                devices = list(getattr(leaf.sharding, "_addressable_device_assignment", None)
+                               or pieces)
+                done(name, jax.make_array_from_single_device_arrays(
+                    leaf.shape, leaf.sharding, [pieces[d] for d in devices]))
 
     def _place(self, t: _Target, bar: ProgressBar) -> Any:
         """Build every distinct block of ``t`` (boxes read and transformed concurrently)
