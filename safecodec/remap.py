@@ -700,9 +700,11 @@ class Rules:
 
     # The protocol safecodec.load_tree / save_tree use (they cannot import this module).
     def plan(self, source: Any, like: Any, *, fs: Any = None,
-             storage_options: dict[str, Any] | None = None) -> Plan:
+             storage_options: dict[str, Any] | None = None, framework: str | None = None,
+             copy: bool = False) -> Plan:
         """:func:`plan` with these rules."""
-        return plan(source, self, like=like, fs=fs, storage_options=storage_options)
+        return plan(source, self, like=like, fs=fs, storage_options=storage_options,
+                    framework=framework, copy=copy)
 
     def export(self, tree: Any, metadata: Mapping[str, str] | None) -> tuple[dict[str, Any], dict[str, str]]:
         """The tensors (and metadata) ``save_tree(tree, remap=self)`` writes."""
@@ -732,7 +734,9 @@ class _Leaf:
     sharding: Any
 
 
-def _template_leaves(like: Any) -> list[_Leaf]:
+def _template_leaves(like: Any, framework: str | None = None) -> list[_Leaf]:
+    """The array and scalar leaves of ``like``; ``framework`` ``"numpy"`` or ``"jax"``
+    turns every array leaf into that kind (None: as the template says)."""
     out: list[_Leaf] = []
 
     def walk(x: Any, path: Path) -> None:
@@ -751,6 +755,10 @@ def _template_leaves(like: Any) -> list[_Leaf]:
                 kind, sharding = "numpy_scalar", None
             else:
                 kind, sharding = level.leaf, None
+            if framework == "numpy" and kind == "jax":
+                kind, sharding = "numpy", None
+            elif framework == "jax" and kind == "numpy":
+                kind = "jax"  # JAX's default device
             out.append(_Leaf(path, join_path(path), x, shape, np.dtype(dtype), kind, sharding))
             return
         if level.kind == VAR or level.kind in CONTAINERS:
@@ -1532,7 +1540,8 @@ class Plan:
 
 
 def plan(source: Any, rules: Rules, *, like: Any, fs: Any = None,
-         storage_options: dict[str, Any] | None = None) -> Plan:
+         storage_options: dict[str, Any] | None = None, framework: str | None = None,
+         copy: bool = False) -> Plan:
     """Match ``rules`` against a checkpoint's headers and a template, and plan the reads.
 
     Args:
@@ -1543,23 +1552,43 @@ def plan(source: Any, rules: Rules, *, like: Any, fs: Any = None,
             an NNX ``State``, Flax linen variables...
         fs: An fsspec filesystem on which ``source`` is a path.
         storage_options: Options for the fsspec filesystem a URL names.
-
-    Returns:
-        A :class:`Plan`; :meth:`Plan.load` loads, :meth:`Plan.summary` says what it reads.
+        framework: None: each leaf comes back as the template says (``jax.Array`` for
+            ``ShapeDtypeStruct`` and JAX array leaves, placed with their sharding; NumPy
+            for NumPy leaves). ``"numpy"``: every array leaf as a NumPy array (nothing
+            is placed on a device). ``"jax"``: every array leaf as a ``jax.Array`` (NumPy
+            leaves of the template on JAX's default device).
+        copy: Read the checkpoint with positioned reads instead of mapping it (as
+            ``safe_open(copy=True)``): no leaf, JAX or NumPy, shares memory with the
+            file. Without it, NumPy leaves are still fresh arrays (every block is built
+            in memory of its own); only a JAX block that needs no change on CPU may alias
+            the read-only mapping (the zero-copy rule of :mod:`safecodec.jax`). With an
+            open handle as ``source``, the handle's own setting applies and ``copy=True``
+            is refused when the handle maps its file.
 
     Raises:
         TreeStructureError: One error listing every unmapped source, unfilled target, rule
             that matches nothing, wrong shape and refused cast (each with both names).
+        SafecodecError: ``framework`` is not None, ``"numpy"`` or ``"jax"``; or
+            ``copy=True`` with an open handle that maps its file.
     """
+    if framework is not None:
+        fw = str(framework).lower()
+        if fw not in _FRAMEWORKS:
+            raise SafecodecError(f"unsupported framework {framework!r}; use 'numpy' or 'jax'")
+        framework = _FRAMEWORKS[fw]
     if not isinstance(rules, Rules):
         raise SafecodecError(f"remap= takes safecodec.remap.Rules, got {type(rules).__name__}")
     if rules.inverted:
         raise SafecodecError("these rules are inverted (for save_tree); load with the "
                              "original rules")
     opened = not hasattr(source, "get_slice")
-    handle = safe_open(source, "numpy", fs=fs, storage_options=storage_options) if opened else source
+    if not opened and copy and any(getattr(r, "buffer", None) is not None for r in _readers(source)):
+        raise SafecodecError("copy=True, but the open handle given maps its file: open it "
+                             "with safe_open(..., copy=True), or pass the path")
+    handle = (safe_open(source, "numpy", fs=fs, storage_options=storage_options, copy=copy)
+              if opened else source)
     try:
-        leaves = _template_leaves(like)
+        leaves = _template_leaves(like, framework)
         targets = _Planner(handle.header, rules, leaves).run()
         problems = []
         for t in targets.values():
@@ -1575,6 +1604,17 @@ def plan(source: Any, rules: Rules, *, like: Any, fs: Any = None,
             handle.close()
         raise
     return Plan(handle, like, targets, opened)
+
+
+#: framework= spellings (as load_tree takes them) -> the kind of every array leaf.
+_FRAMEWORKS: Final = {"numpy": "numpy", "np": "numpy", "jax": "jax", "flax": "jax"}
+
+
+def _readers(handle: Any) -> list[Any]:
+    """The readers of an open handle (one per shard of a sharded checkpoint)."""
+    if hasattr(handle, "shard_handle"):
+        return [handle.shard_handle(name).reader for name in handle.header.tensors]
+    return [handle.reader]
 
 
 # ----------------------------------------------------------------------------- export
