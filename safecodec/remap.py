@@ -39,10 +39,17 @@ fills, rules that match nothing, shapes the operations do not produce and casts 
 refused, each with the source and the target name. Loading reads, for each distinct block
 of the template's shardings that this process holds (replicated blocks once), one box per
 source tensor: the operations are inverted to find the box (its bounding box where a
-split or merge makes the exact set non-rectangular), the box is read, and the operations
-run forward on the block in host memory before it is cast and placed on its devices with
-``jax.make_array_from_single_device_arrays``. Nothing is compiled, and no whole tensor is
-copied to the host unless :func:`fn` asks for it.
+split or merge makes the exact set non-rectangular), the box is read (from a mapped file:
+a view, no copy), and the operations run forward on views. The block's one copy is the
+placement's: XLA copies (and transposes) the view of an unstacked target straight from
+the mapping into device memory; a stacked target's layer boxes are first gathered into a
+small staging array reused per thread; a cast goes through NumPy; a block held by several
+devices is copied once into aligned memory that every CPU device aliases. The blocks of
+all leaves are built on the thread pool (:func:`~safecodec.set_threads`), and each leaf
+is assembled with ``jax.make_array_from_single_device_arrays``. Nothing is compiled, and
+no whole tensor is copied to the host unless :func:`fn` asks for it. ``framework=``
+(``"numpy"``/``"jax"``) overrides the template's leaf kinds and ``copy=True`` reads with
+positioned reads instead of a mapping (:func:`plan`).
 
 :meth:`Rules.inverse` gives the rules back the other way, for
 ``save_tree(tree, path, remap=rules.inverse(like=original))``: the checkpoint comes out
