@@ -17,7 +17,11 @@ Operations (files are written once, by this tree's writer, in a temporary direct
   one copy);
 * ``save``: ``safecodec.save_file`` of the model (fsync included);
 * ``small-10k``: ``safecodec.load_file`` of 10,000 tensors of 1 KiB;
-* ``lazy-1-of-10k``: ``safe_open`` + one ``get_tensor`` of that file.
+* ``lazy-1-of-10k``: ``safe_open`` + one ``get_tensor`` of that file;
+* ``header-148``: ``safecodec.read_header`` of the GPT-2-small file (148 tensors);
+* ``header-10k``: ``safecodec.read_header`` of the 10,000-tensor file;
+* ``import``: ``import safecodec`` after numpy, once per fresh interpreter (bytecode
+  cached), so its figure is the median over rounds rather than a best of several calls.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ CHILD = r"""
 import gc, json, os, sys, time
 import numpy as np
 op, d = sys.argv[1], sys.argv[2]
+if op == "import":
+    t = time.perf_counter()
+    import safecodec
+    print(json.dumps(time.perf_counter() - t))
+    sys.exit()
 import safecodec as sc
 REPEAT = 3 if op in ("save", "load-numpy-copy", "load-jax-ref") else 9
 if op in ("load-jax", "load-jax-ref"):
@@ -67,6 +76,11 @@ elif op == "lazy-1-of-10k":
     def run():
         with sc.safe_open(os.path.join(d, "small.safetensors")) as f:
             f.get_tensor("t05000")
+elif op in ("header-148", "header-10k"):
+    path = os.path.join(d, "gpt2.safetensors" if op == "header-148" else "small.safetensors")
+    sc.read_header(path)  # the first call pays for importing the reader
+    def run():
+        sc.read_header(path)
 best = float("inf")
 for _ in range(REPEAT):
     gc.collect()
@@ -77,7 +91,7 @@ print(json.dumps(best))
 """
 
 OPS = ["load-numpy", "load-numpy-copy", "load-jax", "load-jax-ref", "save", "small-10k",
-       "lazy-1-of-10k"]
+       "lazy-1-of-10k", "header-148", "header-10k", "import"]
 
 
 def _write_files(d: str) -> None:
@@ -101,6 +115,8 @@ def _write_files(d: str) -> None:
 
 def _time(tree: str, op: str, d: str) -> float:
     env = dict(os.environ, PYTHONPATH=tree, JAX_PLATFORMS="cpu")
+    # Bytecode cached, as in an installed package (the first round writes the .pyc files).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     proc = subprocess.run([sys.executable, "-c", CHILD, op, d], capture_output=True,
                           text=True, env=env, cwd=tree, check=True, timeout=600)
     return float(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -117,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, dict[str, list[float]]] = {op: {"this": [], "other": []} for op in args.ops}
     with tempfile.TemporaryDirectory() as d:
         _write_files(d)
+        for tree in trees.values():  # writes each tree's .pyc files: no round compiles
+            _time(tree, "import", d)
         for r in range(args.rounds):
             order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
             for op in args.ops:

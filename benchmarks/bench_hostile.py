@@ -21,7 +21,7 @@ import tracemalloc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import safecodec as sc
-from safecodec._header import parse_header
+from safecodec._header_fast import parse_header
 
 
 def _tensors_header(count: int) -> bytes:

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 import safecodec as sc
-from safecodec._header import parse_header
+from safecodec._header_fast import parse_header
 
 
 def write_file(path: str, count: int) -> str:

@@ -53,7 +53,10 @@ from typing import Any, Final
 
 import numpy as np
 
+import safecodec
+
 from ._progress import ProgressBar
+from ._version import __version__
 
 __all__ = ["MODEL_SIZES", "build_model", "main", "model_shapes", "time_call"]
 
@@ -210,8 +213,6 @@ def machine_info() -> dict[str, Any]:
             versions[mod] = version(mod)
         except Exception:  # not installed
             versions[mod] = None
-    from ._version import __version__
-
     versions["safecodec"] = __version__
     return {
         "cpu": cpu,
@@ -293,8 +294,6 @@ def _block(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def _operations(model: dict[str, np.ndarray], ours_path: str, ref_path: str) -> list[_Op]:
-    import safecodec
-
     st_np = optional("safetensors.numpy")
 
     def ref_save() -> None:
@@ -332,8 +331,6 @@ def _operations(model: dict[str, np.ndarray], ours_path: str, ref_path: str) -> 
 
 def _verify(model: dict[str, np.ndarray], ours_path: str, ref_path: str | None) -> list[str]:
     """Compare what every reader returns with the original values; return problems."""
-    import safecodec
-
     problems: list[str] = []
 
     def check(label: str, loaded: dict[str, Any]) -> None:

@@ -36,9 +36,9 @@ import numpy as np
 
 from . import _integrity
 from ._api import safe_open, save_file, verify_handle
-from ._dtypes import DTYPES, DType, dtype_from_text
+from ._dtypes import DTYPES, FLOAT_CODES, DType, dtype_from_text
 from ._errors import ChecksumError, DtypeError, RemoteIOError, SafecodecError, counted
-from ._header import CHECKSUM_KEY, TensorInfo
+from ._header import CHECKSUM_KEY, ZERO_COPY_ALIGNMENT, TensorInfo
 from ._progress import ProgressBar
 from ._reader import SafeOpen
 from ._resolve import Target, resolve_target
@@ -48,18 +48,10 @@ from ._version import __version__
 
 __all__ = ["build_parser", "main"]
 
-#: A tensor is "aligned" when its absolute file offset is a multiple of this: the
-#: condition under which ``jax.device_put`` on CPU aliases a mapped array (docs/format.md).
-ZERO_COPY_ALIGNMENT: Final = 64
 #: Elements compared per step by ``diff``: bounds the temporary float64 copies (16 MiB).
 DIFF_CHUNK: Final = 1 << 21
 #: Bytes touched per step by ``verify`` when it reads tensor data.
 VERIFY_CHUNK: Final = 1 << 24
-#: Floating-point codes: the ones ``convert`` casts and accepts as targets.
-FLOAT_CODES: Final = frozenset(
-    {"F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
-     "F8_E5M2FNUZ", "F4", "F6_E2M3", "F6_E3M2"}
-)  # fmt: skip
 
 
 class UsageError(Exception):
@@ -838,8 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="GLOB",
                    help="cast only tensors whose name matches (repeatable; a pattern that "
                    "matches no tensor is an error)")
-    p.add_argument("--alignment", type=int, choices=(8, 64), default=64,
-                   help="64: zero-copy layout (default); 8: the reference writer's layout")
+    p.add_argument("--alignment", type=int, choices=(8, ZERO_COPY_ALIGNMENT),
+                   default=ZERO_COPY_ALIGNMENT,
+                   help=f"{ZERO_COPY_ALIGNMENT}: zero-copy layout (default); 8: the reference "
+                   "writer's layout")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_convert, parser=p)
 

@@ -1,8 +1,10 @@
 """The dtype table of the safetensors format: one row per code, looked up both ways.
 
-Every code maps to its width in bits, the NumPy / ml_dtypes type that holds one logical
-element, and its rank in the reference writer's ordering (widest first). The table is the
-only place that knows about dtypes; the header parser, the reader and the writer all ask it.
+Every code maps to its width in bits, its kind (bool, unsigned, signed, float, complex),
+the NumPy / ml_dtypes type that holds one logical element, and its rank in the reference
+writer's ordering (widest first). Every list of codes in the package is derived from this
+table (:data:`FLOAT_CODES`, :data:`F6_CODES`, the header scan's lookup table); the header
+parser, the reader, the writer, the JAX output and the CLI all ask it.
 
 Packed sub-byte codes (``F4``, ``F6_E2M3``, ``F6_E3M2``) store several logical elements per
 byte; see :mod:`safecodec._packed` for the bit order.
@@ -17,8 +19,8 @@ import numpy as np
 
 from ._errors import DtypeError
 
-__all__ = ["CODES", "DTYPES", "DTYPE_ALIASES", "DType", "code_for_numpy", "dtype_for_code",
-           "dtype_from_text"]
+__all__ = ["CODES", "DTYPES", "DTYPE_ALIASES", "F6_CODES", "FLOAT_CODES", "DType",
+           "code_for_numpy", "dtype_for_code", "dtype_from_text"]
 
 #: True on little-endian hosts. The reader and writer take the byte-swapping path when it
 #: is False; tests flip it to exercise that path on little-endian machines.
@@ -31,6 +33,9 @@ class DType:
     Attributes:
         code: The safetensors code, e.g. ``"BF16"``.
         bits: Width of one logical element in bits (4, 6, 8, 16, 32 or 64).
+        kind: ``"b"`` bool, ``"u"`` unsigned, ``"i"`` signed, ``"f"`` floating point
+            (ml_dtypes' floats included), ``"c"`` complex: NumPy's letters, which NumPy
+            itself does not give ml_dtypes types.
         numpy: The NumPy / ml_dtypes dtype of one unpacked element, little-endian where
             byte order applies (ml_dtypes is imported on first use, keeping
             ``import safecodec`` light).
@@ -39,11 +44,13 @@ class DType:
             that have no non-native byte order, such as bfloat16). ``uint8`` for packed.
     """
 
-    __slots__ = ("_numpy", "_spec", "bits", "code", "rank", "storage")
+    __slots__ = ("_numpy", "_spec", "bits", "code", "kind", "rank", "storage")
 
-    def __init__(self, code: str, bits: int, spec: str, rank: int, storage: np.dtype) -> None:
+    def __init__(self, code: str, bits: int, kind: str, spec: str, rank: int,
+                 storage: np.dtype) -> None:
         self.code = code
         self.bits = bits
+        self.kind = kind
         self._spec = spec
         self._numpy: np.dtype | None = None
         self.rank = rank
@@ -89,40 +96,45 @@ _WRITE_ORDER: Final = (
 )  # fmt: skip
 
 _ROWS: Final = {
-    # code: (bits, element dtype: a NumPy spec or "ml_dtypes.<name>")
-    "BOOL": (8, "bool"),
-    "U8": (8, "u1"),
-    "I8": (8, "i1"),
-    "F8_E5M2": (8, "ml_dtypes.float8_e5m2"),
-    "F8_E4M3": (8, "ml_dtypes.float8_e4m3fn"),
-    "F8_E8M0": (8, "ml_dtypes.float8_e8m0fnu"),
-    "F8_E4M3FNUZ": (8, "ml_dtypes.float8_e4m3fnuz"),
-    "F8_E5M2FNUZ": (8, "ml_dtypes.float8_e5m2fnuz"),
-    "I16": (16, "<i2"),
-    "U16": (16, "<u2"),
-    "F16": (16, "<f2"),
-    "BF16": (16, "ml_dtypes.bfloat16"),
-    "I32": (32, "<i4"),
-    "U32": (32, "<u4"),
-    "F32": (32, "<f4"),
-    "I64": (64, "<i8"),
-    "U64": (64, "<u8"),
-    "F64": (64, "<f8"),
-    "C64": (64, "<c8"),
-    "F4": (4, "ml_dtypes.float4_e2m1fn"),
-    "F6_E2M3": (6, "ml_dtypes.float6_e2m3fn"),
-    "F6_E3M2": (6, "ml_dtypes.float6_e3m2fn"),
+    # code: (bits, kind, element dtype: a NumPy spec or "ml_dtypes.<name>")
+    "BOOL": (8, "b", "bool"),
+    "U8": (8, "u", "u1"),
+    "I8": (8, "i", "i1"),
+    "F8_E5M2": (8, "f", "ml_dtypes.float8_e5m2"),
+    "F8_E4M3": (8, "f", "ml_dtypes.float8_e4m3fn"),
+    "F8_E8M0": (8, "f", "ml_dtypes.float8_e8m0fnu"),
+    "F8_E4M3FNUZ": (8, "f", "ml_dtypes.float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (8, "f", "ml_dtypes.float8_e5m2fnuz"),
+    "I16": (16, "i", "<i2"),
+    "U16": (16, "u", "<u2"),
+    "F16": (16, "f", "<f2"),
+    "BF16": (16, "f", "ml_dtypes.bfloat16"),
+    "I32": (32, "i", "<i4"),
+    "U32": (32, "u", "<u4"),
+    "F32": (32, "f", "<f4"),
+    "I64": (64, "i", "<i8"),
+    "U64": (64, "u", "<u8"),
+    "F64": (64, "f", "<f8"),
+    "C64": (64, "c", "<c8"),
+    "F4": (4, "f", "ml_dtypes.float4_e2m1fn"),
+    "F6_E2M3": (6, "f", "ml_dtypes.float6_e2m3fn"),
+    "F6_E3M2": (6, "f", "ml_dtypes.float6_e3m2fn"),
 }
 
 _STORAGE: Final[dict[int, np.dtype[Any]]] = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
 
 #: code -> DType, for every one of the 22 codes.
 DTYPES: Final[dict[str, DType]] = {
-    code: DType(code, bits, spec, _WRITE_ORDER.index(code), _STORAGE.get(bits, np.dtype("<u1")))
-    for code, (bits, spec) in _ROWS.items()
+    code: DType(code, bits, kind, spec, _WRITE_ORDER.index(code),
+                _STORAGE.get(bits, np.dtype("<u1")))
+    for code, (bits, kind, spec) in _ROWS.items()
 }
 #: The set of valid codes (case-sensitive).
 CODES: Final[frozenset[str]] = frozenset(DTYPES)
+#: The real floating-point codes (F64 down to F4): what the CLI's ``convert`` casts.
+FLOAT_CODES: Final[frozenset[str]] = frozenset(c for c, row in DTYPES.items() if row.kind == "f")
+#: The 6-bit codes: ml_dtypes has types for them, JAX does not.
+F6_CODES: Final[frozenset[str]] = frozenset(c for c, row in DTYPES.items() if row.bits == 6)
 
 # numpy dtype -> code, built on first use (it needs ml_dtypes).
 _BY_NUMPY: dict[np.dtype, str] = {}

@@ -6,7 +6,8 @@ working for code written against the reference wheel. Subclasses say which layer
 problem; messages name the check, the tensor and the expected and actual numbers.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: `import safecodec` loads this module and
+# nothing else of ours, and that import would be a module of its own.
 
 __all__ = [
     "ChecksumError",

@@ -33,13 +33,16 @@ The checks, in the order the reference reader makes them (each raises its own er
 7. 8 + N + final cursor must equal the source size: "truncated file" when the source is
    shorter (both sizes shown), "file not fully covered" when bytes follow the last tensor.
 
-Speed: headers in the canonical compact form that every known writer emits are checked
-on their raw bytes by NumPy when they are ASCII (:func:`_scan_compact`; names and
-``TensorInfo`` objects are then made only when asked for, see :class:`_LazyTensors`), or
-else by two regular-expression passes and C-level list operations; any other header (and
-any header with a problem to report) goes through :mod:`json` with strict hooks and a
-tensor-by-tensor walk, which alone words the errors. Each faster path accepts only what
-the next one accepts, with the same result, and hands everything else down.
+This module is the reference: :func:`parse_header` makes the checks above one at a time,
+through :mod:`json` with strict hooks and a tensor-by-tensor walk, and alone words the
+errors. :mod:`safecodec._header_fast` holds the faster paths for headers in the canonical
+compact form that every known writer emits; readers go through it, it tries those paths
+first and hands every other header (and every header with a problem to report) to this
+one. The rules the two share are defined here once: the reserved key
+(:data:`METADATA_KEY`), the dtype table (:data:`safecodec._dtypes.DTYPES`), the element
+count with the reference's overflow rule (:func:`element_count`) and the tiling walk
+(:func:`check_layout`); tests hold the fast paths' results equal to this module's on
+every input they generate.
 
 Two deliberate deviations from the reference: a tensor name that appears twice is
 rejected (the reference silently keeps the last), and NUL characters in tensor names or
@@ -53,15 +56,16 @@ first, so each of them starts 64-byte aligned.
 
 from __future__ import annotations
 
-import _thread
 import gc
+import json
 import math
 import operator
 import re
 import struct
 import sys
-from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
-from itertools import accumulate, compress, repeat
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from itertools import compress, repeat
 from typing import Any, Final, NamedTuple
 
 import numpy as np
@@ -102,12 +106,11 @@ MAX_NUMPY_NDIM: Final = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 #: most this many dimensions, which every NumPy can represent (NumPy 1.x's limit); more
 #: dimensions take the checked path (:func:`check_numpy_shape`).
 VIEW_MAX_NDIM: Final = 32
-#: Headers of at least this many bytes (about 800 tensors) are first checked by the NumPy
-#: scan of the raw bytes (:func:`_scan_compact`); smaller ones go to the regex path, whose
-#: fixed cost is lower (measured, parse plus every TensorInfo: 150 tensors 0.59 ms regex vs
-#: 1.06 ms scan; 800 tensors 2.7 ms each; 10,000 tensors, one tensor read lazily: the scan
-#: 2-3x faster).
-SCAN_MIN_BYTES: Final = 64 * 1024
+#: The zero-copy layout's alignment (``alignment=64``, the writers' default): the data
+#: section starts at a multiple of it and every tensor whose byte size is a multiple of it
+#: starts at such an offset, because JAX's CPU client aliases host memory whose address is
+#: a multiple of it (and copies any other). The one definition of that number.
+ZERO_COPY_ALIGNMENT: Final = 64
 #: Key that holds user metadata instead of a tensor.
 METADATA_KEY: Final = "__metadata__"
 #: The three fields a tensor entry must have, in the order the reference writes them.
@@ -134,7 +137,6 @@ FOREIGN_MAGIC: Final = (
      "Load it with numpy.load and write it with safecodec.save_file"),
 )
 _U64 = struct.Struct("<Q")
-_WS: Final = " \t\n\r"  # JSON whitespace; nothing else may surround the object
 # A digit run this long may be an integer beyond u64 (serde_json then makes it an f64).
 _LONG_DIGITS = re.compile(r"[0-9]{20}")
 # Only a float literal with a 3-digit exponent or a long digit run can reach the edge of
@@ -144,32 +146,11 @@ _LONG_DIGITS = re.compile(r"[0-9]{20}")
 # of 200 digits already count as risky.
 _RISKY_FLOAT = re.compile(r"[eE][+-]?[0-9]{3}|[0-9]{200}")
 
-# --- the canonical form, parsed by one regular-expression pass (the fast path) -------------
-# Every writer we know (the reference and safecodec) emits compact JSON: no whitespace
-# inside the object, fields in the order dtype, shape, data_offsets, plain integers,
-# strings without escapes. For such a header one C-level ``findall`` replaces the JSON
-# parser: every match is one entry with the comma before it, and when the matches' lengths
-# add up to the length of the text, the text is nothing but those entries. Anything else
-# (escapes, unknown fields, whitespace, floats, numbers of 19+ digits, a repeated name, an
-# unknown code...) takes the general path, which alone produces error messages. The fast
-# path therefore never has to be right about a rejection, only about an acceptance: it
-# accepts only texts that the general path accepts with the same result (tested).
-_NUM = r"(?:0|[1-9][0-9]{0,17})"  # at most 18 digits: always below 2**64
-_PLAIN = r'[^"\\\x00-\x1f]*'  # string body without escapes or raw control characters
-_ENTRY_RE = re.compile(
-    rf',"({_PLAIN})":\{{"dtype":"([A-Z0-9_]{{1,16}})","shape":\[((?:{_NUM}(?:,{_NUM}){{0,31}})?)\],'
-    rf'"data_offsets":\[({_NUM},{_NUM})\]\}}'
-)
-#: Characters of an ``_ENTRY_RE`` match outside its four groups.
-_ENTRY_FRAME: Final = len(',"":{"dtype":"","shape":[],"data_offsets":[]}')
-_METADATA_RE = re.compile(
-    rf'"__metadata__":(\{{(?:"{_PLAIN}":"{_PLAIN}"(?:,"{_PLAIN}":"{_PLAIN}")*)?\}})'
-)
-_BITS = operator.attrgetter("bits")
 
-
-class _Parsed(NamedTuple):
-    """The header's content before the offsets walk, as parallel lists in document order."""
+class ParsedHeader(NamedTuple):
+    """The header's content after check 5 and before the tiling walk (checks 6-7), as
+    parallel lists in document order: what every parser of check 5 hands to
+    :func:`check_layout`."""
 
     metadata: dict[str, str] | None
     names: list[str]
@@ -218,8 +199,8 @@ class Header:
         file_size: Total size of the file in bytes.
     """
 
-    # A plain slotted class: a dataclass costs ~1 ms of import time (`import safecodec`
-    # has a 15 ms budget).
+    # A plain slotted class: a dataclass costs ~1 ms of import time, which the first read
+    # would pay.
     __slots__ = ("_sorted_names", "file_size", "header_size", "raw_metadata", "tensors")
 
     def __init__(self, tensors: Mapping[str, TensorInfo], raw_metadata: dict[str, str] | None,
@@ -294,8 +275,6 @@ def visible_metadata(raw: dict[str, str] | None) -> dict[str, str] | None:
         return None  # a shard of a sharded save without user metadata
     if not user and _TREE_KEY in raw:
         try:
-            import json
-
             if json.loads(raw[_TREE_KEY]).get("metadata") is False:
                 return None
         except (ValueError, AttributeError, RecursionError):
@@ -620,11 +599,9 @@ def _parse_metadata(value: Any) -> dict[str, str] | None:
     return metadata
 
 
-def _parse_general(text: str) -> _Parsed:
+def _parse_general(text: str) -> ParsedHeader:
     """Check 5 for any header: strict JSON through the json module, with hooks that make
     it judge numbers, constants and repeated keys the way the reference does."""
-    import json  # imported on first use: keeps `import safecodec` light
-
     # Escapes are the only way to a lone surrogate or a NUL; a minus sign or a long digit
     # run the only way to "-0" or an out-of-range integer. Checking them costs a Python
     # call per value, so only headers that contain them pay for it.
@@ -656,7 +633,7 @@ def _parse_general(text: str) -> _Parsed:
     metadata: dict[str, str] | None = None
     metadata_seen = False
     seen_names: set[str] = set()
-    parsed = _Parsed(None, [], [], [], [], [])
+    parsed = ParsedHeader(None, [], [], [], [], [])
     for name, value in top:
         if name == METADATA_KEY:
             if metadata_seen:
@@ -690,107 +667,17 @@ def _parse_general(text: str) -> _Parsed:
                 f"__metadata__ entry {bad!r:.60} contains a NUL character (safecodec "
                 "rejects NUL in names and metadata; the reference accepts it)"
             )
-    return _Parsed(metadata, parsed.names, parsed.dtypes, parsed.shapes, parsed.begins,
-                   parsed.ends)
+    return ParsedHeader(metadata, parsed.names, parsed.dtypes, parsed.shapes, parsed.begins,
+                        parsed.ends)
 
 
-def _parse_canonical(text: str) -> _Parsed | None:
-    """Check 5 for a header in canonical form (see the comment on ``_NUM``), or None when
-    the header is not in that form. Repeated names are not looked for here (see
-    :func:`_tile_in_order`)."""
-    import json  # imported on first use: keeps `import safecodec` light
-
-    body = text.strip(_WS)
-    if body[:1] != "{" or body[-1:] != "}":
-        return None
-    metadata = None
-    if body.startswith('"__metadata__":', 1):
-        match = _METADATA_RE.match(body, 1)
-        if match is None:
-            return None
-        if match.end() == len(body):
-            return None  # that "}" closed the metadata: the outer object is unterminated
-        metadata = json.loads(match.group(1))  # a repeated key keeps its last value
-        entries = body[match.end() : -1]
-        if entries[:1] != ",":
-            return _Parsed(metadata, [], [], [], [], []) if not entries else None
-    elif len(body) == 2:
-        return _Parsed(None, [], [], [], [], [])
-    else:
-        entries = "," + body[1:-1]
-    rows = _ENTRY_RE.findall(entries)
-    if not rows:
-        return None
-    names, codes, shape_texts, offset_texts = zip(*rows, strict=True)
-    covered = (
-        _ENTRY_FRAME * len(rows)
-        + sum(map(len, names))
-        + sum(map(len, codes))
-        + sum(map(len, shape_texts))
-        + sum(map(len, offset_texts))
-    )
-    if covered != len(entries):
-        return None  # something between or around the entries
-    dtypes = list(map(DTYPES.get, codes))
-    if None in dtypes:
-        return None  # an unknown code: the general path words the error
-    # The regex admitted only digits and commas: one C-level json call per kind turns
-    # every distinct shape and every offset pair into integers at once. Models repeat a
-    # few shapes many times; equal shapes share one tuple.
-    distinct = list(set(shape_texts))
-    parsed_shapes = map(tuple, json.loads("[[" + "],[".join(distinct) + "]]"))
-    shapes = list(map(dict(zip(distinct, parsed_shapes, strict=True)).__getitem__, shape_texts))
-    offsets = json.loads("[" + ",".join(offset_texts) + "]")
-    return _Parsed(metadata, list(names), dtypes, shapes,  # type: ignore[arg-type]
-                   offsets[0::2], offsets[1::2])
+#: Shapes of at most this many dimensions have their element count taken as one product
+#: (an intermediate overflow is then re-checked step by step only when the product is 0
+#: or huge); longer, hostile shapes are multiplied step by step and stop early.
+WHOLE_PRODUCT_MAX_NDIM: Final = 16
 
 
-#: Shapes with more dimensions than this skip the whole-list fast path (bounded cost of
-#: products on hostile shapes).
-_FAST_MAX_NDIM: Final = 16
-
-
-def _tile_in_order(parsed: _Parsed, header_size: int, source_size: int) -> Header | None:
-    """Checks 6-7 for the common case, in C-level passes over whole lists: tensors listed
-    in offset order, no repeated name, every check passing. Returns None as soon as any of
-    that is not so; :func:`_walk` then decides (and words the error) tensor by tensor.
-
-    Listed-order tiling is the reference's sorted walk: if each tensor begins where the
-    previous one ended and ends at or after it begins, (BEGIN, END) never decreases, so
-    the list already is in the order the reference sorts into.
-    """
-    names, begins, ends, shapes = parsed.names, parsed.begins, parsed.ends, parsed.shapes
-    if not names:
-        return Header({}, parsed.metadata, header_size, source_size) if (
-            PREFIX_SIZE + header_size == source_size) else None
-    if max(map(len, shapes)) > _FAST_MAX_NDIM:
-        return None  # hostile many-dimension shapes: the step-by-step walk stops early
-    counts = list(map(math.prod, shapes))
-    nbits = list(map(operator.mul, counts, map(_BITS, parsed.dtypes)))
-    if max(nbits) >= U64_LIMIT:
-        return None
-    if 0 in counts and any(_element_count(shapes[i]) is None
-                           for i, c in enumerate(counts) if not c):
-        return None
-    # Contiguous, and each span 8 times its bit count: with the first checks, the running
-    # bit total must equal 8 x END at every tensor (whole bytes and END >= BEGIN follow).
-    if (
-        begins[0] != 0
-        or begins[1:] != ends[:-1]
-        or list(accumulate(nbits)) != list(map(operator.mul, ends, repeat(8)))
-        or PREFIX_SIZE + header_size + ends[-1] != source_size
-    ):
-        return None
-    new = tuple.__new__
-    infos = map(new, repeat(TensorInfo), zip(names, parsed.dtypes, shapes, begins, ends,
-                                             strict=True))
-    tensors = dict(zip(names, infos, strict=True))
-    if len(tensors) != len(names) or METADATA_KEY in tensors:
-        return None
-    return Header(tensors, parsed.metadata, header_size, source_size)
-
-
-def _element_count(shape: tuple[int, ...]) -> int | None:
+def element_count(shape: tuple[int, ...]) -> int | None:
     """Product of ``shape`` computed as the reference does, left to right in u64 with
     overflow checks; None when an intermediate product overflows (even if a later 0 would
     bring it back: [2**63, 2, 0] overflows, [0, 2**63, 2] does not)."""
@@ -802,398 +689,13 @@ def _element_count(shape: tuple[int, ...]) -> int | None:
     return count
 
 
-# --- the compact scan: the canonical form checked on the raw bytes (the fastest path) ------
-# For a large header in canonical form, with nothing but ASCII, the regular expression
-# above still makes ~5 strings per tensor. This scan makes none: NumPy finds every quote
-# (there are no escapes, so quotes are exactly the string delimiters: 10 per entry), checks
-# the constant pieces between them as little-endian u64 windows, turns codes into dtypes
-# through a table, and digit runs into integers eight digits at a time (SWAR). It accepts a
-# subset of what the regex path accepts (fewer digits, fewer dimensions, shorter names),
-# with the same result; anything else returns None and the regex path decides. The
-# :class:`Header` it returns builds names and ``TensorInfo`` objects only when asked.
-_U8: Final = np.dtype(np.uint8)
-_U64LE: Final = np.dtype("<u8")
-#: Compact-scan limits (anything beyond takes the regex path): digits per number, dimensions
-#: per shape, bytes per tensor name.
-_SCAN_MAX_DIGITS: Final = 16
-_SCAN_MAX_NDIM: Final = 16
-_SCAN_MAX_NAME: Final = 256
-_PAD: Final = _SCAN_MAX_NAME + 32  # zero bytes after the entries, so windows stay in bounds
-# MASKS[i]: the low i bytes of a u64.
-_MASKS: Final = np.array([(1 << (8 * i)) - 1 for i in range(9)], dtype=np.uint64)
-_ASCII_ZEROS: Final = 0x3030_3030_3030_3030
-_HIGH_BITS: Final = 0x8080_8080_8080_8080
+def check_layout(parsed: ParsedHeader, header_size: int, source_size: int) -> Header:
+    """Checks 6-7: tensors in (BEGIN, END) order must tile the data section exactly.
 
-
-def _word(piece: bytes) -> int:
-    return int.from_bytes(piece.ljust(8, b"\0"), "little")
-
-
-def _template(text: bytes) -> tuple[tuple[int, int], ...]:
-    """(offset, u64) windows that cover ``text`` (at least 8 bytes)."""
-    starts = [*range(0, len(text) - 8, 8), len(text) - 8]
-    return tuple((s, _word(text[s : s + 8])) for s in starts)
-
-
-_AFTER_NAME: Final = _template(b'":{"dtype":"')  # at a name's closing quote
-_AFTER_CODE: Final = _template(b'","shape":[')  # at a code's closing quote
-_AFTER_SHAPE: Final = _template(b'],"data_offsets":[')  # two bytes before its quote
-_BETWEEN: Final = _word(b']},"')  # end of one entry, start of the next
-_METADATA_WORDS: Final = (_word(METADATA_KEY.encode()[:8]), _word(METADATA_KEY.encode()[8:]))
-
-
-def _code_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[DType]]:
-    """Codes as (first 8 bytes, next bytes, length) keys, sorted by the first word (unique
-    across the table), and the rows in that order."""
-    rows = sorted(DTYPES.values(), key=lambda d: _word(d.code.encode()[:8]))
-    first = np.array([_word(d.code.encode()[:8]) for d in rows], dtype=np.uint64)
-    rest = np.array([_word(d.code.encode()[8:16]) for d in rows], dtype=np.uint64)
-    lengths = np.array([len(d.code) for d in rows], dtype=np.int64)
-    assert len(set(first.tolist())) == len(rows) and max(lengths) <= 16
-    return first, rest, lengths, rows
-
-
-_CODE_FIRST, _CODE_REST, _CODE_LEN, _CODE_ROWS = _code_table()
-_CODE_BITS: Final = np.array([d.bits for d in _CODE_ROWS], dtype=np.int64)
-
-
-def _all_at(words: np.ndarray, at: np.ndarray, template: tuple[tuple[int, int], ...]) -> bool:
-    return all(bool((words[at + off] == value).all()) for off, value in template)
-
-
-def _digits(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
-    """The decimal numbers of 0..8 digits at ``starts`` (0 for length 0), or None when a
-    byte there is not a digit. Eight digits at once: the SWAR reduction of a u64."""
-    mask = _MASKS[lengths]
-    x: np.ndarray = (words[starts] & mask) | (np.uint64(_ASCII_ZEROS) & ~mask)  # left-pad with "0"
-    # A byte below "0" sets its high bit in x - "0"s (borrows only reach higher bytes,
-    # already condemned); a byte above "9" in x + 0x46s (ASCII: no carry out of a byte).
-    if (((x + np.uint64(0x4646_4646_4646_4646)) | (x - np.uint64(_ASCII_ZEROS)))
-            & np.uint64(_HIGH_BITS)).any():
-        return None
-    x = x - np.uint64(_ASCII_ZEROS)
-    shift = np.uint64(8) * (np.uint64(8) - lengths.astype(np.uint64))
-    x = x << shift  # the digits to the top bytes: the first one is the most significant
-    x = (x * np.uint64(10) + (x >> np.uint64(8))) & np.uint64(0x00FF_00FF_00FF_00FF)
-    x = (x * np.uint64(100) + (x >> np.uint64(16))) & np.uint64(0x0000_FFFF_0000_FFFF)
-    x = (x * np.uint64(10000) + (x >> np.uint64(32))) & np.uint64(0xFFFF_FFFF)
-    return x
-
-
-def _numbers(raw: np.ndarray, words: np.ndarray, starts: np.ndarray,
-             ends: np.ndarray) -> np.ndarray | None:
-    """The decimal numbers in [starts, ends) as int64, or None unless each is 1 to
-    :data:`_SCAN_MAX_DIGITS` digits without a leading zero."""
-    lengths: np.ndarray = ends - starts
-    if not len(lengths):
-        return lengths
-    if lengths.min() < 1 or lengths.max() > _SCAN_MAX_DIGITS:
-        return None
-    low_len = np.minimum(lengths, 8)
-    high_len = lengths - low_len
-    low = _digits(words, starts + high_len, low_len)
-    if low is None:
-        return None
-    # A leading zero: the first byte is "0" and more digits follow.
-    if (raw[starts] == 0x30)[lengths > 1].any():
-        return None
-    if high_len.max():  # more than 8 digits somewhere
-        high = _digits(words, starts, high_len)
-        if high is None:
-            return None
-        low += high * np.uint64(100_000_000)
-    values: np.ndarray = low.astype(np.int64)
-    return values
-
-
-_HASH_MUL: Final = np.uint64(0x0000_0100_0000_01B3)  # FNV-1's 64-bit prime
-
-
-def _names_distinct(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> bool:
-    """Whether no two names are equal, judged on a 64-bit hash of each (equal names hash
-    alike; equal hashes are settled by the caller)."""
-    h = lengths.astype(np.uint64)
-    for at in range(0, int(lengths.max()), 8):
-        h = h * _HASH_MUL + (words[starts + at] & _MASKS[np.clip(lengths - at, 0, 8)])
-    h.sort()
-    return not bool((h[1:] == h[:-1]).any())
-
-
-def _scan_compact(header: bytes | bytearray | memoryview, text: str, header_size: int,
-                  source_size: int) -> Header | None:
-    """Checks 5-7 for an ASCII header in canonical form, on its bytes; None when the
-    header is not such or anything is to report (see the comment above ``_U8``)."""
-    if not text.isascii() or "\\" in text:
-        return None
-    first = len(text) - len(text.lstrip(_WS))
-    tail_start = max(len(text) - 64, 0)  # padding is short: no copy of the whole text
-    tail = text[tail_start:].rstrip(_WS)
-    stop = tail_start + len(tail) if tail else len(text.rstrip(_WS))
-    if stop - first < 2 or text[first] != "{" or text[stop - 1] != "}":
-        return None
-    start = first + 1
-    metadata = None
-    if text.startswith('"__metadata__":', start):
-        match = _METADATA_RE.match(text, start, stop)
-        if match is None or match.end() >= stop - 1 or text[match.end()] != ",":
-            return None
-        import json  # imported on first use: keeps `import safecodec` light
-
-        metadata = json.loads(match.group(1))  # a repeated key keeps its last value
-        start = match.end() + 1
-    size = stop - 1 - start  # the entries: text[start : stop - 1]
-    if size < 2:
-        return None
-    raw = np.zeros(size + _PAD, _U8)
-    entries = raw[:size]
-    entries[:] = np.frombuffer(header, _U8, size, start)
-    if (entries < 0x20).any():
-        return None  # a control character: never canonical
-    quotes = np.flatnonzero(entries == 0x22)
-    count = len(quotes) // 10
-    if not count or len(quotes) != 10 * count or quotes[0] or entries[-2:].tobytes() != b"]}":
-        return None
-    q = quotes.reshape(count, 10)
-    words = np.ndarray((len(raw) - 7,), _U64LE, raw, 0, (1,))  # u64 at every byte offset
-    # With every quote known, a template that holds quotes also fixes the quotes it holds:
-    # q[:, 2:5] after a name, q[:, 6:8] after a code, q[:, 9] after a shape.
-    name_start, name_end, code_end, offsets_quote = q[:, 0] + 1, q[:, 1], q[:, 5], q[:, 8]
-    code_start = q[:, 4] + 1
-    shape_start, shape_end = code_end + 11, offsets_quote - 2
-    if not (
-        _all_at(words, name_end, _AFTER_NAME)
-        and _all_at(words, code_end, _AFTER_CODE)
-        and _all_at(words, shape_end, _AFTER_SHAPE)
-        and bool(((words[q[1:, 0] - 3] & _MASKS[4]) == _BETWEEN).all())
-        and bool((shape_end >= shape_start).all())
-    ):
-        return None
-
-    # dtype codes: (first word, second word, length) must be a row of the table.
-    code_len = code_end - code_start
-    if code_len.min() < 1 or code_len.max() > 16:
-        return None
-    first_word = words[code_start] & _MASKS[np.minimum(code_len, 8)]
-    rest_word = words[code_start + 8] & _MASKS[np.clip(code_len - 8, 0, 8)]
-    row = np.minimum(np.searchsorted(_CODE_FIRST, first_word), len(_CODE_ROWS) - 1)
-    if not ((_CODE_FIRST[row] == first_word) & (_CODE_REST[row] == rest_word)
-            & (_CODE_LEN[row] == code_len)).all():
-        return None  # an unknown code: the regex path words the error
-
-    # Numbers: the shapes' digit runs, then BEGIN, then END.
-    commas = np.append(np.flatnonzero(entries == 0x2C), size)
-    low = np.searchsorted(commas, shape_start)
-    n_commas = np.searchsorted(commas, shape_end) - low
-    ndim = np.where(shape_end > shape_start, n_commas + 1, 0)
-    if ndim.max() > _SCAN_MAX_NDIM:
-        return None
-    shaped = ndim > 0
-    n_dims = int(ndim.sum())
-    first_dim = (np.cumsum(ndim) - ndim)[shaped]
-    dim_start = np.empty(n_dims, np.int64)
-    dim_end = np.empty(n_dims, np.int64)
-    inner = np.ones(n_dims, bool)
-    inner[first_dim] = False
-    dim_start[first_dim] = shape_start[shaped]
-    n_inner = int(n_commas.sum())
-    at = np.repeat(low - (np.cumsum(n_commas) - n_commas), n_commas) + np.arange(n_inner)
-    dim_start[inner] = commas[at] + 1
-    inner[:] = True
-    inner[first_dim + ndim[shaped] - 1] = False
-    dim_end[inner] = commas[at]
-    dim_end[~inner] = shape_end[shaped]
-    offsets_start = offsets_quote + 16
-    offsets_end = np.empty(count, np.int64)
-    offsets_end[:-1] = q[1:, 0] - 3
-    offsets_end[-1] = size - 2
-    comma = commas[np.searchsorted(commas, offsets_start)]
-    values = _numbers(raw, words, np.concatenate((dim_start, offsets_start, comma + 1)),
-                      np.concatenate((dim_end, comma, offsets_end)))
-    if values is None:
-        return None
-    dims, begins, ends = values[:n_dims], values[n_dims:-count], values[-count:]
-
-    # Checks 6-7 as in _tile_in_order; products of at most 16 dims of at most 16 digits
-    # are estimated in floats first (zeros count as 1: no intermediate product overflows),
-    # so that the exact int64 products cannot wrap.
-    bits = _CODE_BITS[row]
-    counts = np.ones(count, np.int64)
-    if n_dims:
-        approx = np.multiply.reduceat(np.maximum(dims, 1).astype(np.float64), first_dim)
-        if not (approx * bits[shaped] < 2.0**62).all():
-            return None
-        counts[shaped] = np.multiply.reduceat(dims, first_dim)
-    if (
-        begins[0] != 0
-        or not (begins[1:] == ends[:-1]).all()
-        or not (counts * bits == (ends - begins) * 8).all()
-        or PREFIX_SIZE + header_size + int(ends[-1]) != source_size
-    ):
-        return None
-
-    name_len = name_end - name_start
-    if name_len.max() > _SCAN_MAX_NAME:
-        return None
-    twelve = name_start[name_len == 12]  # a tensor called __metadata__ takes the long way
-    if ((words[twelve] == _METADATA_WORDS[0])
-            & ((words[twelve + 8] & _MASKS[4]) == _METADATA_WORDS[1])).any():
-        return None
-    tensors = _LazyTensors(text, start, name_start, name_end, row, shape_start, shape_end,
-                           begins, ends)
-    if not _names_distinct(words, name_start, name_len) and len(tensors) != len(
-            set(tensors._names())):
-        return None
-    return Header(tensors, metadata, header_size, source_size)
-
-
-#: Lookups by name that the lazy mapping answers by searching the header text before it
-#: builds the whole dict (one search costs about as much as building ~10 entries).
-_LAZY_LOOKUPS: Final = 32
-
-
-class _LazyTensors(Mapping[str, TensorInfo]):
-    """``Header.tensors`` for a header read by :func:`_scan_compact`: name ->
-    :class:`TensorInfo` in file order, like the dict it stands for (equal to it, same
-    iteration order, same errors). A few lookups by name search the header text; anything
-    else (iteration, views, many lookups, a key that is not a str) first builds the dict,
-    once, under a lock, and then delegates to it."""
-
-    __slots__ = ("_begins", "_cache", "_dict", "_ends", "_lock", "_lookups", "_name_end",
-                 "_name_start", "_rows", "_shape_end", "_shape_start", "_text")
-
-    def __init__(self, text: str, base: int, name_start: np.ndarray, name_end: np.ndarray,
-                 rows: np.ndarray, shape_start: np.ndarray, shape_end: np.ndarray,
-                 begins: np.ndarray, ends: np.ndarray) -> None:
-        self._text = text
-        self._name_start = name_start + base  # positions in ``text``
-        self._name_end = name_end + base
-        self._rows = rows
-        self._shape_start = shape_start + base
-        self._shape_end = shape_end + base
-        self._begins = begins
-        self._ends = ends
-        self._dict: dict[str, TensorInfo] | None = None
-        self._cache: dict[str, TensorInfo] = {}
-        self._lookups = 0
-        self._lock = _thread.allocate_lock()
-
-    def _names(self) -> list[str]:
-        text = self._text
-        return [text[i:j] for i, j in zip(self._name_start.tolist(), self._name_end.tolist(),
-                                          strict=True)]
-
-    def _shape(self, i: int) -> tuple[int, ...]:
-        dims = self._text[int(self._shape_start[i]) : int(self._shape_end[i])]
-        return tuple(map(int, dims.split(","))) if dims else ()
-
-    def _materialize(self) -> dict[str, TensorInfo]:
-        built = self._dict
-        if built is not None:
-            return built
-        with self._lock:
-            if self._dict is None:
-                collecting = gc.isenabled()
-                gc.disable()  # acyclic objects only (see parse_header)
-                try:
-                    self._dict = self._build()
-                finally:
-                    if collecting:
-                        gc.enable()
-            return self._dict
-
-    def _build(self) -> dict[str, TensorInfo]:
-        text = self._text
-        names = self._names()
-        shape_texts = [text[i:j] for i, j in zip(self._shape_start.tolist(),
-                                                 self._shape_end.tolist(), strict=True)]
-        # Models repeat a few shapes many times; equal shapes share one tuple.
-        distinct = {s: tuple(map(int, s.split(","))) if s else () for s in set(shape_texts)}
-        shapes = map(distinct.__getitem__, shape_texts)
-        dtypes = map(_CODE_ROWS.__getitem__, self._rows.tolist())
-        new = tuple.__new__
-        infos = map(new, repeat(TensorInfo), zip(names, dtypes, shapes, self._begins.tolist(),
-                                                 self._ends.tolist(), strict=True))
-        built = dict(zip(names, infos, strict=True))
-        built.update(self._cache)  # the objects already handed out stay the ones in the dict
-        return built
-
-    def _find(self, name: str) -> TensorInfo | None:
-        """The entry called ``name``, found by a search of the header text."""
-        if not name.isascii() or '"' in name:
-            return None  # every name here is ASCII without quotes
-        needle = f'"{name}":{{"dtype":"'
-        text, starts = self._text, self._name_start
-        lo = int(starts[0]) - 1
-        hi = int(self._name_end[-1]) + len(needle)
-        at = text.find(needle, lo, hi)
-        while at >= 0:
-            # A match starts at a name's opening quote or (a name ending in "},", read
-            # from the previous entry's END on) at an END's closing quote: only the first
-            # kind is a name.
-            i = int(np.searchsorted(starts, at + 1))
-            if i < len(starts) and int(starts[i]) == at + 1:
-                info = TensorInfo(name, _CODE_ROWS[int(self._rows[i])], self._shape(i),
-                                  int(self._begins[i]), int(self._ends[i]))
-                return self._cache.setdefault(name, info)
-            at = text.find(needle, at + 1, hi)
-        return None
-
-    def __getitem__(self, name: str) -> TensorInfo:
-        built = self._dict
-        if built is None:
-            self._lookups += 1
-            if type(name) is str and self._lookups <= _LAZY_LOOKUPS:
-                found = self._cache.get(name) or self._find(name)
-                if found is None:
-                    raise KeyError(name)
-                return found
-            built = self._materialize()
-        return built[name]
-
-    def __contains__(self, name: object) -> bool:
-        try:
-            self[name]  # type: ignore[index]
-        except KeyError:
-            return False
-        return True
-
-    def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            return default
-
-    def __len__(self) -> int:
-        return len(self._begins) if self._dict is None else len(self._dict)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._materialize())
-
-    def keys(self) -> KeysView[str]:
-        return self._materialize().keys()
-
-    def values(self) -> ValuesView[TensorInfo]:
-        return self._materialize().values()
-
-    def items(self) -> ItemsView[str, TensorInfo]:
-        return self._materialize().items()
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, _LazyTensors):
-            other = other._materialize()
-        return self._materialize() == other
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return repr(self._materialize())
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (dict, (self._materialize(),))  # pickles (and copies) as the plain dict
-
-
-def _walk(parsed: _Parsed, header_size: int, source_size: int) -> Header:
-    """Checks 6-7: tensors in (BEGIN, END) order must tile the data section exactly."""
+    Raises:
+        OffsetError: The first tensor, in that order, that breaks a rule, worded as the
+            reference words it.
+    """
     names, dtypes, shapes = parsed.names, parsed.dtypes, parsed.shapes
     order = sorted(zip(parsed.begins, parsed.ends, range(len(names)), strict=True))
     new = tuple.__new__
@@ -1211,11 +713,11 @@ def _walk(parsed: _Parsed, header_size: int, source_size: int) -> Header:
         dtype = dtypes[i]
         # Many dimensions: multiply step by step and stop at the first overflow, as the
         # reference does, instead of building a huge integer.
-        count = prod(shape) if len(shape) <= _FAST_MAX_NDIM else (_element_count(shape) or 0)
+        count = prod(shape) if len(shape) <= WHOLE_PRODUCT_MAX_NDIM else (element_count(shape) or 0)
         # A count in [1, 2**64) means every prefix product is in range too; 0 (or a huge
         # count) needs the step-by-step product to see an intermediate overflow.
         if not 0 < count < U64_LIMIT:
-            checked = _element_count(shape)
+            checked = element_count(shape)
             if checked is None:
                 raise OffsetError(
                     f"overflow computing buffer size for tensor {names[i]!r}: shape "
@@ -1278,8 +780,49 @@ def check_numpy_shape(info: TensorInfo) -> None:
         )
 
 
+def header_text(header_bytes: bytes | bytearray | memoryview) -> str:
+    """Check 4: the header bytes as text.
+
+    Raises:
+        HeaderError: The bytes are not valid UTF-8 (the message gives the first bad byte).
+    """
+    try:
+        return str(header_bytes, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeaderError(
+            f"invalid UTF-8 in header at byte {exc.start} of {len(header_bytes)}: {exc.reason}"
+        ) from None
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a block that allocates many acyclic objects.
+
+    Parsing allocates a few objects per tensor, none of them in a reference cycle: the
+    collector would only re-scan the heap over and over (seconds' worth in a large process
+    for a large header).
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def parse_text(text: str, header_size: int, source_size: int) -> Header:
+    """Checks 5-7 on the decoded header: the reference parser and walk, which find the
+    first problem in the reference's order and word it."""
+    return check_layout(_parse_general(text), header_size, source_size)
+
+
 def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int) -> Header:
-    """Checks 4-7: parse and validate the JSON header.
+    """Checks 4-7: parse and validate the JSON header, one rule at a time (the reference).
+
+    Readers call :func:`safecodec._header_fast.parse_header`, which accepts and rejects
+    exactly what this function does, with the same result and the same errors, faster on
+    canonical headers.
 
     Args:
         header_bytes: Exactly the N header bytes (after the 8-byte length prefix).
@@ -1298,34 +841,9 @@ def parse_header(header_bytes: bytes | bytearray | memoryview, source_size: int)
         >>> h.tensors["a"].shape, h.data_start
         ((2,), 61)
     """
-    n = len(header_bytes)
-    try:
-        text = str(header_bytes, "utf-8")
-    except UnicodeDecodeError as exc:
-        raise HeaderError(
-            f"invalid UTF-8 in header at byte {exc.start} of {n}: {exc.reason}"
-        ) from None
-    # Parsing allocates a few objects per tensor, none of them in a reference cycle: the
-    # cyclic garbage collector would only re-scan the heap over and over (seconds' worth
-    # in a large process for a large header), so it pauses meanwhile.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        if n >= SCAN_MIN_BYTES:
-            header = _scan_compact(header_bytes, text, n, source_size)
-            if header is not None:
-                return header
-        parsed = _parse_canonical(text)
-        if parsed is not None:
-            header = _tile_in_order(parsed, n, source_size)
-            if header is not None:
-                return header
-        # Not canonical, or something to report: the general parser and the
-        # tensor-by-tensor walk find the first problem in the reference's order and word it.
-        return _walk(_parse_general(text), n, source_size)
-    finally:
-        if collecting:
-            gc.enable()
+    text = header_text(header_bytes)
+    with gc_paused():
+        return parse_text(text, len(header_bytes), source_size)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -1393,7 +911,7 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
 def plan_layout(
     tensors: Iterable[tuple[str, DType, tuple[int, ...]]],
     metadata: Mapping[str, str] | None,
-    alignment: int = 64,
+    alignment: int = ZERO_COPY_ALIGNMENT,
 ) -> tuple[bytes, list[PlannedTensor]]:
     """Decide the order and offsets of tensors and encode the header.
 
@@ -1442,8 +960,6 @@ def encode_header(
 ) -> bytes:
     """Encode the length prefix and the JSON header, padded with spaces so that the data
     section starts at a multiple of ``alignment`` (8: the reference's padding)."""
-    import json  # imported on first use: keeps `import safecodec` light
-
     # Every character takes at least one byte: refuse hopeless headers before encoding them.
     at_least = sum(len(t.name) for t in planned)
     if metadata:
@@ -1454,7 +970,7 @@ def encode_header(
             f"is {MAX_HEADER_SIZE}; split the tensors over several files or shorten "
             "names/metadata"
         )
-    from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False) uses
+    encode_basestring = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
 
     # Built by hand: the same bytes as json.dumps(obj, ensure_ascii=False,
     # separators=(",", ":")) of {"__metadata__": ..., name: {"dtype", "shape",

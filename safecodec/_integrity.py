@@ -43,7 +43,7 @@ def placeholder(names: list[str]) -> str:
 
 def encode(digests: Mapping[str, str]) -> str:
     """The metadata value for ``digests`` (name -> hex digest)."""
-    import json  # imported on first use: keeps `import safecodec` light
+    import json  # imported on first use: only files with checksums pay for it
 
     return json.dumps({"algorithm": ALGORITHM, "tensors": dict(digests)},
                       ensure_ascii=False, separators=(",", ":"))
@@ -58,7 +58,7 @@ def decode(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
     if not metadata or CHECKSUM_KEY not in metadata:
         return None
     try:
-        import json  # imported on first use: keeps `import safecodec` light
+        import json  # imported on first use: only files with checksums pay for it
 
         value = json.loads(metadata[CHECKSUM_KEY])
     except ValueError as exc:

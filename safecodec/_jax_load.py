@@ -2,7 +2,7 @@
 zero-copy where the hardware allows, one copy everywhere else, sharded across devices
 and processes.
 
-How a tensor reaches JAX (decided in ONE place, :func:`host_route`)
+How a tensor reaches JAX (:func:`host_route` names the route of a whole tensor)
 --------------------------------------------------------------------
 * **alias**: CPU, 64-byte aligned, byte-sized dtype, same dtype in JAX, memory nobody can
   change (safecodec's read-only mapping, or immutable ``bytes``; never a caller's
@@ -78,7 +78,7 @@ from ._reader import TensorReader
 
 __all__ = ["JaxOutput", "PrecisionWarning", "check_sharding_names", "host_route"]
 
-_F6_CODES: Final = frozenset({"F6_E2M3", "F6_E3M2"})
+_F6_CODES: Final = _dtypes.F6_CODES
 #: Unaligned tensors at least this large are copied with a positioned read instead of
 #: from the mapping (faulting pages in costs more than a read from the page cache).
 PREAD_MIN: Final = 1 << 16

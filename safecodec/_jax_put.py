@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import jax
 import numpy as np
 
 from . import _threads
+from ._header import ZERO_COPY_ALIGNMENT as ALIGNMENT  # JAX's CPU client aliases at this
 
 __all__ = [
     "ALIGNMENT",
@@ -32,8 +33,6 @@ __all__ = [
     "placement_name",
 ]
 
-#: JAX's CPU client aliases host memory whose address is a multiple of this.
-ALIGNMENT: Final = 64
 
 
 def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:

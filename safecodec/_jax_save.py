@@ -38,7 +38,7 @@ import numpy as np
 
 from . import _dtypes, _writer
 from ._errors import DtypeError, SafecodecError
-from ._header import PlannedTensor
+from ._header import ZERO_COPY_ALIGNMENT, PlannedTensor
 from ._indexing import index_key, plan_runs
 from ._packed import pack
 from ._sink import LocalAtomicFile, publishing, temporary_name
@@ -148,7 +148,7 @@ def _write_all(sink: _Positioned, header: bytes, planned: list[PlannedTensor],
 
 
 def save(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *,
-         alignment: int = 64) -> bytes:
+         alignment: int = ZERO_COPY_ALIGNMENT) -> bytes:
     """See :func:`safecodec.jax.save`."""
     header, planned, values = _writer.prepare(tensors, metadata, alignment)
     for value in values.values():
@@ -175,7 +175,7 @@ def write_shard(tensors: Mapping[str, Any], sink: Any, metadata: Mapping[str, st
 
 
 def save_file(tensors: Mapping[str, Any], path: str, metadata: Mapping[str, str] | None = None,
-              *, alignment: int = 64, timeout_s: float = 600.0) -> None:
+              *, alignment: int = ZERO_COPY_ALIGNMENT, timeout_s: float = 600.0) -> None:
     """Write JAX arrays to the local ``path`` (collectively when arrays span processes);
     see :func:`safecodec.jax.save_file`. Routing (remote targets, sharded checkpoints)
     is :mod:`safecodec._api`'s."""

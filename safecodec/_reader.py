@@ -54,8 +54,8 @@ from ._header import (
     check_numpy_shape,
     decode_length,
     explain_foreign,
-    parse_header,
 )
+from ._header_fast import parse_header
 from ._indexing import (
     Box,
     BoxLayout,

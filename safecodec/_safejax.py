@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from ._api import save, save_file
 from ._errors import SafecodecError
 from ._objax_vars import to_var_collection
 from ._tree import flatten_tree, load_leaves, load_tree
@@ -65,8 +66,6 @@ def serialize(
         >>> sorted(sc.read_header(data).tensors)
         ['dense.kernel']
     """
-    from ._api import save, save_file
-
     if _is_objax_module(params):
         params = params.vars()
     tensors, md = flatten_tree(params, metadata, objax_type_suffix=include_objax_variables)

@@ -37,7 +37,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from ._errors import ClosedHandleError, RemoteIOError, SafecodecError, counted
-from ._header import CHECKPOINT_KEY, Header, TensorInfo, check_metadata
+from ._header import (
+    CHECKPOINT_KEY,
+    ZERO_COPY_ALIGNMENT,
+    Header,
+    TensorInfo,
+    check_metadata,
+)
 from ._integrity import sha256_hex
 from ._progress import ProgressBar
 from ._reader import Output, SafeOpen, check_output, missing_tensor
@@ -393,7 +399,7 @@ def write_checkpoint(
     folder: Target,
     index_name: str,
     *,
-    alignment: int = 64,
+    alignment: int = ZERO_COPY_ALIGNMENT,
     progress: bool = False,
     checksums: bool = False,
     write_shard: Callable[[Mapping[str, Any], Any, Mapping[str, str]], tuple[bytes, int]]
@@ -510,7 +516,7 @@ def save_sharded(
     metadata: Mapping[str, str] | None = None,
     *,
     max_shard_size: int | str,
-    alignment: int = 64,
+    alignment: int = ZERO_COPY_ALIGNMENT,
     progress: bool = False,
     checksums: bool = False,
     write_shard: Callable[[Mapping[str, Any], Any, Mapping[str, str]], tuple[bytes, int]]

@@ -140,7 +140,7 @@ def parse_index(data: bytes, name: str) -> tuple[dict[str, str], dict[str, Any]]
             shard name that leaves the index's directory.
     """
     try:
-        import json  # imported on first use: keeps `import safecodec` light
+        import json  # imported on first use: only sharded checkpoints pay for it
 
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except _DuplicateKey as dup:
@@ -250,6 +250,6 @@ def index_bytes(weight_map: Mapping[str, str], total_size: int,
     metadata: dict[str, Any] = dict(extra_metadata or {})
     metadata["total_size"] = total_size
     obj = {"metadata": metadata, "weight_map": dict(weight_map)}
-    import json  # imported on first use: keeps `import safecodec` light
+    import json  # imported on first use: only sharded checkpoints pay for it
 
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")

@@ -36,6 +36,7 @@ from typing import Any, Final
 import numpy as np
 
 from . import _tree_record as rec
+from ._api import safe_open, save, save_file
 from ._dtypes import caller_stacklevel, code_for_numpy
 from ._errors import DtypeError, SafecodecError, TreeStructureError
 from ._header import RESERVED_PREFIX, TREE_KEY, visible_metadata
@@ -288,8 +289,6 @@ def save_tree(
         >>> sc.load_tree(data)
         {'w': [array([1., 1.], dtype=float32), None], 'step': 3}
     """
-    from ._api import save, save_file
-
     if remap is not None:  # safecodec.remap sits above this module: it is called, not imported
         tensors, md = remap.export(tree, metadata)
     else:
@@ -322,9 +321,9 @@ def split_metadata(metadata: Mapping[str, str] | None) -> tuple[dict[str, str] |
 class _Loader:
     """Fetches tensors from one open handle and converts them to the requested outputs.
 
-    JAX outputs go through the JAX output layer (:mod:`safecodec._jax`) in one batch at
-    the end, so zero-copy aliasing, batched transfers, shardings and its 64-bit policy
-    (a :class:`~safecodec._jax.PrecisionWarning` when x64 is off) apply unchanged.
+    JAX outputs go through the JAX output layer (:mod:`safecodec._jax_load`) in one batch
+    at the end, so zero-copy aliasing, batched transfers, shardings and its 64-bit policy
+    (a :class:`~safecodec._jax_load.PrecisionWarning` when x64 is off) apply unchanged.
     """
 
     def __init__(self, handle: Any) -> None:
@@ -379,8 +378,6 @@ class _Loader:
 def _open(source: Any, *, fs: Any, copy: bool, jax: bool,
           storage_options: dict[str, Any] | None = None) -> Any:
     """A handle on ``source``: framework "jax" when any output leaf is a jax.Array."""
-    from ._api import safe_open
-
     return safe_open(source, "jax" if jax else "numpy", fs=fs, copy=copy,
                      storage_options=storage_options)
 

@@ -26,6 +26,7 @@ from ._dtypes import DType, code_for_numpy
 from ._errors import SafecodecError
 from ._header import (
     CHECKSUM_KEY,
+    ZERO_COPY_ALIGNMENT,
     PlannedTensor,
     check_metadata,
     check_name,
@@ -203,7 +204,7 @@ def save(
     tensors: Mapping[str, Any],
     metadata: Mapping[str, str] | None = None,
     *,
-    alignment: int = 64,
+    alignment: int = ZERO_COPY_ALIGNMENT,
     checksums: bool = False,
 ) -> bytes:
     """Serialize tensors to safetensors bytes, in memory (the public documentation is
@@ -244,7 +245,7 @@ def stream_file(
     sink: Any,
     metadata: Mapping[str, str] | None = None,
     *,
-    alignment: int = 64,
+    alignment: int = ZERO_COPY_ALIGNMENT,
     checksums: bool = False,
     progress: bool = False,
     plan: tuple[bytes, list[PlannedTensor], dict[str, Any]] | None = None,
@@ -296,7 +297,7 @@ def write_file(
     open_sink: Callable[[], Any],
     metadata: Mapping[str, str] | None = None,
     *,
-    alignment: int = 64,
+    alignment: int = ZERO_COPY_ALIGNMENT,
     checksums: bool = False,
     progress: bool = False,
 ) -> None:

@@ -44,14 +44,17 @@ def restore_flags():
     _source.MMAP_AVAILABLE, _dtypes.HOST_IS_LITTLE_ENDIAN = saved
 
 
-@pytest.fixture(params=["small-header-path", "scan-path"])
+@pytest.fixture(params=["reference-parser", "small-header-path", "scan-path"])
 def header_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with the parser's size-based dispatch as shipped, and again with the NumPy
-    scan of the raw bytes forced for every header (in production it checks large headers
-    only: safecodec._header.SCAN_MIN_BYTES). Differential tests use it so that both paths
-    agree with the reference on every case."""
-    if request.param == "scan-path":
-        from safecodec import _header
+    """Run a test three times: with the reference parser alone (safecodec._header; the fast
+    paths switched off), with the parser's size-based dispatch as shipped
+    (safecodec._header_fast), and with the NumPy scan of the raw bytes forced for every
+    header (in production it checks large headers only: SCAN_MIN_BYTES). Differential
+    tests use it so that every path agrees with the reference wheel on every case."""
+    from safecodec import _header_fast
 
-        monkeypatch.setattr(_header, "SCAN_MIN_BYTES", 0)
+    if request.param == "reference-parser":
+        monkeypatch.setattr(_header_fast, "FAST_PATHS", False)
+    elif request.param == "scan-path":
+        monkeypatch.setattr(_header_fast, "SCAN_MIN_BYTES", 0)
     return str(request.param)

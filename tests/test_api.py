@@ -13,7 +13,8 @@ import safecodec.numpy as scn
 
 
 def test_top_level_parameter_names_match_the_design():
-    # DESIGN.md: save_file(tensors, path_or_url, metadata=None, ...), load_file(path_or_url, ...)
+    # The documented API (docs/api.md): save_file(tensors, path_or_url, metadata=None, ...),
+    # load_file(path_or_url, ...)
     assert list(inspect.signature(sc.save_file).parameters)[:3] == [
         "tensors", "path_or_url", "metadata"]
     assert next(iter(inspect.signature(sc.load_file).parameters)) == "path_or_url"
@@ -102,3 +103,45 @@ def test_warnings_point_at_the_callers_line(tmp_path):
         warnings.simplefilter("always")
         scj.load(sc.save({"i": np.arange(3, dtype=np.int64)}))
     assert caught and caught[0].filename == __file__
+
+
+def test_every_alignment_default_is_the_zero_copy_constant():
+    """The zero-copy alignment is one number (``_header.ZERO_COPY_ALIGNMENT``): every
+    writer's default, the CLI's choice, and the address JAX's CPU client aliases at."""
+    import importlib
+    import inspect
+
+    from safecodec import _cli, _header, _jax_put
+
+    functions = [sc.save, sc.save_file, sc.save_tree, _header.plan_layout]
+    for module in ("safecodec._writer", "safecodec._sharded", "safecodec.numpy",
+                   "safecodec.jax", "safecodec._jax_save"):
+        mod = importlib.import_module(module)
+        functions += [f for _, f in inspect.getmembers(mod, inspect.isfunction)
+                      if f.__module__ == module and "alignment" in inspect.signature(f).parameters]
+    checked = 0
+    for f in functions:
+        param = inspect.signature(f).parameters["alignment"]
+        if param.default is not inspect.Parameter.empty:
+            assert param.default == _header.ZERO_COPY_ALIGNMENT, f
+            checked += 1
+    assert checked >= 8
+    assert _jax_put.ALIGNMENT is _header.ZERO_COPY_ALIGNMENT
+    option = next(a for a in _cli.build_parser()._subparsers._group_actions[0].choices[
+        "convert"]._actions if a.dest == "alignment")
+    assert option.default == _header.ZERO_COPY_ALIGNMENT
+    assert set(option.choices) == {8, _header.ZERO_COPY_ALIGNMENT}
+
+
+def test_dtype_lists_are_derived_from_the_table():
+    """Lists of codes elsewhere come from the one dtype table (``_dtypes``)."""
+    from safecodec import _dtypes
+
+    floats = {c for c, row in _dtypes.DTYPES.items() if row.kind == "f"}
+    assert floats == _dtypes.FLOAT_CODES
+    assert {"F64", "F32", "F16", "BF16", "F4", "F6_E2M3", "F8_E8M0"} <= floats
+    assert not floats & {"C64", "BOOL", "U8", "I64"}
+    assert {"F6_E2M3", "F6_E3M2"} == _dtypes.F6_CODES
+    for code, row in _dtypes.DTYPES.items():
+        if not row.packed and row.kind != "f":  # NumPy's own kind letter, where it has one
+            assert row.numpy.kind == row.kind, code

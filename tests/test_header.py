@@ -10,26 +10,25 @@ import numpy as np
 import pytest
 
 import safecodec as sc
-from safecodec import _header
+from safecodec import _header, _header_fast
 
 
 @pytest.fixture(autouse=True)
 def _scan_every_header(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests are about the NumPy scan: take it for small headers too (in production
     it checks headers of at least ``SCAN_MIN_BYTES``)."""
-    monkeypatch.setattr(_header, "SCAN_MIN_BYTES", 0)
+    monkeypatch.setattr(_header_fast, "SCAN_MIN_BYTES", 0)
 
 
 def _header_of(data: bytes) -> _header.Header:
     (n,) = struct.unpack("<Q", data[:8])
-    return _header.parse_header(data[8 : 8 + n], len(data))
+    return _header_fast.parse_header(data[8 : 8 + n], len(data))
 
 
 def _expected(data: bytes) -> dict[str, _header.TensorInfo]:
-    """The same header through the general path (a plain dict)."""
+    """The same header through the reference parser (a plain dict)."""
     (n,) = struct.unpack("<Q", data[:8])
-    text = data[8 : 8 + n].decode()
-    return dict(_header._walk(_header._parse_general(text), n, len(data)).tensors)
+    return dict(_header.parse_header(data[8 : 8 + n], len(data)).tensors)
 
 
 # Names that read like the text around them: the search for a name must only ever match
@@ -46,7 +45,7 @@ def data(request: pytest.FixtureRequest) -> bytes:
 
 
 def test_scan_path_is_taken(data: bytes) -> None:
-    assert type(_header_of(data).tensors) is _header._LazyTensors
+    assert type(_header_of(data).tensors) is _header_fast._LazyTensors
 
 
 def test_lookups_before_the_dict_is_built(data: bytes) -> None:

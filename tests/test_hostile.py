@@ -21,15 +21,11 @@ import numpy as np
 import pytest
 
 import safecodec as sc
+from _crafted import blob
 from safecodec import HeaderError, OffsetError, SafecodecError
 
 #: Every test here runs on both header paths (see conftest.header_paths).
 pytestmark = pytest.mark.usefixtures("header_paths")
-
-
-def blob(header: str | bytes, data: bytes = b"") -> bytes:
-    raw = header.encode("utf-8", "surrogatepass") if isinstance(header, str) else header
-    return struct.pack("<Q", len(raw)) + raw + data
 
 
 ENTRY = '"dtype":"U8","shape":[1],"data_offsets":[0,1]'

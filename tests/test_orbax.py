@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from safecodec.orbax import (  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "helpers"))
 from _cpu_devices import cpu_device_env  # noqa: E402
+from _net import free_port  # noqa: E402
 from orbax_worker import HANG_S, values  # noqa: E402  (its data only: it imports jax when run)
 
 _WORKER = os.path.join(HERE, "helpers", "orbax_worker.py")
@@ -264,19 +264,13 @@ def test_restore_onto_a_mesh_in_another_process(tmp_path):
     _run_worker("restore", str(tmp_path))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run_two_processes(directory: pathlib.Path) -> list[str]:
     """Both multihost workers, never leaving a child behind; their outputs, or fail."""
     # no proxies: gRPC would send the workers' 127.0.0.1 traffic there (see
     # test_jax_multiprocess.py)
     base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env = cpu_device_env(2, base, no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
-    port = str(_free_port())
+    port = str(free_port())
     logs = [directory.parent / f"{directory.name}-worker-{i}.log" for i in range(2)]
     procs = []
     for i, log in enumerate(logs):

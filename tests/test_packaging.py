@@ -3,6 +3,7 @@ on the reference wheel."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
@@ -24,6 +25,89 @@ def test_import_does_not_pull_jax_or_fsspec():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert json.loads(out.stdout) == []
+
+
+def _run_python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    return out.stdout
+
+
+def test_import_loads_only_the_package_root_and_its_exceptions():
+    """``import safecodec`` is as light as the wheel's import: after NumPy it loads the
+    package and its exception classes, nothing else (the rest on first use)."""
+    code = (
+        "import sys, numpy; before = set(sys.modules); import safecodec; "
+        "print(sorted(set(sys.modules) - before))"
+    )
+    assert _run_python(code).strip() == "['safecodec', 'safecodec._errors']"
+
+
+def test_first_use_pays_for_its_route_only():
+    """Reading a header loads the router, the parsers and the reader, not the tree loader,
+    the remote source or JAX."""
+    code = (
+        "import sys, safecodec as sc; "
+        "header = sc.read_header(b'\\x02\\x00\\x00\\x00\\x00\\x00\\x00\\x00{}'); "
+        "print(sorted(m for m in sys.modules if m.startswith(('safecodec.', 'jax', 'fsspec'))))"
+    )
+    loaded = set(eval(_run_python(code)))
+    assert {"safecodec._api", "safecodec._header", "safecodec._header_fast",
+            "safecodec._reader"} <= loaded
+    assert not loaded & {"safecodec._tree", "safecodec._safejax", "safecodec._remote",
+                         "safecodec._jax_load", "jax", "fsspec"}, loaded
+
+
+def test_every_public_name_resolves_and_is_listed():
+    import safecodec
+
+    for name in safecodec.__all__:
+        assert getattr(safecodec, name) is not None, name
+    assert set(safecodec.__all__) <= set(dir(safecodec))
+    assert sorted(safecodec.__all__) == safecodec.__all__
+    assert safecodec.load_tree.__module__ == "safecodec._tree"
+    assert safecodec.Header.__module__ == "safecodec._header"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        safecodec.nope  # noqa: B018
+    assert not hasattr(safecodec, "_private_nothing")
+
+
+def test_star_import_defines_every_public_name():
+    code = (
+        "ns = {}; exec('from safecodec import *', ns); "
+        "import safecodec; "
+        "print(sorted(set(safecodec.__all__) - set(ns)), "
+        "all(ns[n] is getattr(safecodec, n) for n in safecodec.__all__))"
+    )
+    assert _run_python(code).strip() == "[] True"
+
+
+def test_lazy_table_matches_all_and_the_type_checking_block():
+    """One table names the module of every lazily imported name; ``__all__`` and the
+    ``TYPE_CHECKING`` imports (for type checkers and the API reference) list the same
+    names, so a name added to one and forgotten in another fails here."""
+    import ast
+
+    import safecodec
+    from safecodec import _errors
+
+    tree = ast.parse((ROOT / "safecodec" / "__init__.py").read_text(encoding="utf-8"))
+    checked: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.level == 1
+                for alias in imp.names:  # "from . import sub" names a public submodule
+                    checked[alias.name] = imp.module or alias.name
+    lazy = safecodec._LAZY
+    assert checked == lazy
+    exceptions = {n for n in _errors.__all__
+                  if isinstance(getattr(_errors, n), type)
+                  and issubclass(getattr(_errors, n), Exception)}
+    assert set(safecodec.__all__) == set(lazy) | exceptions
+    for name, module in lazy.items():
+        target = importlib.import_module(f"safecodec.{module}")
+        assert name == module or hasattr(target, name), (name, module)
 
 
 def test_codec_tests_pass_with_safetensors_blocked():
@@ -97,6 +181,78 @@ def test_built_package_installs_into_a_clean_environment(dist, tmp_path, kind):
                          text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok 0.")
+
+
+#: The only function-local imports of one of our modules by another, each for a reason a
+#: top-level import cannot serve: the routers reach the JAX modules (which import jax, about
+#: a second) only when a JAX output or JAX arrays are involved, and the resolver reaches the
+#: fsspec source (a thread pool and its machinery) only for a URL or a filesystem.
+FUNCTION_LOCAL_IMPORTS = {
+    ("safecodec._api", "safecodec._jax_load"),
+    ("safecodec._api", "safecodec._jax_save"),
+    ("safecodec._resolve", "safecodec._remote"),
+}
+
+
+def _import_edges() -> list[tuple[str, str, bool, list[str]]]:
+    """(importer, imported module, inside a function, private names taken) for every import
+    of one of our modules by another, read from the source (nothing is run)."""
+    import ast
+
+    package = ROOT / "safecodec"
+    names = {("safecodec" if p.stem == "__init__" else f"safecodec.{p.stem}"): p
+             for p in package.glob("*.py")}
+    edges = []
+    for name, path in names.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        local = {id(node) for fn in ast.walk(tree)
+                 if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+                 for node in ast.walk(fn)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in names:
+                        edges.append((name, alias.name, id(node) in local, []))
+            elif isinstance(node, ast.ImportFrom):
+                base = "safecodec" if node.level else ""
+                module = ".".join(filter(None, [base, node.module or ""]))
+                for alias in node.names:
+                    if f"{module}.{alias.name}" in names:  # from . import _x
+                        edges.append((name, f"{module}.{alias.name}", id(node) in local, []))
+                    elif module in names:
+                        private = [alias.name] if (alias.name.startswith("_")
+                                                   and not alias.name.startswith("__")) else []
+                        edges.append((name, module, id(node) in local, private))
+    return edges
+
+
+def test_import_structure():
+    """No import cycle (function-local imports included), no private name taken from
+    another module, and no function-local import of our own modules but the listed ones
+    (import-linter checks the layers themselves: `lint-imports`)."""
+    edges = _import_edges()
+    assert len(edges) > 100  # the scan does see the imports
+    private = [(a, b, p) for a, b, _, p in edges if p]
+    assert not private
+    local = {(a, b) for a, b, is_local, _ in edges if is_local}
+    assert local == FUNCTION_LOCAL_IMPORTS
+    graph: dict[str, set[str]] = {}
+    for a, b, _, _ in edges:
+        if a != b:
+            graph.setdefault(a, set()).add(b)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
 
 
 @pytest.mark.slow

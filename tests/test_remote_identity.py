@@ -18,7 +18,6 @@ import contextlib
 import os
 import re
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,12 +27,11 @@ import numpy as np
 import pytest
 
 import safecodec as sc
+from _net import LOCALHOST, TcpProxy, shut
 from safecodec import _remote
 
 #: Fixtures (servers on 127.0.0.1, memory:// prefixes) live in tests/helpers/conftest_remote.py.
 pytest_plugins = ["conftest_remote"]
-
-LOCALHOST = "127.0.0.1"
 
 
 def _model(seed: int = 0) -> dict[str, np.ndarray]:
@@ -304,7 +302,7 @@ def test_versioned_s3_sharded_and_tree_read_the_version_opened(versioned: Store,
 # ----------------------------------------------------------------------------- item 15
 
 
-class FaultProxy:
+class FaultProxy(TcpProxy):
     """A TCP proxy on 127.0.0.1 in front of ``upstream_port`` that injects faults into HTTP
     requests whose request line matches a predicate:
 
@@ -315,40 +313,15 @@ class FaultProxy:
     ``seen`` lists the request lines, ``faults`` those that were hit."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
         self.reset: Callable[[str], bool] | None = None
         self.stall: Callable[[str], bool] | None = None
         self.stall_after = 1024
         self.seen: list[str] = []
         self.faults: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((LOCALHOST, 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection((LOCALHOST, self.upstream_port))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            # per connection: whether the answer now flowing back must stall
-            state = {"stall": False}
-            threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, state),
-                             daemon=True).start()
+    def connected(self) -> dict[str, Any]:
+        return {"stall": False}  # whether the answer now flowing back must stall
 
     @staticmethod
     def _rst(s: socket.socket) -> None:
@@ -357,7 +330,8 @@ class FaultProxy:
         with contextlib.suppress(OSError):
             s.close()
 
-    def _up(self, client: socket.socket, upstream: socket.socket, state: dict[str, Any]) -> None:
+    def upstream(self, client: socket.socket, upstream: socket.socket,
+                 state: dict[str, Any]) -> None:
         try:
             while True:
                 data = client.recv(1 << 16)
@@ -381,10 +355,10 @@ class FaultProxy:
         except OSError:
             pass
         finally:
-            with contextlib.suppress(OSError):
-                upstream.shutdown(socket.SHUT_WR)
+            shut(upstream, socket.SHUT_WR)
 
-    def _down(self, upstream: socket.socket, client: socket.socket, state: dict[str, Any]) -> None:
+    def downstream(self, upstream: socket.socket, client: socket.socket,
+                   state: dict[str, Any]) -> None:
         sent = 0
         try:
             while True:
@@ -397,23 +371,14 @@ class FaultProxy:
                         client.sendall(data[:room])
                         sent += min(room, len(data))
                     if sent >= self.stall_after:
-                        self._stop.wait()  # silent until the proxy closes
+                        self.wait_closed()  # silent until the proxy closes
                         return
                     continue
                 client.sendall(data)
         except OSError:
             pass
         finally:
-            with contextlib.suppress(OSError):
-                client.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        with self._lock:
-            for s in self._conns:
-                with contextlib.suppress(OSError):
-                    s.close()
+            shut(client)
 
 
 @pytest.fixture

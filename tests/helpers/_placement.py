@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import re
 
-#: The oldest JAX on which the fast path is promised (DESIGN.md: 3.11 resolves jax 0.10.x).
+#: The oldest JAX on which the fast path is promised (Python 3.11 resolves jax 0.10.x, the
+#: oldest release the test sessions install).
 OLDEST_SUPPORTED_JAX = (0, 10)
 
 #: Set in the environment, this forces the public API (an explicit choice, not a fallback).

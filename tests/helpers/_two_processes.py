@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
 
 from _cpu_devices import cpu_device_env
+from _net import free_port
 
 #: What gRPC prints when process 0's coordinator cannot bind its port (then it crashes).
 PORT_TAKEN = "Failed to add port to server"
 #: The repository root, the workers' working directory.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-LOCALHOST = "127.0.0.1"
+from _net import LOCALHOST, TcpProxy, free_port
 
 
 class Counter:
@@ -195,69 +195,22 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_RangeServ
 # ----------------------------------------------------------------------------- S3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCALHOST, 0))
-        return int(s.getsockname()[1])
-
-
-class CountingProxy:
+class CountingProxy(TcpProxy):
     """A TCP proxy on 127.0.0.1 that forwards to ``upstream`` and counts the bytes sent
     back to clients (``counter.bytes_sent``) and connections (``counter.requests``)."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
         self.counter = Counter()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((LOCALHOST, 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
-        self._closing = False
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        super().__init__(upstream_port)
 
-    def _accept(self) -> None:
-        while not self._closing:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection((LOCALHOST, self.upstream_port))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            self.counter.add(requests=1)
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+    def connected(self) -> dict[str, Any]:
+        self.counter.add(requests=1)
+        return {}
 
-    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if downstream:  # counted before forwarding: no race with the client
-                    self.counter.add(nbytes=len(data))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._closing = True
-        self.sock.close()
-        with self._lock:
-            for s in self._conns:
-                s.close()
+    def downstream(self, upstream: socket.socket, client: socket.socket,
+                   state: dict[str, Any]) -> None:
+        # counted before forwarding: no race with the client
+        self.pump(upstream, client, lambda data: self.counter.add(nbytes=len(data)))
 
 
 class S3Server:

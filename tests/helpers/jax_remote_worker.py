@@ -12,20 +12,16 @@ distinct addressable blocks. Writes ``<dir>/result-<id>.json``.
 from __future__ import annotations
 
 # ruff: noqa: E402  (the device count must be set before anything imports jax)
-import faulthandler
 import os
 import sys
 
-#: a worker still running after this many seconds prints every thread's stack and exits
+#: seconds after which a worker still running dumps its stacks and exits (see _worker)
 HANG_S = 200
 
-if __name__ == "__main__":
-    faulthandler.dump_traceback_later(HANG_S, exit=True)
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _cpu_devices import force_cpu_devices
+from _worker import start_worker
 
-force_cpu_devices(2)
+start_worker(2, HANG_S if __name__ == "__main__" else None)
 
 import json
 import math
@@ -35,7 +31,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import safecodec as sc
 
 

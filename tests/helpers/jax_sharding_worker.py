@@ -13,9 +13,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _cpu_devices import force_cpu_devices
+from _worker import start_worker
 
-force_cpu_devices(8)
+start_worker(8)
 
 import json
 import traceback
@@ -28,7 +28,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import safecodec as sc
 import safecodec.jax as scj
 from safecodec import _jax_put

@@ -14,13 +14,12 @@ temporaries it saw afterwards.
 from __future__ import annotations
 
 # ruff: noqa: E402  (the device count must be set before anything imports jax)
-import faulthandler
 import os
 import sys
 
-#: a worker still running after this long dumps its stacks and exits (the test's own
-#: deadline is longer), so that a hang says where it hung; it counts from the start, and
-#: eight workers importing jax at once on a loaded 2-core machine take a while
+#: seconds after which a worker still running dumps its stacks and exits (see _worker); it
+#: counts from the start, and eight workers importing jax at once on a loaded 2-core
+#: machine take a while
 HANG_S = 80
 #: seconds without a heartbeat after which JAX's coordination service declares a process
 #: dead (the default, 100 s, is too long for a test)
@@ -29,13 +28,10 @@ HEARTBEAT_S = 5
 #: barrier when a process dies: the barrier times out)
 SAVE_TIMEOUT_S = 8
 
-if __name__ == "__main__":
-    faulthandler.dump_traceback_later(HANG_S, exit=True)
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _cpu_devices import force_cpu_devices
+from _worker import start_worker
 
-force_cpu_devices(2)
+start_worker(2, HANG_S if __name__ == "__main__" else None)
 
 import json
 import signal
@@ -47,7 +43,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import safecodec as sc
 import safecodec.jax as scj
 from safecodec import _jax_save
