@@ -1215,8 +1215,9 @@ def box_requests(box: Sequence[slice], shape: Sequence[int]) -> int:
 def _read_boxes(handle: Any, requests: Sequence[tuple[str, tuple[slice, ...]]]) -> list[np.ndarray]:
     """The NumPy contents of each ``(tensor name, box)``; the one place that reads.
 
-    A mapped or in-memory file gives views (``get_slice``: no copy, the block's one copy
-    comes after); any other source (positioned reads, remote) reads every box of one
+    A mapped or in-memory file gives views of the tensor (``TensorReader.array``, stored
+    checksums checked first when the handle verifies; packed dtypes decoded through
+    ``get_slice``): no copy, the block's one copy comes after. Any other source (positioned reads, remote) reads every box of one
     file in one plan of the read engine (:meth:`~safecodec._reader.TensorReader.read_boxes`:
     runs merged within its read budget, one ``read_ranges`` call remotely).
     """
