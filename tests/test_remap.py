@@ -222,6 +222,26 @@ def test_copy_reads_without_mapping_and_refuses_a_mapped_handle(hf, tmp_path) ->
         np.testing.assert_array_equal(np.asarray(mapped["layers.mlp.up"]), want["layers.mlp.up"])
 
 
+def test_verifying_handle_checks_mapped_boxes(tmp_path) -> None:
+    """An open handle with verify=True: the boxes read from the mapping are checked
+    against the stored checksums (a flipped byte raises ChecksumError), and an intact
+    file loads."""
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    path = str(tmp_path / "v.safetensors")
+    sc.save_file({"w": w}, path, checksums=True)
+    rules = R.Rules(R.map("w", "k", R.transpose(1, 0)))
+    like = {"k": jax.ShapeDtypeStruct((32, 64), np.float32)}
+    with sc.safe_open(path, verify=True) as handle:
+        got = R.plan(handle, rules, like=like).load()["k"]
+    np.testing.assert_array_equal(np.asarray(got), w.T)
+    raw = bytearray((tmp_path / "v.safetensors").read_bytes())
+    raw[-5] ^= 0xFF  # inside the tensor's bytes
+    (tmp_path / "v.safetensors").write_bytes(bytes(raw))
+    with sc.safe_open(path, verify=True) as handle:
+        with pytest.raises(sc.ChecksumError):
+            R.plan(handle, rules, like=like).load()
+
+
 # ----------------------------------------------------------------------------- linen
 
 
