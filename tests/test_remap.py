@@ -237,9 +237,8 @@ def test_verifying_handle_checks_mapped_boxes(tmp_path) -> None:
     raw = bytearray((tmp_path / "v.safetensors").read_bytes())
     raw[-5] ^= 0xFF  # inside the tensor's bytes
     (tmp_path / "v.safetensors").write_bytes(bytes(raw))
-    with sc.safe_open(path, verify=True) as handle:
-        with pytest.raises(sc.ChecksumError):
-            R.plan(handle, rules, like=like).load()
+    with sc.safe_open(path, verify=True) as handle, pytest.raises(sc.ChecksumError):
+        R.plan(handle, rules, like=like).load()
 
 
 # ----------------------------------------------------------------------------- linen
