@@ -743,8 +743,9 @@ def load_tree(
         with_metadata: Return ``(tree, user_metadata)`` instead of the tree alone.
         storage_options: Options for the fsspec filesystem a URL names.
         remap: :class:`safecodec.remap.Rules` mapping the checkpoint's tensors onto
-            ``like`` (required with it): the same as
-            ``safecodec.remap.plan(source, remap, like=like).load()``.
+            ``like`` (required with it): the same as ``safecodec.remap.plan(source,
+            remap, like=like, framework=framework, copy=copy).load()`` (``framework``
+            and ``copy`` as :func:`safecodec.remap.plan` takes them).
 
     Returns:
         The tree, or ``(tree, metadata)`` with ``with_metadata=True``. Metadata is what the
@@ -761,7 +762,9 @@ def load_tree(
     if remap is not None:  # safecodec.remap sits above this module: it is called, not imported
         if like is None:
             raise SafecodecError("load_tree(remap=...) needs like=, the template to fill")
-        tree = remap.plan(source, like, fs=fs, storage_options=storage_options).load()
+        fw = {True: "jax", False: "numpy", None: None}[_want_jax(framework)]
+        tree = remap.plan(source, like, fs=fs, storage_options=storage_options, framework=fw,
+                          copy=copy).load()
         if with_metadata:
             with _open(source, fs=fs, copy=False, jax=False, storage_options=storage_options) as h:
                 return tree, split_metadata(h.header.raw_metadata)[0]

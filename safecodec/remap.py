@@ -39,10 +39,17 @@ fills, rules that match nothing, shapes the operations do not produce and casts 
 refused, each with the source and the target name. Loading reads, for each distinct block
 of the template's shardings that this process holds (replicated blocks once), one box per
 source tensor: the operations are inverted to find the box (its bounding box where a
-split or merge makes the exact set non-rectangular), the box is read, and the operations
-run forward on the block in host memory before it is cast and placed on its devices with
-``jax.make_array_from_single_device_arrays``. Nothing is compiled, and no whole tensor is
-copied to the host unless :func:`fn` asks for it.
+split or merge makes the exact set non-rectangular), the box is read (from a mapped file:
+a view, no copy), and the operations run forward on views. The block's one copy is the
+placement's: XLA copies (and transposes) the view of an unstacked target straight from
+the mapping into device memory; a stacked target's layer boxes are first gathered into a
+small staging array reused per thread; a cast goes through NumPy; a block held by several
+devices is copied once into aligned memory that every CPU device aliases. The blocks of
+all leaves are built on the thread pool (:func:`~safecodec.set_threads`), and each leaf
+is assembled with ``jax.make_array_from_single_device_arrays``. Nothing is compiled, and
+no whole tensor is copied to the host unless :func:`fn` asks for it. ``framework=``
+(``"numpy"``/``"jax"``) overrides the template's leaf kinds and ``copy=True`` reads with
+positioned reads instead of a mapping (:func:`plan`).
 
 :meth:`Rules.inverse` gives the rules back the other way, for
 ``save_tree(tree, path, remap=rules.inverse(like=original))``: the checkpoint comes out
@@ -53,6 +60,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -62,7 +70,8 @@ import numpy as np
 from ._api import read_header, safe_open
 from ._errors import SafecodecError, TreeStructureError
 from ._header import Header, visible_metadata
-from ._jax_put import aligned_empty, placement
+from ._jax_load import aliasable_address
+from ._jax_put import aligned_empty, is_aligned, placement
 from ._progress import ProgressBar
 from ._pytree import (
     CONTAINERS,
@@ -76,7 +85,7 @@ from ._pytree import (
     leaf_spec,
     split,
 )
-from ._reader import MEMORY_ROUTES
+from ._reader import MEMORY_ROUTES, read_route
 from ._threads import MIN_PIECE, get_threads, run_concurrently
 from ._treepath import Path, join_path, render_path
 
@@ -699,9 +708,11 @@ class Rules:
 
     # The protocol safecodec.load_tree / save_tree use (they cannot import this module).
     def plan(self, source: Any, like: Any, *, fs: Any = None,
-             storage_options: dict[str, Any] | None = None) -> Plan:
+             storage_options: dict[str, Any] | None = None, framework: str | None = None,
+             copy: bool = False) -> Plan:
         """:func:`plan` with these rules."""
-        return plan(source, self, like=like, fs=fs, storage_options=storage_options)
+        return plan(source, self, like=like, fs=fs, storage_options=storage_options,
+                    framework=framework, copy=copy)
 
     def export(self, tree: Any, metadata: Mapping[str, str] | None) -> tuple[dict[str, Any], dict[str, str]]:
         """The tensors (and metadata) ``save_tree(tree, remap=self)`` writes."""
@@ -731,7 +742,9 @@ class _Leaf:
     sharding: Any
 
 
-def _template_leaves(like: Any) -> list[_Leaf]:
+def _template_leaves(like: Any, framework: str | None = None) -> list[_Leaf]:
+    """The array and scalar leaves of ``like``; ``framework`` ``"numpy"`` or ``"jax"``
+    turns every array leaf into that kind (None: as the template says)."""
     out: list[_Leaf] = []
 
     def walk(x: Any, path: Path) -> None:
@@ -750,6 +763,10 @@ def _template_leaves(like: Any) -> list[_Leaf]:
                 kind, sharding = "numpy_scalar", None
             else:
                 kind, sharding = level.leaf, None
+            if framework == "numpy" and kind == "jax":
+                kind, sharding = "numpy", None
+            elif framework == "jax" and kind == "numpy":
+                kind = "jax"  # JAX's default device
             out.append(_Leaf(path, join_path(path), x, shape, np.dtype(dtype), kind, sharding))
             return
         if level.kind == VAR or level.kind in CONTAINERS:
@@ -1199,8 +1216,9 @@ def box_requests(box: Sequence[slice], shape: Sequence[int]) -> int:
 def _read_boxes(handle: Any, requests: Sequence[tuple[str, tuple[slice, ...]]]) -> list[np.ndarray]:
     """The NumPy contents of each ``(tensor name, box)``; the one place that reads.
 
-    A mapped or in-memory file gives views (``get_slice``: no copy, the block's one copy
-    comes after); any other source (positioned reads, remote) reads every box of one
+    A mapped or in-memory file gives views of the tensor (``TensorReader.array``, stored
+    checksums checked first when the handle verifies; packed dtypes decoded through
+    ``get_slice``): no copy, the block's one copy comes after. Any other source (positioned reads, remote) reads every box of one
     file in one plan of the read engine (:meth:`~safecodec._reader.TensorReader.read_boxes`:
     runs merged within its read budget, one ``read_ranges`` call remotely).
     """
@@ -1210,8 +1228,12 @@ def _read_boxes(handle: Any, requests: Sequence[tuple[str, tuple[slice, ...]]]) 
         shard = handle.shard_handle(name) if hasattr(handle, "shard_handle") else handle
         reader = shard.reader
         info = reader.header.tensors[name]
-        if reader.route in MEMORY_ROUTES or info.dtype.packed:  # views, or DECODE
-            out[k] = np.asarray(shard.get_slice(name)[box])
+        route = read_route(reader, info.dtype)
+        if route in MEMORY_ROUTES:
+            reader.verify(info)  # with stored checksums and verify=True: once per tensor
+            out[k] = reader.array(info)[box]  # a view of the mapping
+        elif reader.route in MEMORY_ROUTES:
+            out[k] = np.asarray(shard.get_slice(name)[box])  # DECODE (packed): decoded
         else:
             full = box or tuple(slice(0, n, 1) for n in info.shape)
             batches.setdefault(id(reader), (reader, []))[1].append((k, info, full))
@@ -1342,15 +1364,138 @@ class Plan:
         read = {row.target: row.bytes for row in summary["targets"]} if summary else {}
         values: dict[str, Any] = {}
         try:
+            def done(name: str, value: Any) -> None:
+                values[name] = value
+                if callback is not None:
+                    callback(name, read[name])
+
             with ProgressBar(total, "remap", progress is True) as bar:
-                for name, t in self.targets.items():
-                    bar.describe(name)
-                    values[name] = self._place(t, bar)
-                    if callback is not None:
-                        callback(name, read[name])
+                self._place_all(bar, done)
         finally:
             self.close()  # the arrays handed out keep their mapping alive
         return _rebuild(self._like, values)
+
+    def _direct_block(self, t: _Target, region: Region, staging: list[np.ndarray],
+                      ) -> tuple[np.ndarray, bool, np.ndarray | None, int] | None:
+        """One block of ``t`` as a host array for the placement to copy from, with no NumPy
+        copy where the operations allow it: ``(array, may_alias, spare, source bytes)``.
+
+        The operations run forward on views: of the mapping itself for an unstacked
+        target (the placement's copy is then the block's one copy: XLA's transposing copy
+        is faster than NumPy's strided one), or of a staging array for a stacked target,
+        into which the layers' boxes are copied in their source order (runs of rows).
+        ``may_alias``: the placement may alias the array (safecodec's own memory, or a view
+        of a checkpoint that :func:`~safecodec._jax_load.aliasable_address` allows);
+        ``spare``: staging memory that the caller may reuse (``staging``, one per thread)
+        once the placement has copied out of it. None when an operation copies on its own
+        (the target is then built by :meth:`_place`)."""
+        reads = self._requests(t, region)
+        if not reads:
+            return None
+        parts = _read_boxes(self._handle, [(src, box) for src, box, _ in reads])
+        nbytes = sum(p.nbytes for p in parts)
+        steps = reads[0][2]
+        spare: np.ndarray | None = None
+        if t.stacked:
+            shape = (len(parts), *parts[0].shape)
+            size = math.prod(shape) * parts[0].dtype.itemsize
+            memory = staging.pop() if staging else None
+            if memory is None or memory.nbytes < size:
+                memory = aligned_empty((size,), np.uint8)
+            base = memory[:size].view(parts[0].dtype).reshape(shape)
+            for k, part in enumerate(parts):
+                np.copyto(base[k], part)
+            view = base[0]
+            for forward, cover, wanted in steps:
+                view = _residual(forward(view), cover, wanted)
+            offset = view.__array_interface__["data"][0] - base.ctypes.data
+            if view.size == 0 or offset < 0 or not np.may_share_memory(view, base):
+                return None  # an operation copied: no view to stack
+            arr = np.ndarray((len(parts), *view.shape), view.dtype, buffer=base, offset=offset,
+                             strides=(base.strides[0], *view.strides))
+            may_alias = True
+            if arr.dtype != t.leaf.dtype or not arr.flags.c_contiguous:
+                spare = memory  # the placement copies out of it (or the cast below does)
+        else:
+            arr = parts[0]
+            for forward, cover, wanted in steps:
+                arr = _residual(forward(arr), cover, wanted)
+            shard = (self._handle.shard_handle(reads[0][0]) if hasattr(self._handle, "shard_handle")
+                     else self._handle)
+            may_alias = (shard.reader.buffer is None  # a fresh read
+                         or not np.may_share_memory(arr, parts[0])  # an operation copied
+                         or aliasable_address(shard.reader) is not None)
+        if arr.shape != tuple(len(r) for r in region):
+            return None
+        if arr.dtype != t.leaf.dtype:
+            cast = aligned_empty(arr.shape, t.leaf.dtype)
+            np.copyto(cast, arr, casting="unsafe")
+            arr, may_alias = cast, True
+        return arr, may_alias, spare, nbytes
+
+    def _direct_put(self, t: _Target, region: Region, devs: list[Any], bar: ProgressBar,
+                    staging: list[np.ndarray]) -> list[tuple[Any, Any]] | None:
+        """One block of a JAX leaf built by :meth:`_direct_block` and put on its devices:
+        ``[(device, single-device array)]``. An array JAX may not alias is copied by the
+        placement, once per device; a block on several devices that JAX may not alias as
+        it is (strided, unaligned, or memory that may change) is first copied once into
+        aligned memory, which every CPU device then aliases. None: see ``_direct_block``."""
+        got = self._direct_block(t, region, staging)
+        if got is None:
+            return None
+        arr, may_alias, spare, nbytes = got
+        put = placement()
+        aligned = is_aligned(arr)  # JAX's CPU client aliases exactly these
+        if (len(devs) > 1 and not aligned) or (not may_alias and (aligned or len(devs) > 1)):
+            one = aligned_empty(arr.shape, arr.dtype)
+            _copy_into(one, arr)
+            arr = one
+        committed = t.leaf.sharding is not None
+        out = [(d, put.single(arr, d, committed)) for d in devs]
+        if spare is not None:
+            jax_module().block_until_ready([x for _, x in out])  # copied out of it: reuse it
+            staging.append(spare)
+        bar.update(nbytes)
+        return out
+
+    def _place_all(self, bar: ProgressBar, done: Callable[[str, Any], None]) -> None:
+        """Every JAX leaf that :meth:`_direct_put` can build, block by block on the thread
+        pool (NumPy's copies and XLA's placement release the GIL), then the rest by
+        :meth:`_place`; ``done(name, value)`` in the targets' order."""
+        jax = jax_module()
+        tasks = [(name, region, devs) for name, t in self.targets.items()
+                 if t.leaf.kind == "jax" and not t.whole for region, devs in t.blocks]
+        local = threading.local()
+
+        def work(task: tuple[str, Region, list[Any]]) -> list[tuple[Any, Any]] | None:
+            staging = getattr(local, "staging", None)
+            if staging is None:
+                staging = local.staging = []
+            name, region, devs = task
+            return self._direct_put(self.targets[name], region, devs, bar, staging)
+
+        nbytes = sum(math.prod(len(r) for r in region) for _, region, _ in tasks)
+        threads = get_threads() if nbytes >= MIN_PIECE else 1
+        results = run_concurrently(work, tasks, max_workers=threads) if threads > 1 else [
+            work(task) for task in tasks]
+        built: dict[str, list[Any]] = {}
+        for (name, _, _), got in zip(tasks, results, strict=True):
+            built.setdefault(name, []).append(got)
+        del results
+        for name, t in self.targets.items():
+            blocks = built.pop(name, None)
+            leaf = t.leaf
+            if blocks is None or any(b is None for b in blocks):
+                bar.describe(name)
+                done(name, self._place(t, bar))
+            elif leaf.sharding is None:
+                done(name, blocks[0][0][1])
+            else:
+                pieces = {d: x for block in blocks for d, x in block}
+                devices = list(getattr(leaf.sharding, "_addressable_device_assignment", None)
+                               or pieces)
+                done(name, jax.make_array_from_single_device_arrays(
+                    leaf.shape, leaf.sharding, [pieces[d] for d in devices]))
 
     def _place(self, t: _Target, bar: ProgressBar) -> Any:
         """Build every distinct block of ``t`` (boxes read and transformed concurrently)
@@ -1405,7 +1550,8 @@ class Plan:
 
 
 def plan(source: Any, rules: Rules, *, like: Any, fs: Any = None,
-         storage_options: dict[str, Any] | None = None) -> Plan:
+         storage_options: dict[str, Any] | None = None, framework: str | None = None,
+         copy: bool = False) -> Plan:
     """Match ``rules`` against a checkpoint's headers and a template, and plan the reads.
 
     Args:
@@ -1416,23 +1562,43 @@ def plan(source: Any, rules: Rules, *, like: Any, fs: Any = None,
             an NNX ``State``, Flax linen variables...
         fs: An fsspec filesystem on which ``source`` is a path.
         storage_options: Options for the fsspec filesystem a URL names.
-
-    Returns:
-        A :class:`Plan`; :meth:`Plan.load` loads, :meth:`Plan.summary` says what it reads.
+        framework: None: each leaf comes back as the template says (``jax.Array`` for
+            ``ShapeDtypeStruct`` and JAX array leaves, placed with their sharding; NumPy
+            for NumPy leaves). ``"numpy"``: every array leaf as a NumPy array (nothing
+            is placed on a device). ``"jax"``: every array leaf as a ``jax.Array`` (NumPy
+            leaves of the template on JAX's default device).
+        copy: Read the checkpoint with positioned reads instead of mapping it (as
+            ``safe_open(copy=True)``): no leaf, JAX or NumPy, shares memory with the
+            file. Without it, NumPy leaves are still fresh arrays (every block is built
+            in memory of its own); only a JAX block that needs no change on CPU may alias
+            the read-only mapping (the zero-copy rule of :mod:`safecodec.jax`). With an
+            open handle as ``source``, the handle's own setting applies and ``copy=True``
+            is refused when the handle maps its file.
 
     Raises:
         TreeStructureError: One error listing every unmapped source, unfilled target, rule
             that matches nothing, wrong shape and refused cast (each with both names).
+        SafecodecError: ``framework`` is not None, ``"numpy"`` or ``"jax"``; or
+            ``copy=True`` with an open handle that maps its file.
     """
+    if framework is not None:
+        fw = str(framework).lower()
+        if fw not in _FRAMEWORKS:
+            raise SafecodecError(f"unsupported framework {framework!r}; use 'numpy' or 'jax'")
+        framework = _FRAMEWORKS[fw]
     if not isinstance(rules, Rules):
         raise SafecodecError(f"remap= takes safecodec.remap.Rules, got {type(rules).__name__}")
     if rules.inverted:
         raise SafecodecError("these rules are inverted (for save_tree); load with the "
                              "original rules")
     opened = not hasattr(source, "get_slice")
-    handle = safe_open(source, "numpy", fs=fs, storage_options=storage_options) if opened else source
+    if not opened and copy and any(getattr(r, "buffer", None) is not None for r in _readers(source)):
+        raise SafecodecError("copy=True, but the open handle given maps its file: open it "
+                             "with safe_open(..., copy=True), or pass the path")
+    handle = (safe_open(source, "numpy", fs=fs, storage_options=storage_options, copy=copy)
+              if opened else source)
     try:
-        leaves = _template_leaves(like)
+        leaves = _template_leaves(like, framework)
         targets = _Planner(handle.header, rules, leaves).run()
         problems = []
         for t in targets.values():
@@ -1448,6 +1614,17 @@ def plan(source: Any, rules: Rules, *, like: Any, fs: Any = None,
             handle.close()
         raise
     return Plan(handle, like, targets, opened)
+
+
+#: framework= spellings (as load_tree takes them) -> the kind of every array leaf.
+_FRAMEWORKS: Final = {"numpy": "numpy", "np": "numpy", "jax": "jax", "flax": "jax"}
+
+
+def _readers(handle: Any) -> list[Any]:
+    """The readers of an open handle (one per shard of a sharded checkpoint)."""
+    if hasattr(handle, "shard_handle"):
+        return [handle.shard_handle(name).reader for name in handle.header.tensors]
+    return [handle.reader]
 
 
 # ----------------------------------------------------------------------------- export

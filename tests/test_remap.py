@@ -178,6 +178,69 @@ def test_progress_callback_reports_every_target(hf) -> None:
     assert dict(seen)["layers.mlp.down"] == L * FF * H * 2
 
 
+def test_framework_numpy_and_jax_override_the_template(hf) -> None:
+    """load_tree(remap=, framework=): "numpy" gives NumPy arrays for a template of
+    ShapeDtypeStructs (nothing placed), "jax" gives jax.Arrays for NumPy leaves; the
+    values are the same either way."""
+    directory, t = hf
+    want = ck.reference(t)
+    state = abstract_state(True)
+    as_numpy = flat_state(sc.load_tree(directory, like=state, remap=ck.rules(), framework="numpy"))
+    assert set(as_numpy) == set(want)
+    for name, arr in want.items():
+        assert type(as_numpy[name]) is np.ndarray and as_numpy[name].dtype == arr.dtype, name
+        np.testing.assert_array_equal(as_numpy[name], arr, err_msg=name)
+    numpy_like = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), state)
+    as_jax = flat_state(sc.load_tree(directory, like=numpy_like, remap=ck.rules(), framework="jax"))
+    for name, arr in want.items():
+        assert isinstance(as_jax[name], jax.Array), name
+        np.testing.assert_array_equal(np.asarray(as_jax[name]), arr, err_msg=name)
+    followed = flat_state(sc.load_tree(directory, like=numpy_like, remap=ck.rules()))
+    assert all(type(v) is np.ndarray for v in followed.values())  # None: as the template
+    with pytest.raises(sc.SafecodecError, match="unsupported framework 'torch'"):
+        sc.load_tree(directory, like=state, remap=ck.rules(), framework="torch")
+
+
+def test_copy_reads_without_mapping_and_refuses_a_mapped_handle(hf, tmp_path) -> None:
+    """copy=True: the checkpoint is read by positioned reads (no reader maps its file),
+    values unchanged; an open handle that maps its file is refused with copy=True."""
+    directory, t = hf
+    want = ck.reference(t)
+    with R.plan(directory, ck.rules(), like=abstract_state(True), copy=True) as p:
+        assert all(r.buffer is None for r in R._readers(p._handle))
+        got = flat_state(p.load())
+    for name, arr in want.items():
+        np.testing.assert_array_equal(np.asarray(got[name]), arr, err_msg=name)
+    loaded = flat_state(sc.load_tree(directory, like=abstract_state(True), remap=ck.rules(),
+                                     copy=True))
+    for name, arr in want.items():
+        np.testing.assert_array_equal(np.asarray(loaded[name]), arr, err_msg=name)
+    with sc.safe_open(os.path.join(directory, "model.safetensors.index.json")) as handle:
+        with pytest.raises(sc.SafecodecError, match="copy=True, but the open handle"):
+            R.plan(handle, ck.rules(), like=abstract_state(True), copy=True)
+        mapped = flat_state(R.plan(handle, ck.rules(), like=abstract_state(True)).load())
+        np.testing.assert_array_equal(np.asarray(mapped["layers.mlp.up"]), want["layers.mlp.up"])
+
+
+def test_verifying_handle_checks_mapped_boxes(tmp_path) -> None:
+    """An open handle with verify=True: the boxes read from the mapping are checked
+    against the stored checksums (a flipped byte raises ChecksumError), and an intact
+    file loads."""
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    path = str(tmp_path / "v.safetensors")
+    sc.save_file({"w": w}, path, checksums=True)
+    rules = R.Rules(R.map("w", "k", R.transpose(1, 0)))
+    like = {"k": jax.ShapeDtypeStruct((32, 64), np.float32)}
+    with sc.safe_open(path, verify=True) as handle:
+        got = R.plan(handle, rules, like=like).load()["k"]
+    np.testing.assert_array_equal(np.asarray(got), w.T)
+    raw = bytearray((tmp_path / "v.safetensors").read_bytes())
+    raw[-5] ^= 0xFF  # inside the tensor's bytes
+    (tmp_path / "v.safetensors").write_bytes(bytes(raw))
+    with sc.safe_open(path, verify=True) as handle, pytest.raises(sc.ChecksumError):
+        R.plan(handle, rules, like=like).load()
+
+
 # ----------------------------------------------------------------------------- linen
 
 
