@@ -400,7 +400,7 @@ def test_one_error_lists_every_problem_in_both_names(hf) -> None:
     like["layers.attn.q"] = jax.ShapeDtypeStruct((L, H, NH, HD + 1), jnp.bfloat16)  # wrong shape
     like["final_norm.scale"] = jax.ShapeDtypeStruct((H,), jnp.float16)  # refused cast
     like["extra"] = jax.ShapeDtypeStruct((2,), jnp.float32)  # no rule fills it
-    nested = _nest(like)
+    nested = ck.nest(like)
     rules = ck.rules()
     dropped = ("lm_head.weight", "model.layers.{i}.post_attention_layernorm.weight")
     rules = R.Rules(*[m for m in rules.maps if m.source not in dropped],  # unmapped sources
@@ -433,17 +433,6 @@ def test_one_error_lists_every_problem_in_both_names(hf) -> None:
     assert "unfilled target: 'layers.attn.q'" not in msg and "{p}_proj" not in msg
     assert msg.count("operation does not apply") == 1
     assert msg.startswith("the checkpoint does not map onto the template: ")
-
-
-def _nest(flat: dict[str, object]) -> dict[str, object]:
-    root: dict[str, object] = {}
-    for k, v in flat.items():
-        node = root
-        *head, last = k.split(".")
-        for part in head:
-            node = node.setdefault(part, {})  # type: ignore[assignment]
-        node[last] = v  # type: ignore[index]
-    return root
 
 
 def test_stack_errors_and_rule_checks(tmp_path) -> None:

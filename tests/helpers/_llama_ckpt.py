@@ -119,3 +119,15 @@ def rules(*, scanned: bool = True) -> Any:
         R.map("lm_head.weight", "lm_head.kernel", R.transpose(1, 0)),
         ignore=[r".*rotary_emb\.inv_freq"],
     )
+
+
+def nest(flat: dict[str, object]) -> dict[str, object]:
+    """``{"a.b": x}`` -> ``{"a": {"b": x}}``: a template's flat leaf names as nested dicts."""
+    root: dict[str, object] = {}
+    for k, v in flat.items():
+        node = root
+        *head, last = k.split(".")
+        for part in head:
+            node = node.setdefault(part, {})  # type: ignore[assignment]
+        node[last] = v  # type: ignore[index]
+    return root

@@ -88,7 +88,7 @@ def main() -> None:
             options = specs(arr.shape)
             like[name] = jax.ShapeDtypeStruct(arr.shape, arr.dtype,
                                               sharding=NamedSharding(MESH, options[(round_ * 3 + len(name)) % len(options)]))
-        nested = nest(like)
+        nested = ck.nest(like)
         plan = R.plan(ckpt, ck.rules(), like=nested)
         summary = plan.summary()
         loaded = plan.load()
@@ -159,17 +159,6 @@ def main() -> None:
     with open(os.path.join(out_dir, "result.json"), "w") as fh:
         json.dump({"checked": checked, "column_blocks": blocks,
                    "column_peak_ratio": peak / col.nbytes}, fh)
-
-
-def nest(flat: dict[str, object]) -> dict[str, object]:
-    root: dict[str, object] = {}
-    for k, v in flat.items():
-        node = root
-        *head, last = k.split(".")
-        for part in head:
-            node = node.setdefault(part, {})  # type: ignore[assignment]
-        node[last] = v  # type: ignore[index]
-    return root
 
 
 if __name__ == "__main__":
