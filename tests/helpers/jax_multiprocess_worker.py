@@ -17,7 +17,7 @@ import sys
 HANG_S = 200
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _worker import start_worker
+from _worker import finish_distributed, start_worker
 
 start_worker(2, HANG_S if __name__ == "__main__" else None)
 
@@ -104,9 +104,8 @@ def main() -> None:
         result["create_failure"] = f"{type(exc).__name__}: {exc}"
     with open(os.path.join(directory, f"result-{pid}.json"), "w") as fh:
         json.dump(result, fh)
-    print(f"process {pid}: saved, shutting down", flush=True)
-    jax.distributed.shutdown()
-    print(f"process {pid}: done", flush=True)
+    print(f"process {pid}: saved, done", flush=True)
+    finish_distributed()  # not jax.distributed.shutdown(): see _worker.finish_distributed
 
 
 class FailOn:

@@ -19,7 +19,7 @@ import sys
 HANG_S = 200
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _worker import start_worker
+from _worker import finish_distributed, start_worker
 
 start_worker(2, HANG_S if __name__ == "__main__" else None)
 
@@ -115,8 +115,8 @@ def main() -> None:
         print(f"process {pid}: {key}: {results[key]['stats']}", flush=True)
     with open(os.path.join(config["dir"], f"result-{pid}.json"), "w") as fh:
         json.dump(results, fh)
-    jax.distributed.shutdown()
     print(f"process {pid}: done", flush=True)
+    finish_distributed()  # not jax.distributed.shutdown(): see _worker.finish_distributed
 
 
 if __name__ == "__main__":

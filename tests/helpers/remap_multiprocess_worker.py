@@ -23,6 +23,7 @@ if __name__ == "__main__":
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cpu_devices import force_cpu_devices
+from _worker import finish_distributed
 
 force_cpu_devices(4)
 
@@ -98,7 +99,7 @@ def main() -> None:
     result["checked"] = checked
     with open(os.path.join(out_dir, f"result-{pid}.json"), "w") as fh:
         json.dump(result, fh)
-    jax.distributed.shutdown()
+    finish_distributed()  # not jax.distributed.shutdown(): see _worker.finish_distributed
 
 
 if __name__ == "__main__":
