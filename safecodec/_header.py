@@ -859,29 +859,68 @@ class PlannedTensor(NamedTuple):
     end: int
 
 
-def check_name(name: object) -> str:
-    """Validate a tensor name for writing."""
+def name_fault(name: object) -> str | None:
+    """Why ``name`` cannot name a tensor in a file written here, or None when it can.
+
+    The rules: a ``str``; not :data:`METADATA_KEY` (the format reserves that key); no NUL
+    character and no lone surrogate (valid UTF-8; NUL is refused by this library on read
+    too). :func:`check_name` raises this reason; the tree writer asks it to pick names
+    that need no disambiguation.
+
+    Examples:
+        >>> name_fault("params.w") is None, name_fault("__metadata__")[:24]
+        (True, 'a tensor cannot be named')
+    """
     if type(name) is str and name.isascii() and "\x00" not in name and name != METADATA_KEY:
-        return name  # the common case; ASCII cannot hold a lone surrogate
+        return None  # the common case; ASCII cannot hold a lone surrogate
     if not isinstance(name, str):
-        raise HeaderError(f"tensor names must be str, got {type(name).__name__} {name!r:.60}")
+        return f"tensor names must be str, got {type(name).__name__} {name!r:.60}"
     if name == METADATA_KEY:
-        raise HeaderError(f"a tensor cannot be named {METADATA_KEY!r}: that key holds metadata")
+        return f"a tensor cannot be named {METADATA_KEY!r}: that key holds metadata"
     if "\x00" in name:
-        raise HeaderError(f"tensor name {name!r} contains a NUL character")
+        return f"tensor name {name!r} contains a NUL character"
     if _has_lone_surrogate(name):
-        raise HeaderError(f"tensor name {name!r} is not valid Unicode (lone surrogate)")
-    return name
+        return f"tensor name {name!r} is not valid Unicode (lone surrogate)"
+    return None
+
+
+def check_name(name: object) -> str:
+    """Validate a tensor name for writing.
+
+    Raises:
+        HeaderError: :func:`name_fault` says why the name cannot be written.
+    """
+    fault = name_fault(name)
+    if fault is None and isinstance(name, str):
+        return name
+    raise HeaderError(fault)
 
 
 #: The reserved keys safecodec itself writes (and copies when rewriting a file).
 INTERNAL_KEYS: Final = frozenset({TREE_KEY, CHECKSUM_KEY, CHECKPOINT_KEY})
+# How many reserved keys a refusal lists.
+_LISTED_KEYS: Final = 10
 
 
-def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
-    """Validate user metadata for writing: a mapping of str to str, no NUL characters,
-    no key under :data:`RESERVED_PREFIX` other than the :data:`INTERNAL_KEYS` safecodec
-    writes itself (readers hide that prefix, so a user key there would seem lost)."""
+def check_metadata(metadata: Mapping[str, str] | None, *,
+                   allow_internal: bool = True) -> dict[str, str] | None:
+    """Validate user metadata for writing: a mapping of str to str, no NUL characters or
+    lone surrogates, no key under :data:`RESERVED_PREFIX` (readers hide that prefix, so a
+    user key there would seem lost).
+
+    Args:
+        metadata: The metadata, or None for none.
+        allow_internal: Accept the :data:`INTERNAL_KEYS` (a file being rewritten carries
+            them over). The tree writer passes False: it writes its own record, and a
+            user's entry there would be read as one.
+
+    Returns:
+        A copy of ``metadata`` as a dict, or None.
+
+    Raises:
+        HeaderError: Not a mapping of str to str, a NUL or lone surrogate in an entry, or
+            reserved keys (all of them listed).
+    """
     if metadata is None:
         return None
     if not isinstance(metadata, Mapping):
@@ -889,6 +928,7 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
             f"metadata must be a mapping of str to str, got {type(metadata).__name__}"
         )
     out: dict[str, str] = {}
+    reserved: list[str] = []
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise HeaderError(
@@ -899,12 +939,17 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
             raise HeaderError(
                 f"metadata entry {key!r:.60} contains a NUL character or a lone surrogate"
             )
-        if key.startswith(RESERVED_PREFIX) and key not in INTERNAL_KEYS:
-            raise HeaderError(
-                f"metadata key {key!r:.60} uses the prefix {RESERVED_PREFIX!r}, reserved for "
-                "safecodec's own entries (hidden on read); choose another key"
-            )
+        if key.startswith(RESERVED_PREFIX) and not (allow_internal and key in INTERNAL_KEYS):
+            reserved.append(key)
         out[key] = value
+    if reserved:
+        shown = ", ".join(f"{key!r:.60}" for key in reserved[:_LISTED_KEYS])
+        more = f" and {len(reserved) - _LISTED_KEYS} more" if len(reserved) > _LISTED_KEYS else ""
+        raise HeaderError(
+            f"metadata keys starting with {RESERVED_PREFIX!r} are reserved for safecodec: "
+            f"{shown}{more}; they hold safecodec's own entries and readers hide them; "
+            "choose other keys"
+        )
     return out
 
 

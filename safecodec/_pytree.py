@@ -33,6 +33,7 @@ import numpy as np
 
 from ._errors import TreeStructureError
 from ._objax_vars import rebuild_variable
+from ._tree_record import ARRAY, NUMPY_SCALAR, PY_SCALARS
 from ._treepath import PathElem
 
 __all__ = [
@@ -68,8 +69,8 @@ VAR: Final = "var"  #: a variable wrapper: one child, at the variable's own path
 OPAQUE: Final = "opaque"  #: not stored; a template supplies it
 CONTAINERS: Final = frozenset({DICT, LIST, TUPLE, NODE})
 
-# Leaf kinds (Level.leaf). The stored ones are the record's leaf kinds (see _tree_record);
-# KEY, SPEC and ARRAY_LIKE are told apart because they are saved and matched differently.
+# Leaf kinds (Level.leaf): the record's leaf kinds (_tree_record: ARRAY, NUMPY_SCALAR, the
+# PY_SCALARS), plus three that are saved and matched differently:
 KEY: Final = "key"  #: a JAX PRNG key array, or a ShapeDtypeStruct of key dtype
 SPEC: Final = "spec"  #: a jax.ShapeDtypeStruct: an array slot in a template, nothing to save
 ARRAY_LIKE: Final = "array_like"  #: has __array__ and a dtype: saved through np.asarray
@@ -80,7 +81,7 @@ class Level:
     """One level of a live tree, as :func:`split` sees it."""
 
     kind: str
-    leaf: str = ""  # LEAF: "array", "numpy", "int", "float", "bool", "complex", KEY, SPEC, ARRAY_LIKE
+    leaf: str = ""  # LEAF: ARRAY, NUMPY_SCALAR, a PY_SCALARS kind, KEY, SPEC or ARRAY_LIKE
     children: list[tuple[PathElem, Any]] = field(default_factory=list)
     type_name: str = ""  # NODE: module.qualname; VAR: class name
     objax: bool = False  # VAR: an Objax variable (its type can be appended to names)
@@ -127,19 +128,14 @@ def _leaf_kind(x: Any) -> str | None:
     if is_prng_key(x):
         return KEY
     if isinstance(x, np.ndarray):
-        return "array"
+        return ARRAY
     if isinstance(x, np.generic):
-        return "numpy"
-    if isinstance(x, bool):
-        return "bool"
-    if isinstance(x, int):
-        return "int"
-    if isinstance(x, float):
-        return "float"
-    if isinstance(x, complex):
-        return "complex"
+        return NUMPY_SCALAR
+    for kind, scalar_type in PY_SCALARS.items():  # bool first: a bool is an int
+        if isinstance(x, scalar_type):
+            return kind
     if is_jax_array(x):
-        return "array"
+        return ARRAY
     return None
 
 
@@ -243,6 +239,6 @@ def leaf_spec(x: Any, level: Level) -> tuple[tuple[int, ...], np.dtype[Any]]:
         jax = jax_module()
         data = jax.eval_shape(jax.random.key_data, x)
         return tuple(data.shape), np.dtype(data.dtype)
-    if level.leaf in ("array", "numpy", SPEC, ARRAY_LIKE):
+    if level.leaf in (ARRAY, NUMPY_SCALAR, SPEC, ARRAY_LIKE):
         return tuple(np.shape(x) if level.leaf == ARRAY_LIKE else x.shape), np.dtype(x.dtype)
     return (), np.asarray(x).dtype  # Python scalars

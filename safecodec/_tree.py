@@ -31,6 +31,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import numpy as np
@@ -39,14 +40,16 @@ from . import _tree_record as rec
 from ._api import safe_open, save, save_file
 from ._dtypes import caller_stacklevel, code_for_numpy
 from ._errors import DtypeError, SafecodecError, TreeStructureError
-from ._header import RESERVED_PREFIX, TREE_KEY, visible_metadata
+from ._header import RESERVED_PREFIX, TREE_KEY, check_metadata, name_fault, visible_metadata
 from ._pytree import (
     ARRAY_LIKE,
     CONTAINERS,
     KEY,
     LEAF,
+    LIST,
     NONE,
     SPEC,
+    TUPLE,
     VAR,
     Level,
     is_jax_array,
@@ -56,7 +59,7 @@ from ._pytree import (
     type_name,
 )
 from ._tree_record import MAX_TREE_DEPTH, OBJAX_TYPE_SEPARATOR, check_key
-from ._treepath import Path, join_path, match_key, render_path
+from ._treepath import Path, PathElem, join_path, match_key, render_path
 
 __all__ = [
     "MAX_TREE_DEPTH",
@@ -76,8 +79,6 @@ _JAX_FRAMEWORKS: Final = frozenset({"jax", "flax"})
 _NUMPY_FRAMEWORKS: Final = frozenset({"numpy", "np"})
 # How many problems a TreeStructureError lists before summarising the rest.
 _MAX_LISTED: Final = 200
-# Leaf kinds that are Python scalars (rebuilt with their own type from a 0-d tensor).
-_PY_SCALARS: Final = frozenset({"int", "float", "bool", "complex"})
 
 
 class SkippedLeavesWarning(UserWarning):
@@ -105,9 +106,9 @@ def _store_leaf(x: Any, level: Level, path: Path, flat: _Flat, var_type: str | N
         return rec.Skip(type_name(x))  # a template's slot holds no data
     if kind == KEY:
         jax = jax_module()
-        kind = f"{rec.KEY_KIND_PREFIX}{jax.random.key_impl(x)}"
+        kind = rec.key_kind(jax.random.key_impl(x))
         value = jax.random.key_data(x)
-    elif kind in _PY_SCALARS:
+    elif kind in rec.PY_SCALARS:
         if isinstance(x, int) and not -(2**63) <= x < 2**64:
             raise DtypeError(
                 f"leaf {render_path(path)} is the int {x}, too large for int64 or uint64; "
@@ -121,7 +122,7 @@ def _store_leaf(x: Any, level: Level, path: Path, flat: _Flat, var_type: str | N
             raise DtypeError(
                 f"leaf {render_path(path)}: cannot convert {type(x).__name__} to an array ({exc})"
             ) from exc
-        kind = "array"
+        kind = rec.ARRAY
     code_for_numpy(np.dtype(value.dtype), render_path(path))  # refuses with the path and the cast
     if var_type is not None:
         flat.var_types[len(flat.leaves)] = var_type
@@ -153,16 +154,6 @@ def _encode(x: Any, path: Path, flat: _Flat, var_type: str | None = None) -> rec
     return rec.Skip(level.type_name)
 
 
-def _valid_name(name: str) -> bool:
-    if name == "__metadata__" or "\x00" in name:
-        return False
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _assign_names(flat: _Flat) -> None:
     """Give each leaf a unique, valid tensor name: the ``.``-joined path when that is free;
     otherwise (keys containing ``.`` colliding with nesting, NUL, ``__metadata__``) the
@@ -176,11 +167,11 @@ def _assign_names(flat: _Flat) -> None:
     counts: dict[str, int] = {}
     for name in wanted:
         counts[name] = counts.get(name, 0) + 1
-    owner = {n: i for i, n in enumerate(wanted) if counts[n] == 1 and _valid_name(n)}
+    owner = {n: i for i, n in enumerate(wanted) if counts[n] == 1 and name_fault(n) is None}
     # On a collision, the first path whose keys hold no "." (true nesting, what
     # flatten_dict would write) keeps the plain name; the others get a suffix.
     for i, name in enumerate(wanted):
-        if counts[name] > 1 and name not in owner and _valid_name(name) and not any(
+        if counts[name] > 1 and name not in owner and name_fault(name) is None and not any(
             "." in str(key) for _, key in flat.leaves[i][0]
         ):
             owner[name] = i
@@ -207,11 +198,13 @@ def flatten_tree(
     array, and the user's metadata plus the recorded structure under :data:`TREE_KEY`.
 
     Raises:
-        SafecodecError: user metadata uses the reserved prefix, or is not str -> str.
+        HeaderError: user metadata is not str -> str, holds a NUL, or uses the reserved
+            prefix (:func:`~safecodec._header.check_metadata`, the writer's check, with
+            safecodec's own keys refused too: the structure is written here).
         TreeStructureError: a dict key cannot be recorded.
         DtypeError: an array leaf has no safetensors dtype (message names its path).
     """
-    user = _check_user_metadata(metadata)
+    user = check_metadata(metadata, allow_internal=False)
     flat = _Flat(type_suffix=objax_type_suffix)
     root = _encode(tree, (), flat)
     _assign_names(flat)
@@ -219,20 +212,6 @@ def flatten_tree(
     md = dict(user or {})
     md[TREE_KEY] = rec.encode_record(rec.name_leaves(root, flat.names), metadata is not None)
     return tensors, md
-
-
-def _check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, Mapping):
-        raise SafecodecError(f"metadata must be a mapping of str to str, got {type(metadata).__name__}")
-    bad = [k for k in metadata if isinstance(k, str) and k.startswith(RESERVED_PREFIX)]
-    if bad:
-        raise SafecodecError(
-            f"metadata keys starting with {RESERVED_PREFIX!r} are reserved for safecodec: "
-            f"{', '.join(map(repr, bad))}; rename them"
-        )
-    return dict(metadata)
 
 
 def save_tree(
@@ -281,7 +260,8 @@ def save_tree(
         DtypeError: An array leaf's dtype has no safetensors code (names its path and the
             cast to use), or a Python int does not fit 64 bits.
         TreeStructureError: A dict key that JSON cannot record exactly (e.g. a tuple).
-        SafecodecError: Metadata uses the reserved prefix or is not str -> str.
+        HeaderError: Metadata is not str -> str, holds a NUL, or uses the reserved
+            prefix (as the writer refuses them; here safecodec's own keys too).
 
     Examples:
         >>> import numpy as np, safecodec as sc
@@ -290,6 +270,7 @@ def save_tree(
         {'w': [array([1., 1.], dtype=float32), None], 'step': 3}
     """
     if remap is not None:  # safecodec.remap sits above this module: it is called, not imported
+        check_metadata(metadata, allow_internal=False)  # no record: a user's would read as one
         tensors, md = remap.export(tree, metadata)
     else:
         tensors, md = flatten_tree(tree, metadata)
@@ -317,64 +298,6 @@ def split_metadata(metadata: Mapping[str, str] | None) -> tuple[dict[str, str] |
     return visible_metadata(dict(metadata)), own
 
 
-
-class _Loader:
-    """Fetches tensors from one open handle and converts them to the requested outputs.
-
-    JAX outputs go through the JAX output layer (:mod:`safecodec._jax_load`) in one batch
-    at the end, so zero-copy aliasing, batched transfers, shardings and its 64-bit policy
-    (a :class:`~safecodec._jax_load.PrecisionWarning` when x64 is off) apply unchanged.
-    """
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-        self.used: set[str] = set()
-        self.jax_requests: list[tuple[Callable[[Any], None], str, Any]] = []
-
-    def numpy(self, name: str) -> np.ndarray:
-        if name not in self.handle:
-            raise TreeStructureError(
-                f"the recorded tree structure refers to tensor {name!r}, which is not in the file"
-            )
-        self.used.add(name)
-        # A JAX handle maps the file read-only: NumPy leaves next to JAX ones are copies.
-        return self.handle.get_numpy(name)  # type: ignore[no-any-return]
-
-    def to_jax(self, name: str, sharding: Any, setter: Callable[[Any], None]) -> None:
-        """Queue a tensor for conversion to a jax.Array (done in one batch by finish)."""
-        if name not in self.handle:
-            raise TreeStructureError(
-                f"the recorded tree structure refers to tensor {name!r}, which is not in the file"
-            )
-        if self.handle.framework != "jax":  # pragma: no cover - load_tree opens JAX handles
-            raise SafecodecError("internal error: JAX output from a NumPy handle")
-        self.used.add(name)
-        self.jax_requests.append((setter, name, sharding))
-
-    def finish(self) -> None:
-        if not self.jax_requests:
-            return
-        shardings = {name: sh for _, name, sh in self.jax_requests if sh is not None}
-        arrays = self.handle.load_tensors([name for _, name, _ in self.jax_requests],
-                                          sharding=shardings or None)
-        for setter, name, _ in self.jax_requests:
-            setter(arrays[name])
-
-    def tensor_info(self, name: str, path: Path) -> Any:
-        """The header entry of a tensor the record names at ``path``.
-
-        Raises:
-            TreeStructureError: The file has no such tensor.
-        """
-        info = self.handle.header.tensors.get(name) if name in self.handle else None
-        if info is None:
-            raise TreeStructureError(
-                f"the recorded tree structure refers to tensor {name!r}, which is not in the file"
-                f" (at {render_path(path)})"
-            )
-        return info
-
-
 def _open(source: Any, *, fs: Any, copy: bool, jax: bool,
           storage_options: dict[str, Any] | None = None) -> Any:
     """A handle on ``source``: framework "jax" when any output leaf is a jax.Array."""
@@ -385,20 +308,6 @@ def _open(source: Any, *, fs: Any, copy: bool, jax: bool,
 def _is_jax_slot(x: Any, level: Level) -> bool:
     """A template leaf that asks for a jax.Array (array, ShapeDtypeStruct, PRNG key)."""
     return level.kind == LEAF and (level.leaf in (KEY, SPEC) or is_jax_array(x))
-
-
-def _template_has_jax(like: Any) -> bool:
-    """Whether a template holds jax arrays, ShapeDtypeStructs or PRNG keys."""
-    if jax_module() is None:
-        return False
-    stack = [like]
-    while stack:
-        x = stack.pop()
-        level = split(x)
-        if _is_jax_slot(x, level):
-            return True
-        stack.extend(child for _, child in level.children)
-    return False
 
 
 def _want_jax(framework: str | None) -> bool | None:
@@ -413,103 +322,189 @@ def _want_jax(framework: str | None) -> bool | None:
     raise SafecodecError(f"unsupported framework {framework!r}; use 'numpy' or 'jax'")
 
 
+def _tensor_info(header: Any, name: str, path: Path | None) -> Any:
+    """The header entry of a tensor that the record (or a name) puts at ``path``.
 
-def _restore_leaf(arr: np.ndarray, kind: str) -> Any:
-    """A stored leaf in its original Python/NumPy form (numpy outputs); the record was
-    checked against the tensor (:func:`~safecodec._tree_record.check_leaf_tensor`)."""
-    if kind == "numpy":
-        return arr[()]
-    if kind in _PY_SCALARS:
-        return {"int": int, "float": float, "bool": bool, "complex": complex}[kind](arr[()])
-    return arr
-
-
-class _Slot:
-    """A mutable cell a jax conversion writes into, resolved when building containers."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value: Any = None
-
-    def set(self, value: Any) -> None:
-        self.value = value
+    Raises:
+        TreeStructureError: The file has no such tensor.
+    """
+    info = header.tensors.get(name)
+    if info is None:
+        where = "" if path is None else f" (at {render_path(path)})"
+        raise TreeStructureError(
+            f"the recorded tree structure refers to tensor {name!r}, which is not in the file{where}"
+        )
+    return info
 
 
-def _resolve(x: Any) -> Any:
-    """Replace :class:`_Slot` cells by their values and build :class:`_Deferred` containers,
-    in a freshly built tree (plain, or filled from a template)."""
-    if isinstance(x, _Deferred):
-        return x.build()
-    if isinstance(x, _Slot):
-        return x.value
-    t = type(x)
-    if t is dict:
-        return {k: _resolve(v) for k, v in x.items()}
-    if t is list:
-        return [_resolve(v) for v in x]
-    if t is tuple:
-        return tuple(_resolve(v) for v in x)
-    return x
+def _refuse_unmentioned(header: Any, used: set[str], advice: str = "") -> None:
+    """Refuse a file with tensors its recorded structure does not place."""
+    extra = [n for n in header.tensors if n not in used]
+    if extra:
+        raise TreeStructureError(
+            f"the file holds {len(extra)} tensor(s) its recorded tree structure does not "
+            f"mention ({', '.join(map(repr, extra[:10]))}){advice}"
+        )
 
 
-class _Deferred:
-    """A container to build once every leaf (jax conversions included) is ready."""
-
-    __slots__ = ("build",)
-
-    def __init__(self, build: Callable[[], Any]) -> None:
-        self.build = build
-
-
-class _PlainBuilder(rec.RecordVisitor[Any]):
-    """Rebuilds a record with builtin containers (custom nodes become dicts)."""
-
-    def __init__(self, loader: _Loader, jax_out: bool) -> None:
-        self.loader = loader
-        self.jax_out = jax_out
-        self.skipped: list[Path] = []
-
-    def none(self, path: Path) -> Any:
-        return None
-
-    def skip(self, path: Path, skip: rec.Skip) -> Any:
-        self.skipped.append(path)
-        return None
-
-    def leaf(self, path: Path, leaf: rec.Leaf, var: rec.Var | None) -> Any:
-        info = self.loader.tensor_info(leaf.name, path)
-        rec.check_leaf_tensor(leaf, info.shape, info.dtype.numpy, path)
-        is_key = leaf.kind.startswith(rec.KEY_KIND_PREFIX)
-        if not (self.jax_out and (is_key or leaf.kind == "array")):
-            return _restore_leaf(self.loader.numpy(leaf.name), leaf.kind)
-        slot = _Slot()
-        impl = leaf.kind[len(rec.KEY_KIND_PREFIX):] if is_key else None
-
-        def setter(value: Any) -> None:
-            slot.value = value if impl is None else _wrap_key(value, impl, leaf, path)
-
-        self.loader.to_jax(leaf.name, None, setter)
-        return slot
-
-    def container(self, path: Path, node: rec.Container, children: list[tuple[Any, Any]]) -> Any:
-        if node.kind == "list":
-            return [v for _, v in children]
-        if node.kind == "tuple":
-            return tuple(v for _, v in children)
-        return {key: v for (_, key), v in children}
+# ----------------------------------------------------------------------------- the plan
+#
+# A load is decided before anything is read: the record (or the template) is walked
+# once, every leaf checked against the header, every problem raised; the result is a
+# _Plan: the tensors to load (_Planned) and the output's shape (_Shape), whose leaves
+# are slot numbers. _load then reads every planned tensor in one batch and gives each
+# slot its value; _build, the one builder, makes the containers.
 
 
-def _wrap_key(data: Any, impl: str, leaf: rec.Leaf, path: Path) -> Any:
-    """A PRNG key array from its raw data; a file naming an implementation JAX does not
-    have, or data of the wrong shape for it, is a record fault."""
+@dataclass(frozen=True)
+class _Shape:
+    """A container of the output: ``rebuild(values of children, where)`` makes it; each
+    child is a :class:`_Shape` or a slot number."""
+
+    children: tuple[_Shape | int, ...]
+    rebuild: Callable[[list[Any], str], Any]
+    where: str = ""  # the container's path as rebuild's messages show it
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A tensor to load into a slot, and the leaf it becomes."""
+
+    slot: int
+    name: str
+    path: Path
+    kind: str  # a leaf kind (_tree_record): ARRAY, NUMPY_SCALAR, a PY_SCALARS kind, a key kind
+    jax: bool = False  # loaded as a jax.Array
+    sharding: Any = None  # jax: where the array goes (None: JAX's default device)
+    impl: Any = None  # jax: the PRNG implementation the loaded data is wrapped with
+    scalar_type: type | None = None  # a Python scalar kind: the type given back
+
+
+@dataclass
+class _Plan:
+    """What a load reads and builds, decided from the header (and the template) alone."""
+
+    fixed: list[Any] = field(default_factory=list)  # every slot's value when nothing is loaded
+    leaves: list[_Planned] = field(default_factory=list)
+    used: set[str] = field(default_factory=set)  # tensors the record or the template places
+    skipped: list[Path] = field(default_factory=list)  # saved leaves that were not stored
+
+    def slot(self, value: Any = None) -> int:
+        """A new slot holding ``value`` unless a tensor is planned into it."""
+        self.fixed.append(value)
+        return len(self.fixed) - 1
+
+    def add(self, leaf: _Planned, info: Any) -> None:
+        """Plan ``leaf``; a key to wrap is checked now, abstractly (nothing is read)."""
+        if leaf.impl is not None:
+            _wrap_key(leaf, info, shape_only=True)
+        self.leaves.append(leaf)
+        self.used.add(leaf.name)
+
+
+def _wrap_key(leaf: _Planned, data: Any, *, shape_only: bool = False) -> Any:
+    """A PRNG key array of ``leaf.impl`` from its raw ``data``: the one place keys are
+    made, when planning (``shape_only``: ``data`` is the tensor's header entry, which JAX
+    checks abstractly) and when building (the loaded array).
+
+    Raises:
+        TreeStructureError: JAX has no such implementation, or the data has the wrong
+            shape or dtype for it.
+    """
+    jax = jax_module()
     try:
-        return jax_module().random.wrap_key_data(data, impl=impl)
+        if shape_only:
+            spec = jax.ShapeDtypeStruct(tuple(data.shape), data.dtype.numpy)
+            return jax.eval_shape(partial(jax.random.wrap_key_data, impl=leaf.impl), spec)
+        return jax.random.wrap_key_data(data, impl=leaf.impl)
     except Exception as exc:  # whatever JAX raises for an unknown impl or a bad shape
         raise TreeStructureError(
-            f"the recorded tree structure is inconsistent at {render_path(path)}: tensor "
-            f"{leaf.name!r} cannot be a {leaf.kind!r} key ({type(exc).__name__}: {exc})"[:400]
+            f"the recorded tree structure is inconsistent at {render_path(leaf.path)}: tensor "
+            f"{leaf.name!r} cannot be a {rec.key_kind(leaf.impl)!r} key "
+            f"({type(exc).__name__}: {exc})"[:400]
         ) from None
+
+
+def _list(values: list[Any], where: str) -> Any:
+    return values
+
+
+def _tuple(values: list[Any], where: str) -> Any:
+    return tuple(values)
+
+
+def _dict(keys: list[Any], values: list[Any], where: str) -> Any:
+    return dict(zip(keys, values, strict=True))
+
+
+class _RecordPlan(rec.RecordVisitor["_Shape | int"]):
+    """Plans a load without a template: the record with builtin containers (custom
+    nodes become dicts), each leaf checked against its tensor."""
+
+    def __init__(self, header: Any, jax_out: bool) -> None:
+        self.header = header
+        self.jax_out = jax_out
+        self.plan = _Plan()
+
+    def none(self, path: Path) -> _Shape | int:
+        return self.plan.slot()
+
+    def skip(self, path: Path, skip: rec.Skip) -> _Shape | int:
+        self.plan.skipped.append(path)
+        return self.plan.slot()
+
+    def leaf(self, path: Path, leaf: rec.Leaf, var: rec.Var | None) -> _Shape | int:
+        info = _tensor_info(self.header, leaf.name, path)
+        rec.check_leaf_tensor(leaf, info.shape, info.dtype.numpy, path)
+        impl = rec.key_impl(leaf.kind)
+        to_jax = self.jax_out and (impl is not None or leaf.kind == rec.ARRAY)
+        slot = self.plan.slot()
+        self.plan.add(_Planned(slot, leaf.name, path, leaf.kind, jax=to_jax,
+                               impl=impl if to_jax else None,
+                               scalar_type=rec.PY_SCALARS.get(leaf.kind)), info)
+        return slot
+
+    def container(self, path: Path, node: rec.Container,
+                  children: list[tuple[PathElem, _Shape | int]]) -> _Shape | int:
+        if node.kind == LIST:
+            rebuild: Callable[[list[Any], str], Any] = _list
+        elif node.kind == TUPLE:
+            rebuild = _tuple
+        else:
+            rebuild = partial(_dict, [key for (_, key), _ in children])
+        return _Shape(tuple(child for _, child in children), rebuild)
+
+
+def _names_record(names: list[str]) -> rec.Node:
+    """The record of a file written without one: its names nested by ``.`` into dicts.
+
+    Raises:
+        TreeStructureError: A name nests deeper than :data:`MAX_TREE_DEPTH`, or is both
+            a tensor and a prefix of another (:func:`unflatten_names`).
+    """
+    deep = next((n for n in names if n.count(".") >= MAX_TREE_DEPTH), None)
+    if deep is not None:
+        raise TreeStructureError(
+            f"tensor name {deep[:80]!r}{'...' if len(deep) > 80 else ''} nests deeper than "
+            f"{MAX_TREE_DEPTH} levels when split "
+            "on '.'; load it flat (safecodec.load_file) instead"
+        )
+    return _dict_record(unflatten_names(names, rec.Leaf))
+
+
+def _dict_record(nested: dict[str, Any]) -> rec.Container:
+    return rec.Container("dict", tuple(
+        (("k", key), value if isinstance(value, rec.Leaf) else _dict_record(value))
+        for key, value in nested.items()))
+
+
+def _plan_plain(header: Any, root: rec.Node, has_record: bool, jax_out: bool) -> tuple[_Plan, _Shape | int]:
+    """The plan of a load without a template (see :func:`load_tree`)."""
+    planner = _RecordPlan(header, jax_out)
+    shape = rec.walk(root if has_record else _names_record(list(header.tensors)), planner)
+    _refuse_unmentioned(header, planner.plan.used, "; it was changed after saving; load it "
+                        "flat (safecodec.load_file) or with like=")
+    return planner.plan, shape
 
 
 def unflatten_names(names: list[str], get: Callable[[str], Any]) -> dict[str, Any]:
@@ -550,8 +545,6 @@ def unflatten_names(names: list[str], get: Callable[[str], Any]) -> dict[str, An
     return root
 
 
-# ----------------------------------------------------------------------------- templates
-
 
 @dataclass
 class _Problems:
@@ -578,121 +571,188 @@ class _Problems:
         raise TreeStructureError("\n".join(lines))
 
 
+
+# ----------------------------------------------------------------------------- templates
+
+
 def _describe(shape: tuple[int, ...], dtype: Any) -> str:
     return f"{np.dtype(dtype).name}{list(shape)}"
 
 
+def _flatten_template(like: Any) -> tuple[_Shape | int, list[tuple[Path, Any, Level]]]:
+    """The template walked once: its containers as a :class:`_Shape` and its other nodes
+    (stored leaves, opaque leaves, ``None``) in order, each in the slot of its number."""
+    leaves: list[tuple[Path, Any, Level]] = []
+
+    def walk(x: Any, path: Path) -> _Shape | int:
+        level = split(x)
+        if level.rebuild is not None and (level.kind == VAR or level.kind in CONTAINERS):
+            var = level.kind == VAR  # a variable adds no path element
+            children = tuple(walk(child, path if var else (*path, elem))
+                             for elem, child in level.children[:1 if var else None])
+            return _Shape(children, level.rebuild, render_path(path))
+        leaves.append((path, x, level))
+        return len(leaves) - 1
+
+    return walk(like, ()), leaves
 
 
-def _scalar_dtype_ok(kind: str, file_dtype: np.dtype[Any]) -> bool:
-    """Python scalars in a template accept any file dtype of the same kind."""
-    return file_dtype.kind in rec.SCALAR_DTYPE_KINDS[kind]
+class _TemplatePlan:
+    """Plans a load into a template: every node of the template matched against the file
+    (through the record, or by ``.``-joined names without one); every problem (missing,
+    unexpected, mismatched) collected and raised together."""
 
-
-class _TemplateFill:
-    """Rebuilds a template tree with leaves from a file, checking as it goes."""
-
-    def __init__(self, loader: _Loader, entries: dict[tuple[Any, ...], rec.PathEntry] | None,
-                 names_by_join: set[str], want_jax: bool | None) -> None:
-        self.loader = loader
+    def __init__(self, header: Any, entries: dict[tuple[Any, ...], rec.PathEntry] | None,
+                 want_jax: bool | None) -> None:
+        self.header = header
         self.entries = entries  # None: the file has no recorded structure
-        self.names_by_join = names_by_join
         self.want_jax = want_jax
         self.problems = _Problems()
+        self.plan = _Plan()
 
-    def entry(self, path: Path) -> rec.PathEntry | None:
+    def run(self, nodes: list[tuple[Path, Any, Level]]) -> _Plan:
+        """The plan for the template's ``nodes`` (:func:`_flatten_template`).
+
+        Raises:
+            TreeStructureError: The file does not match the template (every problem), or
+                its record is inconsistent (the first fault).
+        """
+        for path, x, level in nodes:
+            slot = self.plan.slot(x)  # what the template holds, unless a tensor replaces it
+            if level.kind == NONE:
+                self._none(path)
+            elif level.kind == LEAF:
+                self._leaf(slot, x, level, path)
+            else:
+                self._opaque(x, path)
+        for name, info in self.header.tensors.items():
+            if name not in self.plan.used:
+                self.problems.unexpected.append(f"{name!r} {_describe(info.shape, info.dtype.numpy)}")
+        self.problems.raise_if_any()
+        return self.plan
+
+    def _entry(self, path: Path) -> rec.PathEntry | None:
         if self.entries is not None:
             return self.entries.get(match_key(path))
         name = join_path(path)
-        return rec.PathEntry("leaf", name) if name in self.names_by_join else None
+        return rec.PathEntry("leaf", name) if name in self.header.tensors else None
 
-    def fill(self, x: Any, path: Path) -> Any:
-        level = split(x)
-        if level.kind == NONE:
-            e = self.entry(path)
-            if e is not None and e.kind == "leaf":
-                self._unexpected_at(path, e)
-            return None
-        if level.kind == LEAF:
-            return self._leaf(x, level, path)
-        rebuild = level.rebuild
-        if level.kind == VAR and rebuild is not None:
-            vals = [self.fill(level.children[0][1], path)]
-        elif level.kind in CONTAINERS and rebuild is not None:
-            vals = [self.fill(child, (*path, elem)) for elem, child in level.children]
-        else:
-            return self._opaque(x, path)
-        where = render_path(path)
-        return _Deferred(lambda: rebuild([_resolve(v) for v in vals], where))
-
-    def _opaque(self, x: Any, path: Path) -> Any:
-        """A non-array leaf: the template supplies it."""
-        e = self.entry(path)
+    def _claimed(self, path: Path, what: str) -> None:
+        """A template node that holds no array, where the file has a tensor."""
+        e = self._entry(path)
         if e is not None and e.kind == "leaf":
-            info = self.loader.handle.header.tensors.get(e.name)
+            info = self.header.tensors.get(e.name)
+            desc = _describe(info.shape, info.dtype.numpy) if info else "?"
             self.problems.mismatched.append(
-                f"{render_path(path)}: template holds {type(x).__name__}, file has tensor "
-                f"{e.name!r} {_describe(info.shape, info.dtype.numpy) if info else ''}".rstrip())
-            self.loader.used.add(e.name)
-        return x
+                f"{render_path(path)}: template holds {what}, file has tensor {e.name!r} {desc}")
+            self.plan.used.add(e.name)
 
-    def _unexpected_at(self, path: Path, e: rec.PathEntry) -> None:
-        self.loader.used.add(e.name)
-        info = self.loader.handle.header.tensors.get(e.name)
-        desc = _describe(info.shape, info.dtype.numpy) if info else "?"
-        self.problems.mismatched.append(
-            f"{render_path(path)}: template holds None, file has tensor {e.name!r} {desc}")
+    def _none(self, path: Path) -> None:
+        self._claimed(path, "None")
 
-    def _leaf(self, x: Any, level: Level, path: Path) -> Any:
-        e = self.entry(path)
+    def _opaque(self, x: Any, path: Path) -> None:
+        """A non-array leaf: the template supplies it."""
+        self._claimed(path, type(x).__name__)
+
+    def _leaf(self, slot: int, x: Any, level: Level, path: Path) -> None:
+        e = self._entry(path)
         shape, dtype = leaf_spec(x, level)
         if e is None or e.kind != "leaf":
             what = "nothing" if e is None else ("a leaf that was not stored" if e.kind == "skip" else e.kind)
             self.problems.missing.append(
                 f"{render_path(path)}: template expects {_describe(shape, dtype)}, file has {what}")
-            return x
-        info = self.loader.tensor_info(e.name, path)
+            return
+        info = _tensor_info(self.header, e.name, path)
         if e.leaf is not None:
             rec.check_leaf_tensor(e.leaf, info.shape, info.dtype.numpy, path)
-        self.loader.used.add(e.name)
+        self.plan.used.add(e.name)
         file_dtype = info.dtype.numpy
-        is_py = level.leaf in _PY_SCALARS
-        dtype_ok = _scalar_dtype_ok(level.leaf, file_dtype) if is_py else file_dtype == dtype
+        scalar_type = type(x) if level.leaf in rec.PY_SCALARS else None
+        dtype_ok = (file_dtype.kind in rec.SCALAR_DTYPE_KINDS[level.leaf] if scalar_type
+                    else file_dtype == dtype)  # Python scalars take any dtype of their kind
         if tuple(info.shape) != shape or not dtype_ok:
             self.problems.mismatched.append(
                 f"{render_path(path)}: template {_describe(shape, dtype)}, file {e.name!r} "
                 f"{_describe(info.shape, file_dtype)}")
-            return x
-        jax_leaf = _is_jax_slot(x, level)
-        to_jax = self.want_jax if self.want_jax is not None else jax_leaf
-        if level.leaf == KEY and self.loader.handle.framework == "jax":
-            # A key array knows its implementation; a ShapeDtypeStruct only through its dtype.
-            impl = (jax_module().random.key_impl(x) if is_jax_array(x)
-                    else getattr(x.dtype, "_impl", None))
-            slot = _Slot()
+            return
+        jax_slot = _is_jax_slot(x, level)
+        to_jax = (jax_slot if self.want_jax is None else self.want_jax) and scalar_type is None
+        sharding = getattr(x, "sharding", None) if to_jax and jax_slot else None
+        kind, impl = (level.leaf if level.leaf in rec.LEAF_KINDS else rec.ARRAY), None
+        if level.leaf == KEY and to_jax:
+            impl = self._key_impl(x, e, info, path)
+            if impl is None:
+                return  # a mismatch, recorded
+            kind = rec.key_kind(impl)
+        self.plan.add(_Planned(slot, e.name, path, kind, jax=to_jax, sharding=sharding, impl=impl,
+                               scalar_type=scalar_type), info)
 
-            def set_key(v: Any) -> None:
-                slot.value = jax_module().random.wrap_key_data(v, impl=impl)
+    def _key_impl(self, x: Any, e: rec.PathEntry, info: Any, path: Path) -> Any:
+        """The implementation a template's key slot is loaded with, the template's; None
+        when the file's record names another (a mismatch, recorded). A recorded key kind
+        must name an implementation JAX has: the error a load without the template gives."""
+        jax = jax_module()
+        # A key array knows its implementation; a ShapeDtypeStruct only through its dtype.
+        impl = (jax.random.key_impl(x) if is_jax_array(x)
+                else getattr(x.dtype, "_impl", None) or jax.config.jax_default_prng_impl)
+        recorded = rec.key_impl(e.leaf.kind) if e.leaf is not None else None
+        if recorded is None:
+            return impl
+        _wrap_key(_Planned(0, e.name, path, rec.key_kind(recorded), impl=recorded), info,
+                  shape_only=True)
+        if rec.key_kind(impl) != rec.key_kind(recorded):
+            self.problems.mismatched.append(
+                f"{render_path(path)}: template {rec.key_kind(impl)!r} key, file {e.name!r} "
+                f"holds a {rec.key_kind(recorded)!r} key")
+            return None
+        return impl
 
-            self.loader.to_jax(e.name, getattr(x, "sharding", None), set_key)
-            return slot
-        if to_jax and not is_py:
-            slot = _Slot()
-            sharding = getattr(x, "sharding", None) if jax_leaf else None
-            self.loader.to_jax(e.name, sharding, slot.set)
-            return slot
-        arr = self.loader.numpy(e.name)
-        if is_py:
-            return type(x)(arr[()])
-        if level.leaf == "numpy":
-            return arr[()]
-        return arr
 
-    def report_unused(self) -> None:
-        header = self.loader.handle.header
-        for name, info in header.tensors.items():
-            if name not in self.loader.used:
-                self.problems.unexpected.append(f"{name!r} {_describe(info.shape, info.dtype.numpy)}")
+# ----------------------------------------------------------------------------- load and build
+
+
+def _load(handle: Any, plan: _Plan) -> list[Any]:
+    """Every slot's value: the planned tensors read in one batch (JAX leaves in one
+    ``load_tensors`` call, with their shardings, under the JAX output layer's zero-copy
+    and 64-bit policy), each made into the leaf it was planned as."""
+    jax_names = [p.name for p in plan.leaves if p.jax]
+    numpy_names = [p.name for p in plan.leaves if not p.jax]
+    jax_arrays: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}
+    if jax_names:
+        shardings = {p.name: p.sharding for p in plan.leaves if p.jax and p.sharding is not None}
+        jax_arrays = handle.load_tensors(jax_names, sharding=shardings or None)
+    if numpy_names and handle.framework == "jax":
+        # A JAX handle maps the file read-only: NumPy leaves next to JAX ones are copies.
+        loaded = {name: handle.get_numpy(name) for name in numpy_names}
+    elif numpy_names:
+        loaded = handle.load_tensors(numpy_names)
+    values = list(plan.fixed)
+    for leaf in plan.leaves:
+        values[leaf.slot] = _leaf_value(leaf, jax_arrays[leaf.name] if leaf.jax else loaded[leaf.name])
+    return values
+
+
+def _leaf_value(leaf: _Planned, value: Any) -> Any:
+    """A loaded tensor as the leaf it was planned as (the record was checked against the
+    tensor: :func:`~safecodec._tree_record.check_leaf_tensor`)."""
+    if leaf.impl is not None:
+        return _wrap_key(leaf, value)
+    if leaf.jax:
+        return value
+    if leaf.kind == rec.NUMPY_SCALAR:
+        return value[()]
+    if leaf.scalar_type is not None:
+        return leaf.scalar_type(value[()])
+    return value  # an array (a key's raw data when the output is NumPy)
+
+
+def _build(shape: _Shape | int, values: list[Any]) -> Any:
+    """The output tree: the one builder, for builtin containers and a template's types
+    (``Level.rebuild``) alike."""
+    if isinstance(shape, int):
+        return values[shape]
+    return shape.rebuild([_build(child, values) for child in shape.children], shape.where)
 
 
 # ----------------------------------------------------------------------------- load_tree
@@ -770,53 +830,25 @@ def load_tree(
                 return tree, split_metadata(h.header.raw_metadata)[0]
         return tree
     want_jax = _want_jax(framework)
-    jax_handle = bool(want_jax) if like is None or want_jax is not None else _template_has_jax(like)
+    template = _flatten_template(like) if like is not None else None
+    if template is not None and want_jax is None:
+        jax_handle = any(_is_jax_slot(x, level) for _, x, level in template[1])
+    else:
+        jax_handle = bool(want_jax)
     with _open(source, fs=fs, copy=copy, jax=jax_handle,
                storage_options=storage_options) as handle:
         header = handle.header
         user_md, own = split_metadata(header.raw_metadata)
         root = rec.decode_record(own[TREE_KEY]) if TREE_KEY in own else None
-        loader = _Loader(handle)
-        if like is None:
-            tree = _load_plain(handle, root, TREE_KEY in own, loader, bool(want_jax))
+        if template is None:
+            plan, shape = _plan_plain(header, root, TREE_KEY in own, bool(want_jax))
         else:
+            shape, nodes = template
             entries = rec.path_entries(root) if TREE_KEY in own else None
-            filler = _TemplateFill(loader, entries, set(header.tensors), want_jax)
-            built = filler.fill(like, ())
-            filler.report_unused()
-            filler.problems.raise_if_any()
-            loader.finish()
-            tree = _resolve(built)
-    return (tree, user_md) if with_metadata else tree
-
-
-def _load_plain(handle: Any, root: rec.Node, has_record: bool, loader: _Loader, jax_out: bool) -> Any:
-    skipped: list[Path] = []
-    if not has_record:
-        names = list(handle.header.tensors)
-        if jax_out:
-            def get(name: str) -> _Slot:
-                slot = _Slot()
-                loader.to_jax(name, None, slot.set)
-                return slot
-
-            tree = unflatten_names(names, get)
-        else:
-            tree = unflatten_names(names, loader.numpy)
-    else:
-        builder = _PlainBuilder(loader, jax_out)
-        tree = rec.walk(root, builder)
-        skipped = builder.skipped
-        extra = [n for n in handle.header.tensors if n not in loader.used]
-        if extra:
-            raise TreeStructureError(
-                f"the file holds {len(extra)} tensor(s) its recorded tree structure does not "
-                f"mention ({', '.join(map(repr, extra[:10]))}); it was changed after saving; "
-                "load it flat (safecodec.load_file) or with like="
-            )
-    loader.finish()
-    tree = _resolve(tree)
-    if skipped:
+            plan = _TemplatePlan(header, entries, want_jax).run(nodes)
+        tree = _build(shape, _load(handle, plan))
+    if plan.skipped:
+        skipped = plan.skipped
         shown = ", ".join(render_path(p) for p in skipped[:20])
         more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
         warnings.warn(
@@ -825,7 +857,7 @@ def _load_plain(handle: Any, root: rec.Node, has_record: bool, loader: _Loader, 
             SkippedLeavesWarning,
             stacklevel=caller_stacklevel(),
         )
-    return tree
+    return (tree, user_md) if with_metadata else tree
 
 
 def load_leaves(source: Any, *, fs: Any = None) -> tuple[list[tuple[str, Any, str | None]], dict[str, str] | None]:
@@ -841,26 +873,22 @@ def load_leaves(source: Any, *, fs: Any = None) -> tuple[list[tuple[str, Any, st
         SafecodecError: Not a valid safetensors file.
     """
     with _open(source, fs=fs, copy=False, jax=True) as handle:
-        user_md, own = split_metadata(handle.header.raw_metadata)
+        header = handle.header
+        user_md, own = split_metadata(header.raw_metadata)
         triples: list[tuple[str, str, str | None]] = []
         if TREE_KEY in own:
             triples = rec.record_leaves(rec.decode_record(own[TREE_KEY]))
         else:
-            for name in handle.header.tensors:
+            for name in header.tensors:
                 key, sep, kind = name.rpartition(OBJAX_TYPE_SEPARATOR)
                 triples.append((name, key, kind) if sep else (name, name, None))
-        loader = _Loader(handle)
-        slots = [_Slot() for _ in triples]
-        for (name, _, _), slot in zip(triples, slots, strict=True):
-            loader.to_jax(name, None, slot.set)
-        extra = [n for n in handle.header.tensors if n not in loader.used]
-        if extra:
-            raise TreeStructureError(
-                f"the file holds {len(extra)} tensor(s) its recorded tree structure does not "
-                f"mention ({', '.join(map(repr, extra[:10]))})"
-            )
-        loader.finish()
-    return [(key, slot.value, kind) for (_, key, kind), slot in zip(triples, slots, strict=True)], user_md
+        plan = _Plan()
+        for name, _, _ in triples:
+            info = _tensor_info(header, name, None)
+            plan.add(_Planned(plan.slot(), name, (), rec.ARRAY, jax=True), info)
+        _refuse_unmentioned(header, plan.used)
+        arrays = _build(_Shape(tuple(range(len(triples))), _list), _load(handle, plan))
+    return [(key, arr, kind) for (_, key, kind), arr in zip(triples, arrays, strict=True)], user_md
 
 
 def iter_names(tree: Any) -> Iterator[str]:

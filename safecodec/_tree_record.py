@@ -49,11 +49,14 @@ from ._header import TREE_KEY
 from ._treepath import Path, PathElem, join_path, match_key, render_path
 
 __all__ = [
+    "ARRAY",
     "KEY_KIND_PREFIX",
     "LEAF_KINDS",
     "MAX_RECORD_DEPTH",
     "MAX_TREE_DEPTH",
+    "NUMPY_SCALAR",
     "OBJAX_TYPE_SEPARATOR",
+    "PY_SCALARS",
     "SCALAR_DTYPE_KINDS",
     "TREE_VERSION",
     "Container",
@@ -67,6 +70,8 @@ __all__ = [
     "check_leaf_tensor",
     "decode_record",
     "encode_record",
+    "key_impl",
+    "key_kind",
     "name_leaves",
     "path_entries",
     "record_leaves",
@@ -84,12 +89,21 @@ MAX_TREE_DEPTH: Final = 200
 MAX_RECORD_DEPTH: Final = MAX_TREE_DEPTH + 16
 #: Suffix separator safejax appended to Objax variable names (``name::TrainVar``).
 OBJAX_TYPE_SEPARATOR: Final = "::"
+# The leaf kinds (KIND in the module docstring): the one definition, used by the tree
+# writer and loader (_tree) and by the type cascade that classifies live leaves (_pytree).
+#: An array (NumPy or JAX), stored as it is.
+ARRAY: Final = "array"
+#: A NumPy scalar (``np.float32(1.0)``...): a 0-d tensor, given back as a NumPy scalar.
+NUMPY_SCALAR: Final = "numpy"
+#: Python scalar kinds -> their type: 0-d tensors, given back as that type. In this order
+#: wherever a value is classified: a bool is also an int.
+PY_SCALARS: Final[dict[str, type]] = {"bool": bool, "int": int, "float": float, "complex": complex}
+#: NumPy dtype kinds each Python scalar kind may be stored as.
+SCALAR_DTYPE_KINDS: Final = {"bool": "b", "int": "iu", "float": "f", "complex": "c"}
 #: Leaf kinds besides ``key:<impl>``.
-LEAF_KINDS: Final = frozenset({"array", "numpy", "int", "float", "bool", "complex"})
+LEAF_KINDS: Final = frozenset({ARRAY, NUMPY_SCALAR, *PY_SCALARS})
 #: Prefix of a JAX PRNG key leaf's kind; the rest names the key implementation.
 KEY_KIND_PREFIX: Final = "key:"
-#: NumPy dtype kinds each Python scalar kind may be stored as.
-SCALAR_DTYPE_KINDS: Final = {"int": "iu", "float": "f", "bool": "b", "complex": "c"}
 # A PRNG implementation name as JAX spells them (threefry2x32, rbg, unsafe_rbg).
 _IMPL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # How much of a bad node a message shows.
@@ -98,12 +112,34 @@ _SHOWN: Final = 120
 _NOTHING: Final = object()
 
 
+def key_kind(impl: object) -> str:
+    """The leaf kind of a JAX PRNG key of implementation ``impl``: its name, or what JAX
+    gives for it (``jax.random.key_impl``'s spec, whose ``str`` is the name; a key
+    dtype's implementation, whose ``name`` is).
+
+    Examples:
+        >>> key_kind("threefry2x32")
+        'key:threefry2x32'
+    """
+    return f"{KEY_KIND_PREFIX}{getattr(impl, 'name', impl)}"
+
+
+def key_impl(kind: str) -> str | None:
+    """The PRNG implementation a key leaf kind names; None for the other kinds.
+
+    Examples:
+        >>> key_impl("key:rbg"), key_impl("array")
+        ('rbg', None)
+    """
+    return kind[len(KEY_KIND_PREFIX):] if kind.startswith(KEY_KIND_PREFIX) else None
+
+
 @dataclass(frozen=True)
 class Leaf:
     """A stored leaf: tensor ``name``, leaf ``kind`` (see the module docstring)."""
 
     name: str
-    kind: str = "array"
+    kind: str = ARRAY
 
 
 @dataclass(frozen=True)
@@ -304,9 +340,10 @@ class _Decoder:
     def _leaf(self, obj: dict[str, Any], path: Path, depth: int) -> Node:
         self._keys(obj, path, {"leaf"}, frozenset({"kind"}))
         name = self._text(obj, "leaf", path)
-        kind = obj.get("kind", "array")
+        kind = obj.get("kind", ARRAY)
+        impl = key_impl(kind) if isinstance(kind, str) else None
         if not isinstance(kind, str) or not (kind in LEAF_KINDS or (
-                kind.startswith(KEY_KIND_PREFIX) and _IMPL_NAME.fullmatch(kind[len(KEY_KIND_PREFIX):]))):
+                impl is not None and _IMPL_NAME.fullmatch(impl))):
             raise _fault(path, f"unknown leaf kind {kind!r}", obj)
         if name in self.names:
             raise _fault(path, f"tensor {name!r} is recorded at two places", obj)
@@ -408,7 +445,7 @@ def check_leaf_tensor(leaf: Leaf, shape: Sequence[int], dtype: np.dtype[Any], pa
     Raises:
         TreeStructureError: Names the path, the kind and the tensor's shape and dtype.
     """
-    if leaf.kind == "array" or leaf.kind.startswith(KEY_KIND_PREFIX):
+    if leaf.kind == ARRAY or key_impl(leaf.kind) is not None:
         return
     wanted = SCALAR_DTYPE_KINDS.get(leaf.kind)
     if tuple(shape) != () or (wanted is not None and np.dtype(dtype).kind not in wanted):
