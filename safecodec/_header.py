@@ -463,7 +463,8 @@ def _reject_constant(text: str) -> Any:
     raise _invalid_json(f"{text} is not valid JSON")
 
 
-def _has_lone_surrogate(text: str) -> bool:
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate, which no file may: it is not valid UTF-8."""
     # Lone surrogates survive json.loads (valid pairs are joined); strict UTF-8 rejects them.
     try:
         text.encode("utf-8")
@@ -478,11 +479,11 @@ def _check_surrogates(value: Any) -> None:
     while stack:
         item = stack.pop()
         if type(item) is str:
-            if _has_lone_surrogate(item):
+            if has_lone_surrogate(item):
                 raise _invalid_json(f"lone surrogate escape in string {item!r:.60}")
         elif type(item) is _Pairs:
             for k, v in item:
-                if _has_lone_surrogate(k):
+                if has_lone_surrogate(k):
                     raise _invalid_json(f"lone surrogate escape in key {k!r:.60}")
                 stack.append(v)
         elif type(item) is list:
@@ -879,7 +880,7 @@ def name_fault(name: object) -> str | None:
         return f"a tensor cannot be named {METADATA_KEY!r}: that key holds metadata"
     if "\x00" in name:
         return f"tensor name {name!r} contains a NUL character"
-    if _has_lone_surrogate(name):
+    if has_lone_surrogate(name):
         return f"tensor name {name!r} is not valid Unicode (lone surrogate)"
     return None
 
@@ -935,7 +936,7 @@ def check_metadata(metadata: Mapping[str, str] | None, *,
                 f"metadata must map str to str, got {type(key).__name__} {key!r:.60} -> "
                 f"{type(value).__name__} {value!r:.60}"
             )
-        if "\x00" in key or "\x00" in value or _has_lone_surrogate(key + value):
+        if "\x00" in key or "\x00" in value or has_lone_surrogate(key + value):
             raise HeaderError(
                 f"metadata entry {key!r:.60} contains a NUL character or a lone surrogate"
             )

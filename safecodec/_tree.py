@@ -21,9 +21,20 @@ Leaves that are not arrays or scalars (an Equinox module's activation function, 
 arbitrary objects) are not stored; their paths are recorded. ``like=`` supplies them on
 load; without it they come back as ``None`` with one :class:`SkippedLeavesWarning`.
 
+A load runs in three steps. Plan: the record (without ``like=``) or the template is
+walked once and every leaf checked against the header; every problem (with a template:
+all missing, unexpected and mismatched entries together) is raised before any tensor is
+read. Load: every planned tensor is read in one batch (JAX leaves through one
+``load_tensors`` call of the handle, so zero-copy, shardings and the 64-bit policy are the
+JAX output layer's). Build: one builder makes the output, of builtin containers or of the
+template's own types.
+
 What a live object is comes from :func:`safecodec._pytree.split` (one type cascade);
-the record is read and written by :mod:`safecodec._tree_record` (one walker); files are
-opened through the routers of :mod:`safecodec._api` only.
+the leaf kinds and the record are defined, read and written by
+:mod:`safecodec._tree_record` (one walker); tensor names and metadata are checked by the
+writer's rules (:func:`safecodec._header.name_fault`,
+:func:`~safecodec._header.check_metadata`); files are opened through the routers of
+:mod:`safecodec._api` only.
 """
 
 from __future__ import annotations

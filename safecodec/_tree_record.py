@@ -45,7 +45,7 @@ from typing import Any, Final, Generic, TypeVar, Union
 import numpy as np
 
 from ._errors import TreeStructureError
-from ._header import TREE_KEY
+from ._header import TREE_KEY, has_lone_surrogate
 from ._treepath import Path, PathElem, join_path, match_key, render_path
 
 __all__ = [
@@ -221,6 +221,11 @@ def check_key(key: Any, path: Path) -> Any:
     Raises:
         TreeStructureError: JSON cannot record ``key`` exactly (names the path).
     """
+    if isinstance(key, str) and not key.isascii() and has_lone_surrogate(key):
+        raise TreeStructureError(
+            f"dict key {key!r:.60} at {render_path(path)} cannot be recorded: it is not valid "
+            "Unicode (lone surrogate)"
+        )
     if key is None or isinstance(key, str | bool | int):
         return key
     if isinstance(key, float) and math.isfinite(key):

@@ -274,7 +274,8 @@ def test_api_examples_render_as_code_blocks(site: Site) -> None:
 DOCSTRING_MODULES = [
     "safecodec._api", "safecodec._header", "safecodec._dtypes", "safecodec._shardindex",
     "safecodec._indexing",
-    "safecodec._remote", "safecodec._tree", "safecodec._safejax", "safecodec._treepath",
+    "safecodec._remote", "safecodec._tree", "safecodec._tree_record", "safecodec._safejax",
+    "safecodec._treepath",
     "safecodec._sharded", "safecodec.numpy", "safecodec.jax", "safecodec.flax",
     "safecodec.haiku", "safecodec.objax", "safecodec.orbax",
 ]
