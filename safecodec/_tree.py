@@ -707,16 +707,14 @@ class _TemplatePlan:
         impl = (jax.random.key_impl(x) if is_jax_array(x)
                 else getattr(x.dtype, "_impl", None) or jax.config.jax_default_prng_impl)
         recorded = rec.key_impl(e.leaf.kind) if e.leaf is not None else None
-        if recorded is None:
+        if recorded is None or rec.key_kind(impl) == rec.key_kind(recorded):
             return impl
         _wrap_key(_Planned(0, e.name, path, rec.key_kind(recorded), impl=recorded), info,
-                  shape_only=True)
-        if rec.key_kind(impl) != rec.key_kind(recorded):
-            self.problems.mismatched.append(
-                f"{render_path(path)}: template {rec.key_kind(impl)!r} key, file {e.name!r} "
-                f"holds a {rec.key_kind(recorded)!r} key")
-            return None
-        return impl
+                  shape_only=True)  # raises for an implementation JAX does not have
+        self.problems.mismatched.append(
+            f"{render_path(path)}: template {rec.key_kind(impl)!r} key, file {e.name!r} "
+            f"holds a {rec.key_kind(recorded)!r} key")
+        return None
 
 
 # ----------------------------------------------------------------------------- load and build
