@@ -43,7 +43,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 
@@ -367,8 +367,7 @@ def _refuse_unmentioned(header: Any, used: set[str], advice: str = "") -> None:
 # slot its value; _build, the one builder, makes the containers.
 
 
-@dataclass(frozen=True)
-class _Shape:
+class _Shape(NamedTuple):  # NamedTuples: a plan makes one per node, and they are cheap
     """A container of the output: ``rebuild(values of children, where)`` makes it; each
     child is a :class:`_Shape` or a slot number."""
 
@@ -377,8 +376,7 @@ class _Shape:
     where: str = ""  # the container's path as rebuild's messages show it
 
 
-@dataclass(frozen=True)
-class _Planned:
+class _Planned(NamedTuple):
     """A tensor to load into a slot, and the leaf it becomes."""
 
     slot: int

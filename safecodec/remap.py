@@ -87,6 +87,7 @@ from ._pytree import (
 )
 from ._reader import MEMORY_ROUTES, read_route
 from ._threads import MIN_PIECE, get_threads, run_concurrently
+from ._tree_record import ARRAY, NUMPY_SCALAR, PY_SCALARS
 from ._treepath import Path, join_path, render_path
 
 __all__ = [
@@ -757,9 +758,9 @@ def _template_leaves(like: Any, framework: str | None = None) -> list[_Leaf]:
             shape, dtype = leaf_spec(x, level)
             if level.leaf == SPEC or is_jax_array(x):
                 kind, sharding = "jax", getattr(x, "sharding", None)
-            elif level.leaf == "array":
+            elif level.leaf == ARRAY:
                 kind, sharding = "numpy", None
-            elif level.leaf == "numpy":
+            elif level.leaf == NUMPY_SCALAR:
                 kind, sharding = "numpy_scalar", None
             else:
                 kind, sharding = level.leaf, None
@@ -1521,7 +1522,7 @@ class Plan:
                 return arr
             if leaf.kind == "numpy_scalar":
                 return arr[()]
-            return {"int": int, "float": float, "bool": bool, "complex": complex}[leaf.kind](arr[()])
+            return PY_SCALARS[leaf.kind](arr[()])
         put = placement()
         if leaf.sharding is None:
             return put.single(blocks[0][1], blocks[0][0][0], False)
