@@ -464,13 +464,15 @@ class _RecordPlan(rec.RecordVisitor["_Shape | int"]):
 
     def leaf(self, path: Path, leaf: rec.Leaf, var: rec.Var | None) -> _Shape | int:
         info = _tensor_info(self.header, leaf.name, path)
+        kind, slot = leaf.kind, self.plan.slot()
+        if kind == rec.ARRAY:  # most leaves: nothing to check, nothing to convert
+            self.plan.add(_Planned(slot, leaf.name, path, kind, self.jax_out), info)
+            return slot
         rec.check_leaf_tensor(leaf, info.shape, info.dtype.numpy, path)
-        impl = rec.key_impl(leaf.kind)
-        to_jax = self.jax_out and (impl is not None or leaf.kind == rec.ARRAY)
-        slot = self.plan.slot()
-        self.plan.add(_Planned(slot, leaf.name, path, leaf.kind, jax=to_jax,
-                               impl=impl if to_jax else None,
-                               scalar_type=rec.PY_SCALARS.get(leaf.kind)), info)
+        impl = rec.key_impl(kind)
+        to_jax = self.jax_out and impl is not None
+        self.plan.add(_Planned(slot, leaf.name, path, kind, to_jax, impl=impl if to_jax else None,
+                               scalar_type=rec.PY_SCALARS.get(kind)), info)
         return slot
 
     def container(self, path: Path, node: rec.Container,
