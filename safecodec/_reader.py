@@ -9,8 +9,12 @@ tensors are NumPy views of it. Whole tensors are read into fresh memory (READ, F
 only when the caller asked (``copy=True``) or the source is not addressable memory (a
 file object without mmap, a remote object), and decoded (DECODE) when the dtype is
 packed (F4/F6 are unpacked) or the host is big-endian. With stored checksums and
-``verify=True``, one method checks them, :meth:`TensorReader.verify`, on the memory that
-is returned: the view of the mapping, or the buffer the read landed in (read once).
+``verify=True``, where a tensor is checked on its route is decided by ONE function,
+:func:`verify_point` (:class:`Check`): before anything of it is handed out, on its stored
+bytes (FIRST: the buffer a view is cut from, or the whole tensor read in pieces before a
+part of it), or on the bytes a read returns (RESULT: what is checked is what is returned,
+read once). One method checks, :meth:`TensorReader.verify`; a route begins at
+:meth:`TensorReader.begin` (FIRST) and ends in a read (RESULT).
 Every option of a read travels as one frozen :class:`ReadOptions`, built once by the
 routers.
 
@@ -19,7 +23,7 @@ batches) are *boxes*, read by ONE engine, :meth:`TensorReader.read_boxes`: a pla
 O(ndim) numbers per box (:func:`safecodec._indexing.box_layout`), one strided copy from
 memory, or as few reads as the source allows within a read-amplification budget
 (:data:`READ_BUDGET`). Under ``verify=True`` a box is returned only once its whole tensor
-has been checked.
+has been checked (a box that is the whole tensor: on the bytes read).
 
 A :class:`SafeOpen` handle produces NumPy arrays itself; other outputs (JAX) come from an
 :class:`Output` object given at construction, which receives the handle's
@@ -81,6 +85,7 @@ from ._source import BufferSource, MapMode
 
 __all__ = [
     "BACKENDS",
+    "Check",
     "FIRST_READ",
     "JAX_FRAMEWORKS",
     "MEMORY_ROUTES",
@@ -100,6 +105,7 @@ __all__ = [
     "read_header_bytes",
     "read_header_from",
     "read_route",
+    "verify_point",
 ]
 
 #: Bytes fetched by the first read of a source: the length prefix and, usually, the whole
@@ -314,13 +320,49 @@ def read_route(reader: TensorReader, dtype: DType, target: np.dtype | None = Non
     VIEW, no buffer -> READ with positioned reads, else FETCH) and on the tensor's
     dtype: packed dtypes, big-endian hosts and a ``target`` dtype other than the file's
     (JAX with x64 off) -> DECODE. It depends on nothing else, so hot loops ask it once
-    per dtype. Checksums are checked on the route's memory by one method,
-    :meth:`TensorReader.verify`.
+    per dtype. Where the route checks checksums: :func:`verify_point`.
     """
     if (dtype.packed or not _dtypes.HOST_IS_LITTLE_ENDIAN
             or (target is not None and target != dtype.numpy)):
         return Route.DECODE
     return reader.route
+
+
+class Check(enum.Enum):
+    """Where a tensor's stored checksum is checked on its route (stored checksums and
+    ``verify=True``): the value of THE verification decision, :func:`verify_point`."""
+
+    #: Nothing is checked: the reader does not verify.
+    NONE = "none"
+    #: Before anything of the tensor is handed out, on its stored bytes, once per tensor
+    #: (:meth:`TensorReader.begin`): the reader's buffer (ALIAS and VIEW, DECODE from
+    #: memory), or, for a part of a tensor read without a buffer, the whole tensor read
+    #: :data:`VERIFY_PIECE` bytes at a time.
+    FIRST = "first"
+    #: On the bytes a read returns, as they land in fresh memory (READ, FETCH, DECODE of
+    #: bytes read, a box that is the whole tensor): the bytes checked are the bytes
+    #: returned, read once (:meth:`TensorReader.read_span`, the box engine).
+    RESULT = "result"
+
+
+def verify_point(reader: TensorReader, *, whole: bool, read: bool) -> Check:
+    """THE verification decision: where a tensor is checked on its route.
+
+    Args:
+        reader: The reader (its ``digests``: None when it does not verify).
+        whole: The route returns the whole tensor (not a box or slice of it).
+        read: The route reads (or copies) the tensor's stored bytes into fresh memory,
+            where they can be checked as they arrive; False when it hands out a view of
+            the reader's buffer or decodes what it reads (the bytes returned are not the
+            stored ones).
+
+    Returns:
+        NONE without checksums to check; RESULT for a whole tensor read into fresh
+        memory; FIRST otherwise (a view, a decode, a part).
+    """
+    if reader.digests is None:
+        return Check.NONE
+    return Check.RESULT if whole and read else Check.FIRST
 
 
 def _native(arr: np.ndarray, dtype: DType) -> np.ndarray:
@@ -403,30 +445,52 @@ class TensorReader:
         self.progress: ProgressBar | None = None
 
     # -- checksums
-    def verify(self, info: TensorInfo, data: Any = None, *, eager: bool = False,
-               fresh: bool = False) -> None:
-        """THE checksum check (with stored checksums and ``verify=True``): every route
-        checks its tensors here, on the memory it returns, once per tensor.
+    def begin(self, infos: Sequence[TensorInfo], *, whole: bool = True,
+              read: bool | None = None) -> None:
+        """Where a route begins: the tensors whose :func:`verify_point` is
+        :attr:`Check.FIRST` are checked now, before anything of them is handed out.
+        Every route begins here: the handle's whole tensors and slices
+        (:class:`SafeOpen`), the boxes of the read engine (:meth:`read_boxes`).
 
-        * ``data`` None, a memory route (:data:`MEMORY_ROUTES`): the buffer's bytes,
-          before a view of them is handed out.
-        * ``data`` None, ``eager`` (a part is about to be read without a buffer): the
-          whole tensor, read :data:`VERIFY_PIECE` bytes at a time.
-        * ``data`` None otherwise: nothing now; the read checks the bytes it returns.
-        * ``data``: the whole tensor's bytes just read (``fresh``: checked even when the
-          tensor was checked before, since they are the bytes returned)."""
-        if self.digests is None or (info.name in self._verified and not fresh):
+        Args:
+            infos: The tensors the route is about to read.
+            whole: They are read whole (False: boxes or slices of them).
+            read: Their stored bytes are read into fresh memory (see
+                :func:`verify_point`); default: when the reader has no buffer.
+
+        Raises:
+            ChecksumError: A tensor's stored bytes do not match its checksum.
+        """
+        if verify_point(self, whole=whole,
+                        read=self.buffer is None if read is None else read) is Check.FIRST:
+            for info in infos:
+                self.verify(info)
+
+    def verify(self, info: TensorInfo, data: Any = None) -> None:
+        """THE checksum check (with stored checksums and ``verify=True``; where each
+        route calls it: :func:`verify_point`).
+
+        * ``data`` None (:attr:`Check.FIRST`): the tensor's stored bytes, once per
+          tensor: the buffer's, or read :data:`VERIFY_PIECE` bytes at a time.
+        * ``data`` (:attr:`Check.RESULT`): the whole tensor's bytes just read, checked
+          every time, since they are the bytes returned.
+
+        Raises:
+            ChecksumError: The bytes do not match the stored checksum.
+        """
+        if self.digests is None:
             return
         if data is None:
+            if info.name in self._verified:
+                return
             start = self.header.data_start + info.begin
             if self.buffer is not None:
-                data = self.buffer[start : start + info.nbytes]
-            elif eager:
+                _integrity.check(info.name, self.buffer[start : start + info.nbytes],
+                                 self.digests)
+            else:
                 _integrity.check_pieces(info.name, self._pieces(start, info.nbytes, info.name),
                                         self.digests)
-            else:
-                return
-        if data is not None:
+        else:
             _integrity.check(info.name, data, self.digests)
         with self._lock:
             self._verified.add(info.name)
@@ -449,7 +513,8 @@ class TensorReader:
         """THE copy out of the source: the bytes of ``infos`` (tensors that follow each other
         in the file) into ``out``, in one read (a large one split across threads, see
         :mod:`safecodec._threads`); each tensor is checked against its stored
-        checksum when reads are verified (the bytes checked are the bytes returned)."""
+        checksum when reads are verified (:attr:`Check.RESULT`: the bytes checked are the
+        bytes returned)."""
         first, last = infos[0], infos[-1]
         start = self.header.data_start + first.begin
         what = f"tensor {first.name!r}" if len(infos) == 1 else f"tensors {first.name!r}.."
@@ -461,10 +526,10 @@ class TensorReader:
                 self.source.readinto(start, out, what)
             if self.progress is not None:
                 self.progress.update(len(out))
-        if self.digests is not None:
+        if verify_point(self, whole=True, read=True) is Check.RESULT:
             for info in infos:
                 a = info.begin - first.begin
-                self.verify(info, out[a : a + info.nbytes], fresh=True)
+                self.verify(info, out[a : a + info.nbytes])
 
     def copies(self, infos: list[TensorInfo]) -> dict[str, np.ndarray]:
         """Every tensor as an array of its own, read with positioned reads (``copy=True``
@@ -582,14 +647,13 @@ class TensorReader:
         for k, (info, box) in enumerate(requests):
             dt = info.dtype
             key = _key(info, box)
-            if dt.packed:
-                self.verify(info, eager=True)
+            if dt.packed:  # decoded: the stored bytes are checked first
+                self.begin([info], read=False)
                 out[k] = self._packed_box(info, key)
                 continue
             layout = box_layout(info.shape, key, dt.itemsize)
             whole = not layout.outer and layout.nbytes == info.nbytes
-            if not whole:
-                self.verify(info, eager=True)
+            self.begin([info], whole=whole, read=True)  # a part: the whole tensor first
             if not layout.nbytes:
                 out[k] = alloc(layout.shape, dt.numpy)
                 continue
@@ -619,7 +683,7 @@ class TensorReader:
         return out
 
     def _finish_box(self, info: TensorInfo, arr: np.ndarray, whole: bool) -> np.ndarray:
-        if whole and self.digests is not None:
+        if verify_point(self, whole=whole, read=True) is Check.RESULT:
             self.verify(info, _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)))
         if self.progress is not None:
             self.progress.update(arr.nbytes)
@@ -1051,7 +1115,7 @@ class SafeOpen:
         """The whole tensor ``name``: a NumPy array (or a jax.Array for framework='jax')."""
         info = self._info(name)
         reader = self.reader
-        reader.verify(info)
+        reader.begin([info])
         if self.output is not None:
             return self.output.load_tensor(reader, info)
         return reader.array(info)
@@ -1080,7 +1144,7 @@ class SafeOpen:
                     f"get_slice(sharding=) takes a jax.sharding.Sharding, got "
                     f"{type(sharding).__name__}"
                 )
-        self.reader.verify(info, eager=True)
+        self.reader.begin([info], whole=False)
         return TensorSlice(self, info, sharding)
 
     def get_tensors(self) -> dict[str, Any]:
@@ -1093,7 +1157,7 @@ class SafeOpen:
         file read-only, so there it is a private copy)."""
         info = self._info(name)
         reader = self.reader
-        reader.verify(info)
+        reader.begin([info])
         arr = reader.array(info)
         return arr if self.output is None else np.array(arr)
 
@@ -1131,16 +1195,14 @@ class SafeOpen:
         remote FETCH of a whole load streams the tensors into private memory in one pass
         first (their route is then VIEW); memory routes hand out views (a tensor that
         needs DECODE takes :meth:`TensorReader.array`), READ spreads positioned reads
-        over the threads (:meth:`TensorReader.copies`). Tensors handed out as views are
-        checked (:meth:`TensorReader.verify`) before any is returned; read ones as they
-        are read."""
+        over the threads (:meth:`TensorReader.copies`). Checksums: tensors handed out as
+        views are checked before any is returned, read ones as they are read
+        (:meth:`TensorReader.begin`, :func:`verify_point`)."""
         route = reader.route
         if route is Route.FETCH and infos and self.output is None and self._source.remote:
             reader = reader.fetched(infos)
             route = reader.route
-        if route in MEMORY_ROUTES and reader.digests is not None:
-            for info in infos:
-                reader.verify(info)
+        reader.begin(infos)
         if self.output is not None:
             return self.output.load_all(reader, infos, sharding=sharding,
                                         check_names=check_names)
