@@ -85,13 +85,13 @@ from ._source import BufferSource, MapMode
 
 __all__ = [
     "BACKENDS",
-    "Check",
     "FIRST_READ",
     "JAX_FRAMEWORKS",
     "MEMORY_ROUTES",
     "NUMPY_FRAMEWORKS",
     "READ_BUDGET",
     "SMALL_GAP",
+    "Check",
     "Output",
     "ReadOptions",
     "Route",

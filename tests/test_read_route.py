@@ -216,7 +216,7 @@ def test_a_corrupted_tensor_raises_on_every_route(case: str, tmp_path: Any,
         assert read_route(f.reader, f.header.tensors["q"].dtype) is Route.DECODE
     for name in ("w", "i", "q"):
         whole = tuple(slice(0, n) for n in tensors[name].shape)
-        part = (slice(0, 1),) + whole[1:]
+        part = (slice(0, 1), *whole[1:])
         entries = {
             "get_tensor": lambda f, n=name: f.get_tensor(n),
             "load_tensors": lambda f, n=name: f.load_tensors([n]),
