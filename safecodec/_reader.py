@@ -19,10 +19,10 @@ Every option of a read travels as one frozen :class:`ReadOptions`, built once by
 routers.
 
 Parts of tensors (slices without a mapping, the blocks of sharded JAX loads, remote
-batches) are *boxes*, read by ONE engine, :meth:`TensorReader.read_boxes`: a plan of
-O(ndim) numbers per box (:func:`safecodec._indexing.box_layout`), one strided copy from
-memory, or as few reads as the source allows within a read-amplification budget
-(:data:`READ_BUDGET`). Under ``verify=True`` a box is returned only once its whole tensor
+batches) are *boxes*, read by ONE engine, :class:`BoxReader` (through
+:meth:`TensorReader.read_boxes`): a plan of O(ndim) numbers per box
+(:func:`safecodec._indexing.box_layout`), one strided copy from memory, or as few reads as
+the source allows within a read-amplification budget (:data:`READ_BUDGET`). Under ``verify=True`` a box is returned only once its whole tensor
 has been checked (a box that is the whole tensor: on the bytes read).
 
 A :class:`SafeOpen` handle produces NumPy arrays itself; other outputs (JAX) come from an
@@ -91,6 +91,7 @@ __all__ = [
     "NUMPY_FRAMEWORKS",
     "READ_BUDGET",
     "SMALL_GAP",
+    "BoxReader",
     "Check",
     "Output",
     "ReadOptions",
@@ -592,7 +593,7 @@ class TensorReader:
             arr = _native(arr, dt)
         return arr
 
-    # -- boxes: THE read engine for parts of tensors
+    # -- boxes: parts of tensors, read by the engine (BoxReader)
     def read_box(self, info: TensorInfo, box: tuple[slice, ...], *,
                  empty: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
                  ) -> np.ndarray:
@@ -641,30 +642,71 @@ class TensorReader:
             SliceIndexError: A box is malformed.
             ChecksumError: ``verify=True`` and a tensor's bytes do not match.
         """
-        alloc = empty or _empty
+        return BoxReader(self, empty).read(requests)
+
+    def fetched(self, infos: list[TensorInfo]) -> TensorReader:
+        """Remote whole loads: stream the tensors' bytes into memory in one pass (merged,
+        concurrent range requests), check that the object did not change meanwhile, and
+        return a reader whose tensors are views of that private memory."""
+        start = self.header.data_start
+        memory = bytearray(self.header.file_size)
+        # the source checks (or pins) the object's identity with every fetch
+        self.source.readinto_ranges(
+            memoryview(memory), [(start + i.begin, start + i.end) for i in infos], "tensors"
+        )
+        return TensorReader(BufferSource(memory, self.source.name), self.header,
+                            self.options.replace(copy=False, backend="mmap"), mode="copy",
+                            digests=self.digests)
+
+
+class BoxReader:
+    """THE read engine for parts of tensors (boxes) of one reader: many boxes read by one
+    plan, each into a fresh C-contiguous array (see :meth:`TensorReader.read_boxes`,
+    which builds one per call). A class of its own: how a box's bytes leave the source
+    (a strided copy from memory, positioned reads within :data:`READ_BUDGET` and
+    :data:`PREAD_WINDOW`, one merged ``read_ranges`` call remotely, packed groups) is a
+    concern apart from whole tensors; it reads through the reader's source and checks
+    through the reader (:meth:`TensorReader.begin`, :meth:`TensorReader.verify`).
+
+    Args:
+        reader: The reader whose tensors the boxes are cut from.
+        empty: Allocates each result (``empty(shape, dtype)``); default ``np.empty``.
+    """
+
+    __slots__ = ("alloc", "reader")
+
+    def __init__(self, reader: TensorReader,
+                 empty: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None) -> None:
+        self.reader = reader
+        self.alloc = empty or _empty
+
+    def read(self, requests: Sequence[tuple[TensorInfo, tuple[slice, ...]]]) -> list[np.ndarray]:
+        """Every ``(info, box)`` of ``requests``, in the order asked (see
+        :meth:`TensorReader.read_boxes`)."""
+        reader, alloc = self.reader, self.alloc
         out: list[Any] = [None] * len(requests)
         fetch: list[tuple[int, TensorInfo, BoxLayout, BoxLayout]] = []
         for k, (info, box) in enumerate(requests):
             dt = info.dtype
             key = _key(info, box)
             if dt.packed:  # decoded: the stored bytes are checked first
-                self.begin([info], read=False)
-                out[k] = self._packed_box(info, key)
+                reader.begin([info], read=False)
+                out[k] = self._packed(info, key)
                 continue
             layout = box_layout(info.shape, key, dt.itemsize)
             whole = not layout.outer and layout.nbytes == info.nbytes
-            self.begin([info], whole=whole, read=True)  # a part: the whole tensor first
+            reader.begin([info], whole=whole, read=True)  # a part: the whole tensor first
             if not layout.nbytes:
                 out[k] = alloc(layout.shape, dt.numpy)
                 continue
-            if self.buffer is not None and not (self.source.positioned and not layout.outer):
+            if reader.buffer is not None and not (reader.source.positioned and not layout.outer):
                 arr = alloc(layout.shape, dt.numpy)
                 _copy_strided(arr, self._strided(info, layout))
-            elif self.source.positioned:
+            elif reader.source.positioned:
                 try:
-                    arr = self._pread_box(info, key, layout, alloc)
+                    arr = self._pread(info, key, layout)
                 except ClosedHandleError:
-                    if self.buffer is None:
+                    if reader.buffer is None:
                         raise
                     # The handle is closed, its mapping is not: a slice of a mapped file
                     # outlives its handle (TensorSlice), whichever way its box is read.
@@ -674,44 +716,45 @@ class TensorReader:
                 fetch.append((k, info, layout,
                               coalesce(layout, READ_BUDGET, SMALL_GAP, BOX_REQUESTS)))
                 continue
-            out[k] = self._finish_box(info, arr, whole)
+            out[k] = self._finish(info, arr, whole)
         if fetch:
-            for (k, info, layout, _), arr in zip(fetch, self._fetch_boxes(fetch, alloc),
-                                                 strict=True):
-                out[k] = self._finish_box(info, arr, not layout.outer
-                                          and layout.nbytes == info.nbytes)
+            for (k, info, layout, _), arr in zip(fetch, self._fetch(fetch), strict=True):
+                out[k] = self._finish(info, arr, not layout.outer
+                                      and layout.nbytes == info.nbytes)
         return out
 
-    def _finish_box(self, info: TensorInfo, arr: np.ndarray, whole: bool) -> np.ndarray:
-        if verify_point(self, whole=whole, read=True) is Check.RESULT:
-            self.verify(info, _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)))
-        if self.progress is not None:
-            self.progress.update(arr.nbytes)
+    def _finish(self, info: TensorInfo, arr: np.ndarray, whole: bool) -> np.ndarray:
+        reader = self.reader
+        if verify_point(reader, whole=whole, read=True) is Check.RESULT:
+            reader.verify(info, _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)))
+        if reader.progress is not None:
+            reader.progress.update(arr.nbytes)
         return arr if _dtypes.HOST_IS_LITTLE_ENDIAN else _native(arr, info.dtype)
 
     def _strided(self, info: TensorInfo, layout: BoxLayout) -> np.ndarray:
         """The box as a strided view of the buffer (one request in ``stats``)."""
-        assert self.buffer is not None
-        stats = self.source.stats
+        reader = self.reader
+        assert reader.buffer is not None
+        stats = reader.source.stats
         stats.requests += 1
         stats.bytes_read += layout.nbytes
-        start = self.header.data_start + info.begin + layout.offset
+        start = reader.header.data_start + info.begin + layout.offset
         if not layout.nbytes:
             return np.empty(layout.shape, info.dtype.numpy)
-        return np.ndarray(layout.shape, info.dtype.numpy, self.buffer, start, layout.strides)
+        return np.ndarray(layout.shape, info.dtype.numpy, reader.buffer, start, layout.strides)
 
-    def _pread_box(self, info: TensorInfo, key: Box, layout: BoxLayout,
-                   alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> np.ndarray:
+    def _pread(self, info: TensorInfo, key: Box, layout: BoxLayout) -> np.ndarray:
         """A box of a local file by positioned reads: one per span (:func:`coalesce`:
         exact bytes unless the budget allows a gap, at most :data:`BOX_REQUESTS` spans),
         :data:`PREAD_WINDOW` bytes of the file at a time along the box's first long axis
         (the memory the spans pass through stays bounded)."""
-        base = self.header.data_start + info.begin
-        arr = alloc(layout.shape, info.dtype.numpy)
+        reader = self.reader
+        base = reader.header.data_start + info.begin
+        arr = self.alloc(layout.shape, info.dtype.numpy)
         what = f"tensor {info.name!r}"
         if not layout.outer:  # one run: straight into the result
-            self.source.readinto(base + layout.offset,
-                                 _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)), what)
+            reader.source.readinto(base + layout.offset,
+                                   _dtypes.as_memoryview(arr.reshape(-1).view(np.uint8)), what)
             return arr
         axis = next(d for d, n in enumerate(layout.shape) if n > 1)
         start, _, step = key[axis]
@@ -728,18 +771,18 @@ class TensorReader:
             view = _dtypes.as_memoryview(packed)
             run = spans.run
             for i, at in enumerate(span_starts(spans).tolist()):
-                self.source.readinto(base + at, view[i * run : (i + 1) * run], what)
+                reader.source.readinto(base + at, view[i * run : (i + 1) * run], what)
             dst = arr[(slice(None),) * axis + (slice(a, b),)]
             _copy_strided(dst, np.ndarray(sub.shape, info.dtype.numpy, packed, 0,
                                           span_strides(spans)))
         return arr
 
-    def _fetch_boxes(self, boxes: list[tuple[int, TensorInfo, BoxLayout, BoxLayout]],
-                     alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray],
-                     ) -> list[np.ndarray]:
+    def _fetch(self, boxes: list[tuple[int, TensorInfo, BoxLayout, BoxLayout]],
+               ) -> list[np.ndarray]:
         """Boxes of a remote object (or a source without positioned reads): every span
         of every box in ONE ``read_ranges`` call, each box cut out of what arrived."""
-        data = self.header.data_start
+        reader = self.reader
+        data = reader.header.data_start
         starts = [data + info.begin + span_starts(spans) for _, info, _, spans in boxes]
         lengths = [spans.run for *_, spans in boxes]
         merged = _merge(np.concatenate(starts),
@@ -748,11 +791,11 @@ class TensorReader:
         first, last = boxes[0][1].name, boxes[-1][1].name
         what = f"tensor {first!r}" if first == last else f"tensors {first!r}..{last!r}"
         ranges = [(int(a), int(b)) for a, b in merged]
-        pieces = [np.frombuffer(p, np.uint8) for p in self.source.read_ranges(ranges, what)]
+        pieces = [np.frombuffer(p, np.uint8) for p in reader.source.read_ranges(ranges, what)]
         lo = merged[:, 0]
         out: list[np.ndarray] = []
         for (_, info, layout, spans), at, run in zip(boxes, starts, lengths, strict=True):
-            arr = alloc(layout.shape, info.dtype.numpy)
+            arr = self.alloc(layout.shape, info.dtype.numpy)
             p0, p1 = np.searchsorted(lo, [at[0], at[-1]], "right") - 1
             if p0 == p1:  # the whole box arrived in one piece: one strided copy
                 src = np.ndarray(layout.shape, info.dtype.numpy, pieces[p0], int(at[0] - lo[p0]),
@@ -767,9 +810,10 @@ class TensorReader:
             out.append(arr)
         return out
 
-    def _packed_box(self, info: TensorInfo, box: Any) -> np.ndarray:
+    def _packed(self, info: TensorInfo, box: Any) -> np.ndarray:
         """A box of a packed (F4/F6) tensor: the bytes from its first element to its last
         are read once, unpacked, and the box copied out of them."""
+        reader = self.reader
         dt = info.dtype
         layout = box_layout(info.shape, box, 1)  # in elements
         if not layout.nbytes:
@@ -778,13 +822,13 @@ class TensorReader:
         gbytes = group * dt.bits // 8
         first, stop = layout.offset, layout.offset + layout.extent
         lo, hi = (first // group) * gbytes, -(-stop // group) * gbytes
-        start = self.header.data_start + info.begin + lo
-        if self.buffer is not None:
-            raw = np.frombuffer(self.buffer, np.uint8, hi - lo, start)
+        start = reader.header.data_start + info.begin + lo
+        if reader.buffer is not None:
+            raw = np.frombuffer(reader.buffer, np.uint8, hi - lo, start)
         else:
-            raw = np.frombuffer(self.source.read(start, hi - lo, f"tensor {info.name!r}"),
+            raw = np.frombuffer(reader.source.read(start, hi - lo, f"tensor {info.name!r}"),
                                 np.uint8)
-        if not self.unpack:
+        if not reader.unpack:
             raise SafecodecError(
                 f"tensor {info.name!r} is packed {dt.code}; slicing needs unpack=True"
             )
@@ -794,20 +838,6 @@ class TensorReader:
         src = np.ndarray(layout.shape, vals.dtype, vals, skip * item,
                          tuple(st * item for st in layout.strides))
         return np.ascontiguousarray(src)
-
-    def fetched(self, infos: list[TensorInfo]) -> TensorReader:
-        """Remote whole loads: stream the tensors' bytes into memory in one pass (merged,
-        concurrent range requests), check that the object did not change meanwhile, and
-        return a reader whose tensors are views of that private memory."""
-        start = self.header.data_start
-        memory = bytearray(self.header.file_size)
-        # the source checks (or pins) the object's identity with every fetch
-        self.source.readinto_ranges(
-            memoryview(memory), [(start + i.begin, start + i.end) for i in infos], "tensors"
-        )
-        return TensorReader(BufferSource(memory, self.source.name), self.header,
-                            self.options.replace(copy=False, backend="mmap"), mode="copy",
-                            digests=self.digests)
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
