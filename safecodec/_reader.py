@@ -1051,6 +1051,13 @@ class SafeOpen:
         output: The output converter for non-NumPy frameworks.
         options: Every option above in one :class:`ReadOptions` (what the routers
             pass); given, it replaces the keyword options.
+
+    Why one class of some 270 lines: it is the reference wheel's handle, one short,
+    documented method per verb of that API (``keys``, ``offset_keys``, ``metadata``,
+    ``get_tensor``, ``get_slice``, ``get_tensors``) plus the few the tree, sharded and
+    remap layers use; it decides nothing about bytes. Routes come from
+    :func:`read_route`, checks from :func:`verify_point`, reads from
+    :class:`TensorReader` and :class:`BoxReader`.
     """
 
     def __init__(
