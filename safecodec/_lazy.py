@@ -18,12 +18,16 @@ declaration from the source and checks that it points down the layer contract of
 pyproject.toml and closes no import cycle (import-linter sees the ``TYPE_CHECKING``
 import; this test holds the two together).
 
-Not :class:`importlib.util.LazyLoader`: that puts the module in ``sys.modules`` at
-declaration time (the tests that assert a route did not load ``safecodec._remote`` could
-no longer tell), and it runs the module's code on a first attribute read from any thread,
-under a lock of its own. Here the import is an ordinary :func:`importlib.import_module`
-under the interpreter's import lock, and the proxy only forwards attribute reads (a module
-attribute replaced later, as tests do, is seen).
+Not :class:`importlib.util.LazyLoader`: it needs the module object created and put in
+``sys.modules`` when it is declared (so "did this route load ``safecodec._remote``?" could
+no longer be read from ``sys.modules``), and a spec found by hand for each module. Here the
+import is an ordinary :func:`importlib.import_module`, and the proxy only forwards
+attribute reads (a module attribute replaced later, as tests do, is seen).
+
+The package root's lazy public names (``_LAZY`` and PEP 562 ``__getattr__`` in
+``safecodec/__init__.py``) are another thing: names, not modules, bound in the root so
+that ``dir()``, ``from safecodec import *`` and type checkers see them, by a root that
+imports nothing but its exception classes (this module included).
 """
 
 from __future__ import annotations
