@@ -4,22 +4,30 @@
 This is the only module that chooses between single file and sharded checkpoint, local
 and remote, NumPy and JAX outputs, the NumPy and the JAX writer. It asks the resolver what
 a source or target is (:mod:`safecodec._resolve`), then hands the work to exactly one of
-the layers below; none of them routes. JAX modules are imported inside the functions that
-need them, and only then: ``import safecodec`` must not import jax.
+the layers below; none of them routes. The JAX modules are deferred
+(:mod:`safecodec._lazy`): imported when a JAX output or JAX arrays are first involved, so
+that the NumPy routes never import jax.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _integrity, _writer
 from ._errors import ChecksumError, SafecodecError
 from ._header import CHECKSUM_KEY, Header
+from ._lazy import deferred
 from ._reader import BACKENDS, ReadOptions, SafeOpen, read_header_from
 from ._resolve import Location, locate, open_source, resolve_target
 from ._sharded import ShardedSafeOpen, save_sharded
+
+if TYPE_CHECKING:
+    from . import _jax_load, _jax_save
+else:  # jax is expensive to import: only JAX outputs and JAX arrays pay for it
+    _jax_load = deferred("safecodec._jax_load")
+    _jax_save = deferred("safecodec._jax_save")
 
 __all__ = [
     "BACKENDS",
@@ -34,10 +42,7 @@ __all__ = [
 ]
 
 def _jax_output(options: ReadOptions) -> Any:
-    # jax is expensive to import: only JAX outputs pay for it.
-    from ._jax_load import JaxOutput
-
-    return JaxOutput.for_options(options)
+    return _jax_load.JaxOutput.for_options(options)
 
 
 def safe_open(
@@ -279,9 +284,7 @@ def _holds_jax_arrays(tensors: Any) -> bool:
     """True when some value is a jax.Array (checked without importing jax)."""
     if "jax" not in sys.modules or not isinstance(tensors, Mapping):
         return False
-    from ._jax_save import holds_jax_arrays
-
-    return holds_jax_arrays(tensors)
+    return _jax_save.holds_jax_arrays(tensors)
 
 
 def save_file(
@@ -331,11 +334,9 @@ def save_file(
     if max_shard_size is not None:
         write_shard = None
         if jax_values and target.fs is None and not checksums:
-            from ._jax_save import write_shard as write_jax
-
             def write_shard(part: Mapping[str, Any], sink: Any,
                             shard_metadata: Mapping[str, str]) -> tuple[bytes, int]:
-                return write_jax(part, sink, shard_metadata, alignment)
+                return _jax_save.write_shard(part, sink, shard_metadata, alignment)
 
         save_sharded(tensors, target, metadata, max_shard_size=max_shard_size,
                      alignment=alignment, progress=progress, checksums=checksums,
@@ -343,9 +344,8 @@ def save_file(
         return
     if jax_values and target.fs is None and not checksums:
         # Shard by shard, at their offsets: never a whole gathered copy of an array.
-        from ._jax_save import save_file as save_jax
-
-        save_jax(tensors, target.path, metadata, alignment=alignment, timeout_s=timeout_s)
+        _jax_save.save_file(tensors, target.path, metadata, alignment=alignment,
+                            timeout_s=timeout_s)
         return
     _writer.write_file(tensors, lambda: _writer.open_sink(target), metadata, alignment=alignment,
                        checksums=checksums, progress=progress)

@@ -25,8 +25,9 @@ view of memory. Its value is a :class:`~safecodec._reader.Route`:
   64-bit values with x64 off are narrowed into fresh aligned memory (JAX's rule).
   **F6** has no JAX dtype: a :class:`~safecodec.DtypeError` points to the NumPy output.
 
-Checksums (``verify=True``) are checked by the reader on the route's memory
-(:meth:`safecodec._reader.TensorReader.verify`), never here.
+Checksums (``verify=True``) are checked by the reader, where
+:func:`safecodec._reader.verify_point` says (the handle checks memory before it calls this
+output; reads check the bytes they return), never here.
 
 The output is four parts, one concern each: :class:`Policy` (device, sharding spec,
 dtype and narrowing warnings), :class:`HostRoutes` (host arrays by route),

@@ -58,6 +58,7 @@ __all__ = [
     "MAX_REQUEST",
     "MERGE_GAP",
     "FsspecSource",
+    "RangeTransport",
     "RemoteStats",
     "describe_failure",
     "fresh_info",
@@ -93,7 +94,7 @@ MAX_THREADS: Final = 8
 
 
 def _is_http(fs: Any) -> bool:
-    """Whether ``fs`` is fsspec's HTTP filesystem (read with :meth:`FsspecSource._http_fetch`)."""
+    """Whether ``fs`` is fsspec's HTTP filesystem (read by :class:`RangeTransport`, streamed)."""
     from fsspec.implementations.http import HTTPFileSystem
 
     return isinstance(fs, HTTPFileSystem)
@@ -268,6 +269,160 @@ def _identity(info: Mapping[str, Any]) -> tuple[Any, ...]:
 # ----------------------------------------------------------------------------- source
 
 
+class RangeTransport:
+    """How byte ranges of one version of a remote object are asked of its filesystem:
+    the request (an exact ``cat_file``/``cat_ranges``, a file opened with
+    ``cache_type="none"``, a streamed HTTP GET), its version pin, and the concurrency (one
+    ``cat_ranges`` call, ``asyncio.gather``, a thread pool). Answers come back as they
+    arrived, one per range, the exception of a failed range in its place: what they mean
+    (lengths, identity re-checks, the one error type) is :meth:`FsspecSource._fetch`'s
+    concern.
+
+    Every request is pinned to the version whose info was given: by the protocol where
+    it can (HTTP: ``If-Match`` with a strong ETag; S3 with versioning: the version id);
+    where it cannot, ``recheck`` is True and the source re-checks the identity after each
+    read (one metadata request).
+
+    Attributes:
+        exact: ``fs.cat_file(path, start, end)`` is known to fetch exactly that range.
+        http: ``fs`` is fsspec's HTTP filesystem (streamed, pinned by ETag).
+        pin: Keyword arguments that pin each request to the version (may be empty).
+        recheck: No pin: the identity must be re-checked after each read.
+    """
+
+    def __init__(self, fs: Any, path: str, info: Mapping[str, Any], name: str) -> None:
+        self.fs = fs
+        self.path = path
+        self.name = name
+        self.exact = _exact_cat(fs)
+        self.http = _is_http(fs)
+        self.pin: dict[str, Any] = {}
+        etag = info.get("ETag")
+        version = info.get("VersionId")
+        if self.http and isinstance(etag, str) and etag and not etag.startswith("W/"):
+            self.pin = {"headers": {"If-Match": etag}}
+        elif version and hasattr(fs, "version_aware"):  # s3fs: pass the version id
+            self.pin = {"version_id": version}
+        self.recheck = not self.pin
+
+    def fetch(self, spans: Sequence[tuple[int, int]]) -> tuple[list[Any], bool]:
+        """Every span of ``spans`` (sorted, checked against the object's size), fetched
+        concurrently.
+
+        Returns:
+            One answer per span (bytes, or the exception its request raised) and whether
+            every answer proved its version (HTTP: carried the pinned ETag; True on other
+            filesystems, whose pin or re-check is the source's business).
+        """
+        if self.http:
+            try:
+                return self._http(spans)
+            except Exception as exc:  # no session, say: surfaced with the first range
+                return [exc] * len(spans), True
+        if _is_async(self.fs) and len(spans) > 1:
+            results: list[Any] = self.fs.cat_ranges(
+                [self.path] * len(spans), [s for s, _ in spans], [e for _, e in spans],
+                on_error="return", **self.pin,
+            )
+            return results, True
+        if len(spans) == 1:
+            try:
+                return [self._one(*spans[0])], True
+            except Exception as exc:  # surfaced with the range that failed
+                return [exc], True
+
+        def guarded(span: tuple[int, int]) -> Any:
+            try:
+                return self._one(*span)
+            except Exception as exc:
+                return exc
+
+        with ThreadPoolExecutor(min(MAX_THREADS, len(spans))) as pool:
+            return list(pool.map(guarded, spans)), True
+
+    def _one(self, start: int, end: int) -> bytes:
+        """One range: an exact ``cat_file``, else a file opened without read-ahead."""
+        if self.exact:
+            return self.fs.cat_file(self.path, start=start, end=end,  # type: ignore[no-any-return]
+                                    **self.pin)
+        try:
+            f = self.fs.open(self.path, "rb", cache_type="none", block_size=0)
+        except TypeError:  # a filesystem whose open() takes no cache options
+            return self.fs.cat_file(self.path, start=start, end=end)  # type: ignore[no-any-return]
+        with f:
+            f.seek(start)
+            return f.read(end - start)  # type: ignore[no-any-return]
+
+    def _http(self, spans: Sequence[tuple[int, int]]) -> tuple[list[Any], bool]:
+        """HTTP(S) ranges, streamed, concurrently: each answer is read in pieces and the
+        transfer stops (RemoteIOError) as soon as it exceeds what was asked, so a server
+        that ignores ``Range`` costs at most one piece more than the request, never the
+        whole object in memory.
+
+        Requests carry ``If-Match`` with the ETag seen at open time: a replaced object
+        answers 412, reported as a change. But a server may ignore ``If-Match``, so an
+        answer proves its version only by carrying that same ETag: one with another ETag
+        is refused; one with none (a server that sends ETags on HEAD and not on 206, as
+        some do) proves nothing, and then the caller re-checks the object's identity
+        (:meth:`FsspecSource.check_unchanged`) before using what arrived.
+
+        Returns:
+            The answers (bytes, or the exception of each failed range) and whether every
+            answer carried the pinned ETag (always False without a pin).
+        """
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        pinned = self.pin.get("headers", {}).get("If-Match")
+        unconfirmed: list[int] = []
+
+        async def one(session: Any, start: int, end: int) -> Any:
+            kw = dict(self.fs.kwargs)
+            headers = dict(kw.pop("headers", None) or {})
+            headers.update(self.pin.get("headers", {}))
+            headers["Range"] = f"bytes={start}-{end - 1}"
+            want = end - start
+            try:
+                async with session.get(self.fs.encode_url(self.path), headers=headers,
+                                       **kw) as r:
+                    if r.status == 412:
+                        return RemoteIOError(
+                            f"{self.name} changed since it was opened (the server refused "
+                            f"If-Match {self.pin['headers']['If-Match']}: 412); the file's "
+                            "header no longer describes it, open it again")
+                    if r.status == 404:
+                        return FileNotFoundError(2, "No such file (it disappeared)", self.name)
+                    r.raise_for_status()
+                    sent = r.headers.get("ETag")
+                    if pinned and sent and sent != pinned:  # a server ignoring If-Match
+                        return RemoteIOError(
+                            f"{self.name} changed since it was opened (ETag {pinned} then, "
+                            f"{sent} now); the file's header no longer describes it, open it "
+                            "again")
+                    if sent != pinned:
+                        unconfirmed.append(start)  # no proof of the version: re-check
+                    buf = bytearray()
+                    async for piece in r.content.iter_chunked(HTTP_PIECE):
+                        buf += piece
+                        if len(buf) > want:
+                            return RemoteIOError(
+                                f"unexpected answer while reading {self.name}: asked for bytes "
+                                f"{start}-{end} ({want} bytes), the server sent more (status "
+                                f"{r.status}; does it ignore Range requests?); stopped after "
+                                f"{len(buf)} bytes")
+                    return bytes(buf)
+            except Exception as exc:  # reported with its range by FsspecSource._fetch
+                return exc
+
+        async def many() -> list[Any]:
+            session = await self.fs.set_session()
+            return list(await asyncio.gather(*(one(session, a, b) for a, b in spans)))
+
+        results = sync(self.fs.loop, many)
+        return results, bool(pinned) and not unconfirmed
+
+
 class FsspecSource(SourceBase):
     """A file on an fsspec filesystem, read with exact byte-range requests.
 
@@ -304,70 +459,24 @@ class FsspecSource(SourceBase):
             )
         self.size = size
         self._identity = _identity(info)
-        self._exact = _exact_cat(fs)
         self._closed = False
-        # Every read is pinned to the version whose header was read: by the protocol where
-        # it can (HTTP: If-Match with a strong ETag; S3 with versioning: the version id),
-        # else by re-checking the identity after each read (one metadata request).
-        self._http = _is_http(fs)
-        self._pin: dict[str, Any] = {}
-        etag = info.get("ETag")
-        version = info.get("VersionId")
-        if self._http and isinstance(etag, str) and etag and not etag.startswith("W/"):
-            self._pin = {"headers": {"If-Match": etag}}
-        elif version and hasattr(fs, "version_aware"):  # s3fs: pass the version id
-            self._pin = {"version_id": version}
-        self._recheck = not self._pin
+        #: How ranges are asked of the filesystem, pinned to the version opened.
+        self.transport = RangeTransport(fs, path, info, self.name)
 
     # -- fetching
-    def _fetch_one(self, start: int, end: int) -> bytes:
-        if self._exact:
-            return self.fs.cat_file(self.path, start=start, end=end,  # type: ignore[no-any-return]
-                                    **self._pin)
-        try:
-            f = self.fs.open(self.path, "rb", cache_type="none", block_size=0)
-        except TypeError:  # a filesystem whose open() takes no cache options
-            return self.fs.cat_file(self.path, start=start, end=end)  # type: ignore[no-any-return]
-        with f:
-            f.seek(start)
-            return f.read(end - start)  # type: ignore[no-any-return]
-
     def _fetch(self, spans: Sequence[tuple[int, int]], what: str,
                bar: ProgressBar | None = None) -> list[bytes]:
-        """Fetch ``spans`` concurrently; check every answer's length."""
+        """Fetch ``spans`` concurrently (:class:`RangeTransport`); check every answer's
+        length, count it, and re-check the object's identity when the answers did not
+        prove their version: the one place every remote read goes through."""
         if self._closed:
             raise ClosedHandleError(f"{self.name}: read after the handle was closed")
         if not spans:
             return []
         for start, end in spans:
             self.check_range(start, end - start, what)
-        results: list[Any]
         began = time.monotonic()
-        confirmed = True  # every answer proved its version (HTTP: the pinned ETag)
-        if self._http:
-            try:
-                results, confirmed = self._http_fetch(spans)
-            except Exception as exc:  # no session, say: surfaced below with the first range
-                results = [exc] * len(spans)
-        elif _is_async(self.fs) and len(spans) > 1:
-            results = self.fs.cat_ranges(
-                [self.path] * len(spans), [s for s, _ in spans], [e for _, e in spans],
-                on_error="return", **self._pin,
-            )
-        elif len(spans) == 1:
-            try:
-                results = [self._fetch_one(*spans[0])]
-            except Exception as exc:  # surfaced below with the range that failed
-                results = [exc]
-        else:
-            def guarded(span: tuple[int, int]) -> Any:
-                try:
-                    return self._fetch_one(*span)
-                except Exception as exc:
-                    return exc
-
-            with ThreadPoolExecutor(min(MAX_THREADS, len(spans))) as pool:
-                results = list(pool.map(guarded, spans))
+        results, confirmed = self.transport.fetch(spans)
         received = 0
         failure: BaseException | None = None
         message = ""
@@ -394,78 +503,9 @@ class FsspecSource(SourceBase):
                 raise failure
             raise RemoteIOError(message) from (
                 None if isinstance(failure, RemoteIOError) else failure)
-        if self._recheck or not confirmed:
+        if self.transport.recheck or not confirmed:
             self.check_unchanged()
         return results
-
-    def _http_fetch(self, spans: Sequence[tuple[int, int]]) -> tuple[list[Any], bool]:
-        """HTTP(S) ranges, streamed, concurrently: each answer is read in pieces and the
-        transfer stops (RemoteIOError) as soon as it exceeds what was asked, so a server
-        that ignores ``Range`` costs at most one piece more than the request, never the
-        whole object in memory.
-
-        Requests carry ``If-Match`` with the ETag seen at open time: a replaced object
-        answers 412, reported as a change. But a server may ignore ``If-Match``, so an
-        answer proves its version only by carrying that same ETag: one with another ETag
-        is refused; one with none (a server that sends ETags on HEAD and not on 206, as
-        some do) proves nothing, and then the caller re-checks the object's identity
-        (:meth:`check_unchanged`) before using what arrived.
-
-        Returns:
-            The answers (bytes, or the exception of each failed range) and whether every
-            answer carried the pinned ETag (always False without a pin).
-        """
-        import asyncio
-
-        from fsspec.asyn import sync
-
-        pinned = self._pin.get("headers", {}).get("If-Match")
-        unconfirmed: list[int] = []
-
-        async def one(session: Any, start: int, end: int) -> Any:
-            kw = dict(self.fs.kwargs)
-            headers = dict(kw.pop("headers", None) or {})
-            headers.update(self._pin.get("headers", {}))
-            headers["Range"] = f"bytes={start}-{end - 1}"
-            want = end - start
-            try:
-                async with session.get(self.fs.encode_url(self.path), headers=headers,
-                                       **kw) as r:
-                    if r.status == 412:
-                        return RemoteIOError(
-                            f"{self.name} changed since it was opened (the server refused "
-                            f"If-Match {self._pin['headers']['If-Match']}: 412); the file's "
-                            "header no longer describes it, open it again")
-                    if r.status == 404:
-                        return FileNotFoundError(2, "No such file (it disappeared)", self.name)
-                    r.raise_for_status()
-                    sent = r.headers.get("ETag")
-                    if pinned and sent and sent != pinned:  # a server ignoring If-Match
-                        return RemoteIOError(
-                            f"{self.name} changed since it was opened (ETag {pinned} then, "
-                            f"{sent} now); the file's header no longer describes it, open it "
-                            "again")
-                    if sent != pinned:
-                        unconfirmed.append(start)  # no proof of the version: re-check
-                    buf = bytearray()
-                    async for piece in r.content.iter_chunked(HTTP_PIECE):
-                        buf += piece
-                        if len(buf) > want:
-                            return RemoteIOError(
-                                f"unexpected answer while reading {self.name}: asked for bytes "
-                                f"{start}-{end} ({want} bytes), the server sent more (status "
-                                f"{r.status}; does it ignore Range requests?); stopped after "
-                                f"{len(buf)} bytes")
-                    return bytes(buf)
-            except Exception as exc:  # reported with its range by _fetch
-                return exc
-
-        async def many() -> list[Any]:
-            session = await self.fs.set_session()
-            return list(await asyncio.gather(*(one(session, a, b) for a, b in spans)))
-
-        results = sync(self.fs.loop, many)
-        return results, bool(pinned) and not unconfirmed
 
     # -- the source interface
     def read(self, offset: int, length: int, what: str = "data") -> bytes | memoryview:

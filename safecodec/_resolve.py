@@ -6,8 +6,8 @@
   sharded checkpoint (:func:`locate`); a directory holding one unsharded file -> that file;
 * a path or URL to write -> a :class:`Target` (local path, or filesystem and path).
 
-fsspec is imported only here and in :mod:`safecodec._remote`, and only when a URL or a
-filesystem is given. Nothing else in safecodec looks at the spelling of a path.
+fsspec is imported only here and in :mod:`safecodec._remote` (a deferred module,
+:mod:`safecodec._lazy`), and only when a URL or a filesystem is given. Nothing else in safecodec looks at the spelling of a path.
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ import posixpath
 import stat
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _source
 from ._errors import RemoteIOError, SafecodecError
+from ._lazy import deferred
 from ._shardindex import INDEX_SUFFIX, pick_index
 from ._source import BufferSource, FileSource, MappedSource
+
+if TYPE_CHECKING:
+    from . import _remote
+else:  # the fsspec source (a thread pool, fsspec's machinery): only URLs pay for it
+    _remote = deferred("safecodec._remote")
 
 __all__ = [
     "Location",
@@ -81,17 +87,15 @@ def resolve_fs(
 def _remote_info(fs: Any, path: str, name: str) -> Mapping[str, Any]:
     """``fs.info(path)`` from the server (:func:`safecodec._remote.fresh_info`), with every
     failure but a missing object as RemoteIOError."""
-    from ._remote import describe_failure, fresh_info
-
     began = time.monotonic()
     try:
-        info: Mapping[str, Any] = fresh_info(fs, path)
+        info: Mapping[str, Any] = _remote.fresh_info(fs, path)
     except FileNotFoundError:
         raise
     except Exception as exc:
         raise RemoteIOError(
             f"asking for the size of {name} failed: "
-            f"{describe_failure(exc, time.monotonic() - began)}"
+            f"{_remote.describe_failure(exc, time.monotonic() - began)}"
         ) from exc
     return info
 
@@ -106,12 +110,10 @@ def open_remote(path: str, fs: Any = None, storage_options: Mapping[str, Any] | 
         RemoteIOError: Its size cannot be determined, it is a directory, or the request
             failed.
     """
-    from ._remote import FsspecSource
-
     filesystem, fpath = resolve_fs(path, fs, storage_options)
     shown = name or path
-    return FsspecSource(filesystem, fpath, _remote_info(filesystem, fpath, shown), name=shown,
-                        progress=progress)
+    return _remote.FsspecSource(filesystem, fpath, _remote_info(filesystem, fpath, shown),
+                                name=shown, progress=progress)
 
 
 def _check_regular(path: str) -> None:

@@ -61,7 +61,15 @@ from ._sink import publishing
 from ._threads import run_concurrently
 from ._writer import open_sink, stream_file, tensor_nbytes
 
-__all__ = ["SHARDS_KEY", "ShardedSafeOpen", "save_sharded", "shard_identity", "write_checkpoint"]
+__all__ = [
+    "SHARDS_KEY",
+    "ShardHandles",
+    "ShardedSafeOpen",
+    "read_index",
+    "save_sharded",
+    "shard_identity",
+    "write_checkpoint",
+]
 
 #: The index metadata entry where safecodec records each shard's identity:
 #: ``{"<shard file>": {"size": <bytes>, "header_sha256": "<hex>"}}``.
@@ -89,13 +97,150 @@ def _identities(metadata: Mapping[str, Any], index: str) -> dict[str, dict[str, 
 # ----------------------------------------------------------------------------- reading
 
 
+def read_index(loc: Location) -> bytes:
+    """The bytes of the index of checkpoint ``loc`` (local or remote), at most
+    :data:`~safecodec._shardindex.MAX_INDEX_SIZE` of them.
+
+    Raises:
+        SafecodecError: The index is larger than that.
+        RemoteIOError: A remote read failed.
+    """
+    assert loc.index is not None
+    if loc.fs is None:
+        size = os.path.getsize(loc.index)
+        if size > MAX_INDEX_SIZE:
+            raise SafecodecError(f"index {loc.name} is {size} bytes, over the {MAX_INDEX_SIZE} limit")
+        with open(loc.index, "rb") as f:
+            data = f.read(MAX_INDEX_SIZE + 1)
+    else:
+        # sized by one metadata request before any byte is read, then read exactly
+        # (length-checked, pinned to the version sized) like every remote file
+        source = open_remote(loc.index, loc.fs, name=loc.name)
+        try:
+            if source.size > MAX_INDEX_SIZE:
+                raise SafecodecError(f"index {loc.name} is {source.size} bytes, over the "
+                                     f"{MAX_INDEX_SIZE} limit")
+            data = bytes(source.read(0, source.size, "index"))
+        finally:
+            source.close()
+    if len(data) > MAX_INDEX_SIZE:
+        raise SafecodecError(f"index {loc.name} is {len(data)} bytes, over the {MAX_INDEX_SIZE} limit")
+    return data
+
+
+class ShardHandles:
+    """The shard handles of one sharded checkpoint: each shard opened on first use,
+    checked against the index (the identity it records, the tensors it maps to the
+    shard), kept for later calls (thread-safe: one handle per shard even when threads
+    race to open it), and closed together.
+
+    Args:
+        location: The checkpoint.
+        names_by_shard: shard file -> the tensors the index maps to it.
+        identity: shard file -> its recorded identity (``safecodec.shards``), or None
+            when the index records none.
+        options: The options every shard is read with.
+        output: The output converter shared by every shard (None for NumPy outputs).
+    """
+
+    def __init__(self, location: Location, names_by_shard: dict[str, list[str]],
+                 identity: dict[str, dict[str, Any]] | None, options: ReadOptions,
+                 output: Output | None) -> None:
+        self._loc = location
+        self._names_by_shard = names_by_shard
+        self._identity = identity
+        self._options = options
+        self._output = output
+        #: shard file -> its open handle (the shards opened so far).
+        self.opened: dict[str, SafeOpen] = {}
+        self._lock = _thread.allocate_lock()
+        self.closed = False
+
+    def get(self, shard: str) -> SafeOpen:
+        """The handle of ``shard``, opened (and checked against the index) on first use.
+
+        Raises:
+            ClosedHandleError: The handles were closed.
+            SafecodecError: The shard does not exist, is not the file the index was
+                written with, or lacks tensors the index maps to it.
+        """
+        handle = self.opened.get(shard)
+        if handle is not None:
+            return handle
+        if self.closed:
+            raise ClosedHandleError("this safe_open handle is closed")
+        path = self._loc.join(shard)
+        wanted = self._names_by_shard[shard]
+        try:
+            options = self._options.located(self._loc.fs)
+            if self._loc.fs is None:
+                options = options.replace(progress=False)
+            handle = SafeOpen(path, output=self._output, options=options)
+        except FileNotFoundError as exc:
+            raise SafecodecError(
+                f"shard {shard!r} listed in index {self._loc.name} for {counted(len(wanted), 'tensor')} "
+                f"(e.g. {wanted[0]!r}) does not exist at {self._loc.display(shard)}"
+            ) from exc
+        try:
+            self._check(shard, handle, wanted)
+        except BaseException:
+            handle.close()
+            raise
+        with self._lock:
+            if self.closed:
+                handle.close()
+                raise ClosedHandleError("this safe_open handle is closed")
+            existing = self.opened.get(shard)
+            if existing is not None:  # another thread won the race
+                handle.close()
+                return existing
+            self.opened[shard] = handle
+        return handle
+
+    def all(self) -> list[SafeOpen]:
+        """Every shard's handle, in shard order (those not open yet opened concurrently)."""
+        return run_concurrently(self.get, list(self._names_by_shard))
+
+    def _check(self, shard: str, handle: SafeOpen, wanted: list[str]) -> None:
+        if self._identity is not None:
+            expected = self._identity.get(shard)
+            if expected is None:
+                raise SafecodecError(
+                    f"index {self._loc.name} records no identity for shard {shard!r}")
+            actual = shard_identity(handle.header.file_size, handle.raw_header())
+            if actual != expected:
+                raise SafecodecError(
+                    f"shard {shard!r} at {self._loc.display(shard)} is not the file index "
+                    f"{self._loc.name} was written with (index: {expected['size']} bytes, "
+                    f"header {expected['header_sha256'][:12]}; file: {actual['size']} bytes, "
+                    f"header {actual['header_sha256'][:12]}): the checkpoint is being "
+                    "rewritten, or a save into it failed part-way; open it again"
+                )
+        missing = [n for n in wanted if n not in handle]
+        if missing:
+            raise SafecodecError(
+                f"index {self._loc.name} maps {counted(len(missing), 'tensor')} to shard {shard!r} that "
+                f"it does not hold: {', '.join(map(repr, missing[:5]))}"
+                + (" ..." if len(missing) > 5 else "")
+                + f" (the shard holds {counted(len(handle), 'tensor')})"
+            )
+
+    def close(self) -> None:
+        """Close every opened shard; later :meth:`get` calls raise ClosedHandleError."""
+        with self._lock:
+            self.closed = True
+            handles, self.opened = list(self.opened.values()), {}
+        for handle in handles:
+            handle.close()
+
+
 class ShardedSafeOpen:
     """A lazy handle over a sharded checkpoint, with the API of :class:`~safecodec.SafeOpen`
     (``keys``, ``offset_keys``, ``metadata``, ``get_tensor``, ``get_slice``,
     ``get_tensors``, ``stats``...). Open it with :func:`safecodec.safe_open`.
 
-    Thread-safe for reads. Shards are opened on first use; ``get_tensors`` opens all of
-    them concurrently.
+    Thread-safe for reads. Shards are opened on first use (:class:`ShardHandles`: opened,
+    checked against the index, kept); ``get_tensors`` opens all of them concurrently.
 
     Examples:
         >>> import numpy as np, safecodec as sc, tempfile
@@ -125,109 +270,23 @@ class ShardedSafeOpen:
         #: progress bar; a local one none).
         self.options: ReadOptions = options
         self._loc = location
-        self._index_bytes = 0
-        data = self._read_index()
+        data = read_index(location)
+        self._index_bytes = len(data)
         self._weight_map, self._index_metadata = parse_index(data, location.name)
-        self._identity = _identities(self._index_metadata, location.name)
         shards: dict[str, list[str]] = {}
         for tensor, shard in self._weight_map.items():
             shards.setdefault(shard, []).append(tensor)
         self._names_by_shard = {s: shards[s] for s in sorted(shards)}
-        self._handles: dict[str, SafeOpen] = {}
+        #: The shards' handles, opened on first use.
+        self.shards = ShardHandles(location, self._names_by_shard,
+                                   _identities(self._index_metadata, location.name),
+                                   options, output)
         self._header: Header | None = None
-        self._lock = _thread.allocate_lock()
-        self._closed = False
 
-    def _read_index(self) -> bytes:
-        loc = self._loc
-        assert loc.index is not None
-        if loc.fs is None:
-            size = os.path.getsize(loc.index)
-            if size > MAX_INDEX_SIZE:
-                raise SafecodecError(f"index {loc.name} is {size} bytes, over the {MAX_INDEX_SIZE} limit")
-            with open(loc.index, "rb") as f:
-                data = f.read(MAX_INDEX_SIZE + 1)
-        else:
-            # sized by one metadata request before any byte is read, then read exactly
-            # (length-checked, pinned to the version sized) like every remote file
-            source = open_remote(loc.index, loc.fs, name=loc.name)
-            try:
-                if source.size > MAX_INDEX_SIZE:
-                    raise SafecodecError(f"index {loc.name} is {source.size} bytes, over the "
-                                         f"{MAX_INDEX_SIZE} limit")
-                data = bytes(source.read(0, source.size, "index"))
-            finally:
-                source.close()
-        if len(data) > MAX_INDEX_SIZE:
-            raise SafecodecError(f"index {loc.name} is {len(data)} bytes, over the {MAX_INDEX_SIZE} limit")
-        self._index_bytes = len(data)
-        return data
 
     # -- shards
-    def _open_shard(self, shard: str) -> SafeOpen:
-        """The handle of ``shard``, opened (and checked against the index) on first use."""
-        handle = self._handles.get(shard)
-        if handle is not None:
-            return handle
-        if self._closed:
-            raise ClosedHandleError("this safe_open handle is closed")
-        path = self._loc.join(shard)
-        wanted = self._names_by_shard[shard]
-        try:
-            options = self.options.located(self._loc.fs)
-            if self._loc.fs is None:
-                options = options.replace(progress=False)
-            handle = SafeOpen(path, output=self.output, options=options)
-        except FileNotFoundError as exc:
-            raise SafecodecError(
-                f"shard {shard!r} listed in index {self._loc.name} for {counted(len(wanted), 'tensor')} "
-                f"(e.g. {wanted[0]!r}) does not exist at {self._loc.display(shard)}"
-            ) from exc
-        try:
-            self._check_shard(shard, handle, wanted)
-        except BaseException:
-            handle.close()
-            raise
-        with self._lock:
-            if self._closed:
-                handle.close()
-                raise ClosedHandleError("this safe_open handle is closed")
-            existing = self._handles.get(shard)
-            if existing is not None:  # another thread won the race
-                handle.close()
-                return existing
-            self._handles[shard] = handle
-        return handle
-
-    def _check_shard(self, shard: str, handle: SafeOpen, wanted: list[str]) -> None:
-        if self._identity is not None:
-            expected = self._identity.get(shard)
-            if expected is None:
-                raise SafecodecError(
-                    f"index {self._loc.name} records no identity for shard {shard!r}")
-            actual = shard_identity(handle.header.file_size, handle.raw_header())
-            if actual != expected:
-                raise SafecodecError(
-                    f"shard {shard!r} at {self._loc.display(shard)} is not the file index "
-                    f"{self._loc.name} was written with (index: {expected['size']} bytes, "
-                    f"header {expected['header_sha256'][:12]}; file: {actual['size']} bytes, "
-                    f"header {actual['header_sha256'][:12]}): the checkpoint is being "
-                    "rewritten, or a save into it failed part-way; open it again"
-                )
-        missing = [n for n in wanted if n not in handle]
-        if missing:
-            raise SafecodecError(
-                f"index {self._loc.name} maps {counted(len(missing), 'tensor')} to shard {shard!r} that "
-                f"it does not hold: {', '.join(map(repr, missing[:5]))}"
-                + (" ..." if len(missing) > 5 else "")
-                + f" (the shard holds {counted(len(handle), 'tensor')})"
-            )
-
-    def _open_all(self) -> list[SafeOpen]:
-        return run_concurrently(self._open_shard, list(self._names_by_shard))
-
     def _check_open(self) -> None:
-        if self._closed:
+        if self.shards.closed:
             raise ClosedHandleError("this safe_open handle is closed")
 
     def _shard_of(self, name: str) -> str:
@@ -240,7 +299,7 @@ class ShardedSafeOpen:
 
     def shard_handle(self, name: str) -> SafeOpen:
         """The :class:`~safecodec.SafeOpen` handle of the shard that holds ``name``."""
-        return self._open_shard(self._shard_of(name))
+        return self.shards.get(self._shard_of(name))
 
     def shard_files(self) -> list[str]:
         """Shard file names, sorted."""
@@ -259,7 +318,7 @@ class ShardedSafeOpen:
         """The handle of shard file ``shard`` (opened and checked on first use)."""
         if shard not in self._names_by_shard:
             raise SafecodecError(f"{shard!r} is not a shard of {self._loc.name}")
-        return self._open_shard(shard)
+        return self.shards.get(shard)
 
     @property
     def name(self) -> str:
@@ -285,7 +344,7 @@ class ShardedSafeOpen:
         """Tensor names shard by shard, each shard in file order (reads every shard header)."""
         self._check_open()
         out: list[str] = []
-        for shard, handle in zip(self._names_by_shard, self._open_all(), strict=True):
+        for shard, handle in zip(self._names_by_shard, self.shards.all(), strict=True):
             wanted = set(self._names_by_shard[shard])
             out.extend(n for n in handle.offset_keys() if n in wanted)
         return out
@@ -296,7 +355,7 @@ class ShardedSafeOpen:
         self._check_open()
         if not self._names_by_shard:
             return None
-        return self._open_shard(next(iter(self._names_by_shard))).metadata()
+        return self.shards.get(next(iter(self._names_by_shard))).metadata()
 
     def get_tensor(self, name: str) -> Any:
         """Tensor ``name``, read from its shard only."""
@@ -329,7 +388,7 @@ class ShardedSafeOpen:
             self.output.check_names([tensors[n] for n in names], sharding, "checkpoint")
         out: dict[str, Any] = {}
         for shard, group in groups.items():
-            out.update(self._open_shard(shard).load_tensors(group, sharding=sharding,
+            out.update(self.shards.get(shard).load_tensors(group, sharding=sharding,
                                                             check_names=False))
         return {n: out[n] for n in names}
 
@@ -344,12 +403,12 @@ class ShardedSafeOpen:
         if header is None:
             tensors: dict[str, TensorInfo] = {}
             size = 0
-            for shard, handle in zip(self._names_by_shard, self._open_all(), strict=True):
+            for shard, handle in zip(self._names_by_shard, self.shards.all(), strict=True):
                 wanted = set(self._names_by_shard[shard])
                 tensors.update((n, i) for n, i in handle.header.tensors.items() if n in wanted)
                 size += handle.header.file_size
             first = next(iter(self._names_by_shard), None)
-            raw = None if first is None else self._open_shard(first).header.raw_metadata
+            raw = None if first is None else self.shards.get(first).header.raw_metadata
             header = self._header = Header(tensors, raw, 0, size)
         return header
 
@@ -357,14 +416,14 @@ class ShardedSafeOpen:
     def stats(self) -> dict[str, int]:
         """Bytes read and requests made so far, over the index and every opened shard."""
         total = {"bytes_read": self._index_bytes, "requests": 1}
-        for handle in list(self._handles.values()):
+        for handle in list(self.shards.opened.values()):
             for key, value in handle.stats.items():
                 total[key] = total.get(key, 0) + value
         return total
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.shards.closed
 
     def __contains__(self, name: object) -> bool:
         return name in self._weight_map
@@ -377,11 +436,7 @@ class ShardedSafeOpen:
 
     def close(self) -> None:
         """Close every opened shard. Arrays already handed out stay valid."""
-        with self._lock:
-            self._closed = True
-            handles, self._handles = list(self._handles.values()), {}
-        for handle in handles:
-            handle.close()
+        self.shards.close()
 
     def __enter__(self) -> ShardedSafeOpen:
         return self
@@ -390,7 +445,7 @@ class ShardedSafeOpen:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else (f"{counted(len(self), 'tensor')} in "
+        state = "closed" if self.closed else (f"{counted(len(self), 'tensor')} in "
                                                 f"{counted(len(self._names_by_shard), 'shard')}")
         return f"<safecodec.safe_open sharded {self._loc.name!r} ({state})>"
 

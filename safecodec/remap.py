@@ -1231,7 +1231,7 @@ def _read_boxes(handle: Any, requests: Sequence[tuple[str, tuple[slice, ...]]]) 
         info = reader.header.tensors[name]
         route = read_route(reader, info.dtype)
         if route in MEMORY_ROUTES:
-            reader.verify(info)  # with stored checksums and verify=True: once per tensor
+            reader.begin([info], whole=False)  # where the route begins: checksums checked first
             out[k] = reader.array(info)[box]  # a view of the mapping
         elif reader.route in MEMORY_ROUTES:
             out[k] = np.asarray(shard.get_slice(name)[box])  # DECODE (packed): decoded
@@ -1243,6 +1243,18 @@ def _read_boxes(handle: Any, requests: Sequence[tuple[str, tuple[slice, ...]]]) 
         for (k, _, _), part in zip(items, parts, strict=True):
             out[k] = part
     return out
+
+
+def _requests(t: _Target, region: Region) -> list[tuple[str, tuple[slice, ...], list[_Step]]]:
+    """The reads for one block of one target: (source, box, forward steps)."""
+    if any(len(r) == 0 for r in region):
+        return []
+    if t.whole:
+        return [(s, (), []) for s in (t.sources if t.stacked else t.sources[:1])]
+    rest = region[1:] if t.stacked else region
+    box, steps = _pull(t.ops, t.shapes, rest)
+    sources = [t.sources[i] for i in region[0]] if t.stacked else [t.sources[0]]
+    return [(s, _box(box), steps) for s in sources]
 
 
 @dataclass(frozen=True)
@@ -1268,17 +1280,7 @@ class Plan:
         self._like = like
         self.targets = targets
         self._close = close
-
-    def _requests(self, t: _Target, region: Region) -> list[tuple[str, tuple[slice, ...], list[_Step]]]:
-        """The reads for one block of one target: (source, box, forward steps)."""
-        if any(len(r) == 0 for r in region):
-            return []
-        if t.whole:
-            return [(s, (), []) for s in (t.sources if t.stacked else t.sources[:1])]
-        rest = region[1:] if t.stacked else region
-        box, steps = _pull(t.ops, t.shapes, rest)
-        sources = [t.sources[i] for i in region[0]] if t.stacked else [t.sources[0]]
-        return [(s, _box(box), steps) for s in sources]
+        self._rows: list[TargetSummary] | None = None  # computed once, on first use
 
     def summary(self) -> dict[str, Any]:
         """Per target and in total, what this process reads.
@@ -1291,22 +1293,11 @@ class Plan:
             whole (:func:`fn`). Requests are estimated as the read engine makes them:
             one per contiguous run of each box.
         """
-        rows = []
-        for name, t in self.targets.items():
-            nbytes = requests = 0
-            shape = tuple(t.shapes[0] or ())
-            for region, _ in t.blocks:
-                for _src, box, _ in self._requests(t, region):
-                    full = box if box else _box(_full(shape))
-                    n = math.prod(len(range(*s.indices(d))) for s, d in zip(full, shape, strict=True))
-                    nbytes += n * t.src_dtype.itemsize
-                    requests += box_requests(full, shape)
-            rows.append(TargetSummary(name, t.sources, t.leaf.shape, t.leaf.dtype.name, t.cast,
-                                      t.whole, len(t.blocks), nbytes, requests))
+        rows = self._summary_rows()
         tensors = self._handle.header.tensors
         src_bytes = sum(tensors[s].nbytes for s in {s for t in self.targets.values() for s in t.sources})
         return {
-            "targets": rows,
+            "targets": list(rows),
             "total": {"bytes": sum(r.bytes for r in rows), "requests": sum(r.requests for r in rows),
                       "source_bytes": src_bytes},
             "casts": [f"{r.target}: {t.src_dtype.name} -> {r.dtype} ({r.cast})"
@@ -1314,6 +1305,75 @@ class Plan:
             "whole": [r.target for r in rows if r.whole],
             "requests_estimated": True,
         }
+
+    def _summary_rows(self) -> list[TargetSummary]:
+        """One :class:`TargetSummary` per target (the targets never change: computed once)."""
+        if self._rows is not None:
+            return self._rows
+        rows = []
+        for name, t in self.targets.items():
+            nbytes = requests = 0
+            shape = tuple(t.shapes[0] or ())
+            for region, _ in t.blocks:
+                for _src, box, _ in _requests(t, region):
+                    full = box if box else _box(_full(shape))
+                    n = math.prod(len(range(*s.indices(d))) for s, d in zip(full, shape, strict=True))
+                    nbytes += n * t.src_dtype.itemsize
+                    requests += box_requests(full, shape)
+            rows.append(TargetSummary(name, t.sources, t.leaf.shape, t.leaf.dtype.name, t.cast,
+                                      t.whole, len(t.blocks), nbytes, requests))
+        self._rows = rows
+        return rows
+
+    def load(self, progress: bool | Callable[[str, int], Any] = False) -> Any:
+        """Read, transform and place every leaf; the template's structure and types come
+        back filled.
+
+        Args:
+            progress: True for a progress bar (bytes, per target); or a callable
+                ``(target name, bytes read)`` called after each target.
+        """
+        callback = progress if callable(progress) else None
+        summary = self.summary() if progress else None  # only a progress report needs it
+        total = summary["total"]["bytes"] if summary else 0
+        read = {row.target: row.bytes for row in summary["targets"]} if summary else {}
+        values: dict[str, Any] = {}
+        try:
+            def done(name: str, value: Any) -> None:
+                values[name] = value
+                if callback is not None:
+                    callback(name, read[name])
+
+            with ProgressBar(total, "remap", progress is True) as bar:
+                _BlockLoader(self._handle, self.targets).place_all(bar, done)
+        finally:
+            self.close()  # the arrays handed out keep their mapping alive
+        return _rebuild(self._like, values)
+
+    def close(self) -> None:
+        """Close the checkpoint (when the plan opened it); :meth:`load` does it too."""
+        if self._close:
+            self._handle.close()
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        rows = self._summary_rows()
+        return (f"<Plan {len(self.targets)} targets, {sum(r.bytes for r in rows)} bytes, "
+                f"~{sum(r.requests for r in rows)} requests>")
+
+
+class _BlockLoader:
+    """The load half of a :class:`Plan`: reads the boxes of every target block, runs the
+    operations forward, casts, and places the blocks on their devices (or as NumPy)."""
+
+    def __init__(self, handle: Any, targets: dict[str, _Target]) -> None:
+        self._handle = handle
+        self.targets = targets
 
     def _fill(self, t: _Target, job: tuple[np.ndarray, int | None, str, np.ndarray, list[_Step]],
               bar: ProgressBar) -> None:
@@ -1343,38 +1403,13 @@ class Plan:
               out: np.ndarray) -> list[tuple[np.ndarray, int | None, str, tuple[slice, ...], list[_Step]]]:
         """One job per source box of a block (per layer for stacked targets)."""
         jobs: list[tuple[np.ndarray, int | None, str, tuple[slice, ...], list[_Step]]] = []
-        reads = self._requests(t, region)
+        reads = _requests(t, region)
         for k, (src, box, steps) in enumerate(reads):
             if t.whole:  # the whole tensor; the block's part of the result is cut afterwards
                 rest = region[1:] if t.stacked else region
                 steps = [(lambda b: b, rest, rest)] if rest else []
             jobs.append((out, k if t.stacked else None, src, box, steps))
         return jobs
-
-    def load(self, progress: bool | Callable[[str, int], Any] = False) -> Any:
-        """Read, transform and place every leaf; the template's structure and types come
-        back filled.
-
-        Args:
-            progress: True for a progress bar (bytes, per target); or a callable
-                ``(target name, bytes read)`` called after each target.
-        """
-        callback = progress if callable(progress) else None
-        summary = self.summary() if progress else None  # only a progress report needs it
-        total = summary["total"]["bytes"] if summary else 0
-        read = {row.target: row.bytes for row in summary["targets"]} if summary else {}
-        values: dict[str, Any] = {}
-        try:
-            def done(name: str, value: Any) -> None:
-                values[name] = value
-                if callback is not None:
-                    callback(name, read[name])
-
-            with ProgressBar(total, "remap", progress is True) as bar:
-                self._place_all(bar, done)
-        finally:
-            self.close()  # the arrays handed out keep their mapping alive
-        return _rebuild(self._like, values)
 
     def _direct_block(self, t: _Target, region: Region, staging: list[np.ndarray],
                       ) -> tuple[np.ndarray, bool, np.ndarray | None, int] | None:
@@ -1390,7 +1425,7 @@ class Plan:
         ``spare``: staging memory that the caller may reuse (``staging``, one per thread)
         once the placement has copied out of it. None when an operation copies on its own
         (the target is then built by :meth:`_place`)."""
-        reads = self._requests(t, region)
+        reads = _requests(t, region)
         if not reads:
             return None
         parts = _read_boxes(self._handle, [(src, box) for src, box, _ in reads])
@@ -1459,7 +1494,7 @@ class Plan:
         bar.update(nbytes)
         return out
 
-    def _place_all(self, bar: ProgressBar, done: Callable[[str, Any], None]) -> None:
+    def place_all(self, bar: ProgressBar, done: Callable[[str, Any], None]) -> None:
         """Every JAX leaf that :meth:`_direct_put` can build, block by block on the thread
         pool (NumPy's copies and XLA's placement release the GIL), then the rest by
         :meth:`_place`; ``done(name, value)`` in the targets' order."""
@@ -1533,21 +1568,6 @@ class Plan:
         # jax.make_array_from_single_device_arrays)
         return put.sharded(leaf.shape, leaf.dtype, leaf.sharding, [host_of[d] for d in devices],
                            devices)
-
-    def close(self) -> None:
-        """Close the checkpoint (when the plan opened it); :meth:`load` does it too."""
-        if self._close:
-            self._handle.close()
-
-    def __enter__(self) -> Plan:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        s = self.summary()["total"]
-        return f"<Plan {len(self.targets)} targets, {s['bytes']} bytes, ~{s['requests']} requests>"
 
 
 def plan(source: Any, rules: Rules, *, like: Any, fs: Any = None,

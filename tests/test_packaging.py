@@ -3,6 +3,7 @@ on the reference wheel."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -183,15 +184,140 @@ def test_built_package_installs_into_a_clean_environment(dist, tmp_path, kind):
     assert out.stdout.startswith("ok 0.")
 
 
-#: The only function-local imports of one of our modules by another, each for a reason a
-#: top-level import cannot serve: the routers reach the JAX modules (which import jax, about
-#: a second) only when a JAX output or JAX arrays are involved, and the resolver reaches the
-#: fsspec source (a thread pool and its machinery) only for a URL or a filesystem.
-FUNCTION_LOCAL_IMPORTS = {
-    ("safecodec._api", "safecodec._jax_load"),
-    ("safecodec._api", "safecodec._jax_save"),
-    ("safecodec._resolve", "safecodec._remote"),
-}
+#: Function-local imports of one of our modules by another: none. A module that must not
+#: pay for a dependency until it is used declares it deferred, at its top level
+#: (:mod:`safecodec._lazy`); :func:`_deferred_edges` reads those declarations.
+FUNCTION_LOCAL_IMPORTS: set[tuple[str, str]] = set()
+
+
+def _module_sources() -> dict[str, str]:
+    """Module name -> source text for every module of the package."""
+    return {("safecodec" if p.stem == "__init__" else f"safecodec.{p.stem}"):
+            p.read_text(encoding="utf-8") for p in (ROOT / "safecodec").glob("*.py")}
+
+
+def _layers() -> dict[str, int]:
+    """Module -> its layer in pyproject.toml's import-linter contract (0: the top)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"]
+                   if c["type"] == "layers"]
+    out: dict[str, int] = {}
+    for depth, layer in enumerate(contract["layers"]):
+        for module in layer.replace("|", ":").split(":"):
+            out[module.strip()] = depth
+    return out
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return getattr(test, "id", None) == "TYPE_CHECKING"
+
+
+def _deferred_edges(sources: dict[str, str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Every deferred dependency declared in ``sources`` (module name -> text), as
+    (importer, deferred module) edges, and what is wrong with any declaration: each must
+    be ``NAME = deferred("safecodec.NAME")`` at the module's top level, in the ``else`` of
+    an ``if TYPE_CHECKING:`` whose body imports the same module under the same name (what
+    type checkers and import-linter see)."""
+    edges: list[tuple[str, str]] = []
+    problems: list[str] = []
+    for name, text in sorted(sources.items()):
+        tree = ast.parse(text)
+        declared: set[int] = set()
+        for block in tree.body:
+            if not (isinstance(block, ast.If) and _is_type_checking(block.test)):
+                continue
+            typed = {alias.asname or alias.name for imp in block.body
+                     if isinstance(imp, ast.ImportFrom) and imp.level == 1 and not imp.module
+                     for alias in imp.names}
+            for stmt in block.orelse:
+                call = getattr(stmt, "value", None)
+                if not (isinstance(stmt, ast.Assign) and isinstance(call, ast.Call)
+                        and getattr(call.func, "id", None) == "deferred"):
+                    continue
+                declared.add(id(call))
+                (target,) = stmt.targets
+                arg = call.args[0] if call.args else None
+                module = arg.value if isinstance(arg, ast.Constant) else None
+                bound = getattr(target, "id", None)
+                if (not isinstance(module, str) or module not in sources
+                        or module.rpartition(".")[2] != bound):
+                    problems.append(f"{name}: {ast.unparse(stmt)} must bind a safecodec "
+                                    "module under its own name")
+                elif bound not in typed:
+                    problems.append(f"{name}: {bound} = deferred(...) lacks its "
+                                    f"TYPE_CHECKING import (from . import {bound})")
+                else:
+                    edges.append((name, module))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "deferred"
+                    and id(node) not in declared):
+                problems.append(f"{name}: deferred(...) on line {node.lineno} is not a "
+                                "top-level declaration beside its TYPE_CHECKING import")
+    return edges, problems
+
+
+def _upward(edges: list[tuple[str, str]], layers: dict[str, int]) -> list[str]:
+    """The edges that do not point strictly down the layer contract."""
+    return [f"{a} -> {b}" for a, b in edges
+            if a not in layers or b not in layers or layers[a] >= layers[b]]
+
+
+def test_deferred_modules_point_down_the_layers():
+    """import-linter and the import-graph tool see imports; a deferred module is a
+    dependency too: every declaration is well formed, points down the layer contract
+    of pyproject.toml, and the JAX modules and the fsspec source are reached only so."""
+    edges, problems = _deferred_edges(_module_sources())
+    assert not problems
+    assert not _upward(edges, _layers())
+    assert {("safecodec._api", "safecodec._jax_load"), ("safecodec._api", "safecodec._jax_save"),
+            ("safecodec._resolve", "safecodec._remote")} <= set(edges)
+
+
+def test_deferred_declaration_checks_can_fail():
+    """The checks above reject an upward declaration, a misnamed one, one without its
+    TYPE_CHECKING import and one inside a function."""
+    sources = {
+        "safecodec._errors": (
+            "from typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from . import _api\n"
+            "else:\n    _api = deferred('safecodec._api')\n"),
+        "safecodec._api": (
+            "if TYPE_CHECKING:\n    from . import _reader\n"
+            "else:\n    _jax = deferred('safecodec._errors')\n"
+            "    _reader = deferred('safecodec._reader')\n"
+            "    _errors = deferred('safecodec._errors')\n"
+            "def f():\n    return deferred('safecodec._errors')\n"),
+        "safecodec._reader": "",
+    }
+    edges, problems = _deferred_edges(sources)
+    assert len(problems) == 3, problems
+    assert "_jax = deferred('safecodec._errors') must bind" in problems[0]
+    assert "_errors = deferred(...) lacks its TYPE_CHECKING import" in problems[1]
+    assert "is not a top-level declaration" in problems[2]
+    assert ("safecodec._api", "safecodec._reader") in edges
+    assert _upward(edges, _layers()) == ["safecodec._errors -> safecodec._api"]
+
+
+def test_deferred_module_imports_on_first_use():
+    """A deferred module is not imported by its declaration, is by the first attribute
+    read, and forwards later reads to the module (a replaced attribute is seen)."""
+    code = (
+        "import sys, safecodec._api as api, safecodec._resolve as res\n"
+        "names = ('safecodec._jax_load', 'safecodec._jax_save', 'safecodec._remote', "
+        "'jax', 'fsspec')\n"
+        "before = [n for n in names if n in sys.modules]\n"
+        "r = repr(res._remote)\n"
+        "cls = res._remote.FsspecSource\n"
+        "import safecodec._remote as remote\n"
+        "remote.FsspecSource = 'replaced'\n"
+        "print(before, r, 'safecodec._remote' in sys.modules, res._remote.FsspecSource, "
+        "'safecodec._jax_load' in sys.modules)\n"
+    )
+    assert _run_python(code).split() == [
+        "[]", "<deferred", "module", "'safecodec._remote'", "(not", "imported", "yet)>",
+        "True", "replaced", "False"]
 
 
 def _import_edges() -> list[tuple[str, str, bool, list[str]]]:
@@ -227,17 +353,18 @@ def _import_edges() -> list[tuple[str, str, bool, list[str]]]:
 
 
 def test_import_structure():
-    """No import cycle (function-local imports included), no private name taken from
-    another module, and no function-local import of our own modules but the listed ones
+    """No import cycle (function-local imports and deferred modules included), no private
+    name taken from another module, and no function-local import of our own modules
     (import-linter checks the layers themselves: `lint-imports`)."""
     edges = _import_edges()
     assert len(edges) > 100  # the scan does see the imports
     private = [(a, b, p) for a, b, _, p in edges if p]
     assert not private
     local = {(a, b) for a, b, is_local, _ in edges if is_local}
-    assert local == FUNCTION_LOCAL_IMPORTS
+    assert local == FUNCTION_LOCAL_IMPORTS == set()
     graph: dict[str, set[str]] = {}
-    for a, b, _, _ in edges:
+    deferred, _ = _deferred_edges(_module_sources())
+    for a, b in [(a, b) for a, b, _, _ in edges] + deferred:
         if a != b:
             graph.setdefault(a, set()).add(b)
     state: dict[str, int] = {}  # 1: on the current path, 2: done

@@ -13,7 +13,16 @@ import pytest
 import safecodec as sc
 from safecodec import _dtypes
 from safecodec._errors import ChecksumError, SafecodecError
-from safecodec._reader import MEMORY_ROUTES, ReadOptions, Route, read_route
+from safecodec._reader import (
+    MEMORY_ROUTES,
+    Check,
+    ReadOptions,
+    Route,
+    read_route,
+    verify_point,
+)
+
+pytest_plugins = ["conftest_remote"]
 
 
 def _tensors() -> dict[str, np.ndarray]:
@@ -139,6 +148,88 @@ def test_verification_happens_on_every_route(tmp_path: Any) -> None:
             np.testing.assert_array_equal(f.get_tensor("i"), _tensors()["i"])
     with sc.safe_open(bytes(data), verify=True) as f, pytest.raises(ChecksumError, match="'w'"):
         f.get_tensor("w")
+
+
+def test_verify_point_is_one_decision(tmp_path: Any) -> None:
+    """FIRST for views, decodes and parts (the stored bytes, before anything is handed
+    out), RESULT for whole tensors read into fresh memory, NONE without verify=True."""
+    path = str(tmp_path / "m.safetensors")
+    sc.save_file(_tensors(), path, checksums=True)
+    with sc.safe_open(path, verify=True) as f:
+        table = {(whole, read): verify_point(f.reader, whole=whole, read=read)
+                 for whole in (True, False) for read in (True, False)}
+    assert table == {(True, True): Check.RESULT, (True, False): Check.FIRST,
+                     (False, True): Check.FIRST, (False, False): Check.FIRST}
+    with sc.safe_open(path) as f:
+        assert verify_point(f.reader, whole=True, read=True) is Check.NONE
+
+
+def _corrupt_every_tensor(blob: bytes) -> bytes:
+    """One byte of every tensor's data flipped (header and checksums kept)."""
+    header = sc.read_header(blob)
+    data = bytearray(blob)
+    for info in header.tensors.values():
+        data[header.data_start + info.begin] ^= 0x40
+    return bytes(data)
+
+
+#: One source per read route, named by the route its reader takes (``q``, an F4 tensor, is
+#: DECODE on every one of them).
+ROUTE_SOURCES: dict[str, tuple[str, dict[str, Any]]] = {
+    "alias-bytes": ("bytes", {}),
+    "alias-jax-mapping": ("file", {"framework": "jax"}),
+    "view-mapping": ("file", {}),
+    "view-bytearray": ("bytearray", {}),
+    "read-copy": ("file", {"copy": True}),
+    "read-pread-jax": ("file", {"backend": "pread", "framework": "jax"}),
+    "fetch-remote": ("url", {}),
+    "fetch-remote-jax": ("url", {"framework": "jax"}),
+}
+EXPECTED_ROUTE = {"alias": Route.ALIAS, "view": Route.VIEW, "read": Route.READ,
+                  "fetch": Route.FETCH}
+
+
+@pytest.mark.parametrize("case", sorted(ROUTE_SOURCES))
+def test_a_corrupted_tensor_raises_on_every_route(case: str, tmp_path: Any,
+                                                  mem_url: str) -> None:
+    """verify=True: every entry (whole tensor, every tensor, slice, box, box of the whole
+    tensor) of every route (ALIAS, VIEW, READ, FETCH; DECODE through the packed tensor)
+    raises ChecksumError for a corrupted tensor, NumPy and JAX handles alike."""
+    kind, kw = ROUTE_SOURCES[case]
+    if kw.get("framework") == "jax":
+        jax = pytest.importorskip("jax")
+        kw = {**kw, "device": jax.devices("cpu")[0]}
+    tensors = {**_tensors(), "i": np.arange(8, dtype=np.int32)}  # JAX's default: no x64
+    blob = _corrupt_every_tensor(sc.save(tensors, checksums=True))
+    path = str(tmp_path / "bad.safetensors")
+    with open(path, "wb") as fh:
+        fh.write(blob)
+    fsspec.filesystem("memory").pipe(f"{mem_url}/bad.safetensors", blob)
+    source: Any = {"bytes": blob, "bytearray": bytearray(blob), "file": path,
+                   "url": f"{mem_url}/bad.safetensors"}[kind]
+
+    def fresh() -> Any:
+        return sc.safe_open(source, verify=True, **kw)
+
+    with fresh() as f:
+        assert f.reader.route is EXPECTED_ROUTE[case.split("-")[0]], f.reader.route
+        assert read_route(f.reader, f.header.tensors["q"].dtype) is Route.DECODE
+    for name in ("w", "i", "q"):
+        whole = tuple(slice(0, n) for n in tensors[name].shape)
+        part = (slice(0, 1), *whole[1:])
+        entries = {
+            "get_tensor": lambda f, n=name: f.get_tensor(n),
+            "load_tensors": lambda f, n=name: f.load_tensors([n]),
+            "get_slice": lambda f, n=name: f.get_slice(n)[:1],
+            "box": lambda f, n=name, b=part: f.reader.read_box(f.header.tensors[n], b),
+            "whole-box": lambda f, n=name, b=whole: f.reader.read_box(f.header.tensors[n], b),
+        }
+        for entry, call in entries.items():
+            with fresh() as f, pytest.raises(ChecksumError, match=repr(name)):
+                call(f)
+                pytest.fail(f"{case}: {entry} of {name!r} loaded under verify=True")
+    with fresh() as f, pytest.raises(ChecksumError):
+        f.get_tensors()
 
 
 # ----------------------------------------------------------------------------- JAX

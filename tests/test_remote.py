@@ -175,7 +175,7 @@ def test_generic_filesystem_is_read_without_read_ahead():
     t = _tensors()
     fs = _BlobFS({"/m.safetensors": sc.save(t)}, skip_instance_cache=True)
     with sc.safe_open("/m.safetensors", fs=fs) as f:
-        assert f.reader.source._exact is False
+        assert f.reader.source.transport.exact is False
         assert fs.fetched == f.stats["bytes_read"] == FIRST_READ
         np.testing.assert_array_equal(f.get_slice("big")[3:5], t["big"][3:5])
         np.testing.assert_array_equal(f.get_tensor("small"), t["small"])

@@ -221,12 +221,12 @@ def test_safe_open_over_shards(tmp_path, via):
     target = d if via == "directory" else os.path.join(d, "model" + INDEX_SUFFIX)
     with sc.safe_open(target) as f:
         assert isinstance(f, ShardedSafeOpen)
-        assert f._handles == {}  # nothing but the index read so far
+        assert f.shards.opened == {}  # nothing but the index read so far
         assert f.keys() == sorted(t)
         assert len(f) == len(t) and "embed" in f and "nope" not in f
         assert list(f) == sorted(t)
         np.testing.assert_array_equal(f.get_tensor("layers.1.b"), t["layers.1.b"])
-        assert list(f._handles) == ["model-00002-of-00004.safetensors"]  # lazily, one shard
+        assert list(f.shards.opened) == ["model-00002-of-00004.safetensors"]  # lazily, one shard
         np.testing.assert_array_equal(f.get_slice("embed")[5:9, ::3], t["embed"][5:9, ::3])
         assert f.get_slice("embed").get_shape() == [100, 64]
         assert f.metadata() == {"format": "np"}
@@ -359,7 +359,7 @@ def test_sharded_round_trip_in_memory(mem_url):
     assert len(fs.ls(f"{mem_url}/ck")) == 5
     with sc.safe_open(f"{mem_url}/ck") as f:
         np.testing.assert_array_equal(f.get_tensor("layers.0.w"), t["layers.0.w"])
-        assert len(f._handles) == 1
+        assert len(f.shards.opened) == 1
         out = f.get_tensors()
     for name, arr in t.items():
         np.testing.assert_array_equal(out[name], arr)
@@ -434,7 +434,7 @@ def test_sharded_handle_is_thread_safe(mem_url):
     names = sorted(t) * 8
     with sc.safe_open(f"{mem_url}/ck") as f, ThreadPoolExecutor(8) as pool:
         got = list(pool.map(f.get_tensor, names))
-        assert len(f._handles) == 4  # each shard opened once despite the races
+        assert len(f.shards.opened) == 4  # each shard opened once despite the races
     for name, arr in zip(names, got, strict=True):
         np.testing.assert_array_equal(arr, t[name])
 
