@@ -20,6 +20,9 @@ Operations (files are written once, by this tree's writer, in a temporary direct
 * ``lazy-1-of-10k``: ``safe_open`` + one ``get_tensor`` of that file;
 * ``header-148``: ``safecodec.read_header`` of the GPT-2-small file (148 tensors);
 * ``header-10k``: ``safecodec.read_header`` of the 10,000-tensor file;
+* ``tree-1000``: ``safecodec.load_tree`` of a ``save_tree`` file of 1,000 leaves (arrays,
+  NumPy and Python scalars in dicts and lists), without a template;
+* ``tree-1000-like``: the same with ``like=`` the tree itself (checked leaf by leaf);
 * ``import``: ``import safecodec`` after numpy, once per fresh interpreter (bytecode
   cached), so its figure is the median over rounds rather than a best of several calls.
 """
@@ -76,6 +79,11 @@ elif op == "lazy-1-of-10k":
     def run():
         with sc.safe_open(os.path.join(d, "small.safetensors")) as f:
             f.get_tensor("t05000")
+elif op in ("tree-1000", "tree-1000-like"):
+    path = os.path.join(d, "tree.safetensors")
+    like = sc.load_tree(path) if op == "tree-1000-like" else None
+    def run():
+        sc.load_tree(path, like=like)
 elif op in ("header-148", "header-10k"):
     path = os.path.join(d, "gpt2.safetensors" if op == "header-148" else "small.safetensors")
     sc.read_header(path)  # the first call pays for importing the reader
@@ -91,7 +99,7 @@ print(json.dumps(best))
 """
 
 OPS = ["load-numpy", "load-numpy-copy", "load-jax", "load-jax-ref", "save", "small-10k",
-       "lazy-1-of-10k", "header-148", "header-10k", "import"]
+       "lazy-1-of-10k", "header-148", "header-10k", "tree-1000", "tree-1000-like", "import"]
 
 
 def _write_files(d: str) -> None:
@@ -111,6 +119,11 @@ def _write_files(d: str) -> None:
         sc.save_file(model, os.path.join(d, "gpt2-ref.safetensors"), alignment=8)
     small = {f"t{i:05d}": np.full(256, i, np.float32) for i in range(10_000)}
     sc.save_file(small, os.path.join(d, "small.safetensors"))
+    rng = np.random.default_rng(0)
+    tree = {f"layer{i:03d}": {"w": rng.standard_normal((16, 16)).astype(np.float32),
+                              "b": np.zeros(16, np.float32), "n": [i, float(i)], "s": np.int32(i)}
+            for i in range(200)}  # 5 leaves each
+    sc.save_tree(tree, os.path.join(d, "tree.safetensors"))
 
 
 def _time(tree: str, op: str, d: str) -> float:

@@ -51,7 +51,14 @@ from . import _tree_record as rec
 from ._api import safe_open, save, save_file
 from ._dtypes import caller_stacklevel, code_for_numpy
 from ._errors import DtypeError, SafecodecError, TreeStructureError
-from ._header import RESERVED_PREFIX, TREE_KEY, check_metadata, name_fault, visible_metadata
+from ._header import (
+    RESERVED_PREFIX,
+    TREE_KEY,
+    check_metadata,
+    gc_paused,
+    name_fault,
+    visible_metadata,
+)
 from ._pytree import (
     ARRAY_LIKE,
     CONTAINERS,
@@ -848,14 +855,19 @@ def load_tree(
                storage_options=storage_options) as handle:
         header = handle.header
         user_md, own = split_metadata(header.raw_metadata)
-        root = rec.decode_record(own[TREE_KEY]) if TREE_KEY in own else None
-        if template is None:
-            plan, shape = _plan_plain(header, root, TREE_KEY in own, bool(want_jax))
-        else:
-            shape, nodes = template
-            entries = rec.path_entries(root) if TREE_KEY in own else None
-            plan = _TemplatePlan(header, entries, want_jax).run(nodes)
-        tree = _build(shape, _load(handle, plan))
+        # The record, the plan and the built containers are a few acyclic objects per
+        # leaf: the cyclic collector would only re-scan the heap (as for the header).
+        with gc_paused():
+            root = rec.decode_record(own[TREE_KEY]) if TREE_KEY in own else None
+            if template is None:
+                plan, shape = _plan_plain(header, root, TREE_KEY in own, bool(want_jax))
+            else:
+                shape, nodes = template
+                entries = rec.path_entries(root) if TREE_KEY in own else None
+                plan = _TemplatePlan(header, entries, want_jax).run(nodes)
+        values = _load(handle, plan)
+        with gc_paused():
+            tree = _build(shape, values)
     if plan.skipped:
         skipped = plan.skipped
         shown = ", ".join(render_path(p) for p in skipped[:20])
