@@ -101,6 +101,7 @@ __all__ = [
     "TensorSlice",
     "check_numpy_placement",
     "check_output",
+    "handle_options",
     "missing_tensor",
     "normalize_framework",
     "read_header_bytes",
@@ -1076,13 +1077,10 @@ class SafeOpen:
         output: Output | None = None,
         options: ReadOptions | None = None,
     ) -> None:
-        if options is None:
-            options = ReadOptions(framework=framework, fs=fs, copy=copy, unpack=unpack,
-                                  device=device, sharding=sharding,
-                                  storage_options=storage_options, progress=progress,
-                                  verify=verify)
-        fw, output = check_output(options.framework, options.device, options.sharding,
-                                  output)
+        options, fw, output = handle_options(
+            options, output, framework=framework, fs=fs, copy=copy, unpack=unpack,
+            device=device, sharding=sharding, storage_options=storage_options,
+            progress=progress, verify=verify)
         self.framework: str = fw
         #: The output converter (None for NumPy outputs).
         self.output: Output | None = output
@@ -1301,6 +1299,17 @@ class SafeOpen:
     def __repr__(self) -> str:
         state = "closed" if self.closed else counted(len(self), "tensor")
         return f"<safecodec.safe_open {self._source.name!r} ({state}), framework={self.framework!r}>"
+
+
+def handle_options(options: ReadOptions | None, output: Output | None,
+                   **fields: Any) -> tuple[ReadOptions, str, Output | None]:
+    """What a handle reads with: ``options``, or (None) a :class:`ReadOptions` of the
+    handle's keyword arguments ``fields``; with the framework and output
+    :func:`check_output` gives."""
+    if options is None:
+        options = ReadOptions(**fields)
+    fw, output = check_output(options.framework, options.device, options.sharding, output)
+    return options, fw, output
 
 
 def check_output(framework: Any, device: Any, sharding: Any,

@@ -46,7 +46,7 @@ from ._header import (
 )
 from ._integrity import sha256_hex
 from ._progress import ProgressBar
-from ._reader import Output, ReadOptions, SafeOpen, check_output, missing_tensor
+from ._reader import Output, ReadOptions, SafeOpen, handle_options, missing_tensor
 from ._resolve import Location, Target, open_remote
 from ._shardindex import (
     MAX_INDEX_SIZE,
@@ -257,12 +257,9 @@ class ShardedSafeOpen:
                  sharding: Any = None, progress: bool = False, verify: bool = False,
                  output: Output | None = None, options: ReadOptions | None = None) -> None:
         assert location.index is not None
-        if options is None:
-            options = ReadOptions(framework=framework, copy=copy, unpack=unpack,
-                                  device=device, sharding=sharding, progress=progress,
-                                  verify=verify)
-        fw, output = check_output(options.framework, options.device, options.sharding,
-                                  output)
+        options, fw, output = handle_options(
+            options, output, framework=framework, copy=copy, unpack=unpack, device=device,
+            sharding=sharding, progress=progress, verify=verify)
         self.framework: str = fw
         #: The output converter shared by every shard (None for NumPy outputs).
         self.output: Output | None = output
