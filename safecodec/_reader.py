@@ -81,7 +81,7 @@ from ._indexing import (
 from ._packed import unpack
 from ._progress import ProgressBar
 from ._resolve import open_source
-from ._source import BufferSource, MapMode
+from ._source import BufferSource, MapMode, SourceBase
 
 __all__ = [
     "BACKENDS",
@@ -1053,12 +1053,11 @@ class SafeOpen:
         options: Every option above in one :class:`ReadOptions` (what the routers
             pass); given, it replaces the keyword options.
 
-    Why one class of some 270 lines: it is the reference wheel's handle, one short,
-    documented method per verb of that API (``keys``, ``offset_keys``, ``metadata``,
-    ``get_tensor``, ``get_slice``, ``get_tensors``) plus the few the tree, sharded and
-    remap layers use; it decides nothing about bytes. Routes come from
-    :func:`read_route`, checks from :func:`verify_point`, reads from
-    :class:`TensorReader` and :class:`BoxReader`.
+    It is the reference wheel's handle: one short method per verb of that API (``keys``,
+    ``offset_keys``, ``metadata``, ``get_tensor``, ``get_slice``, ``get_tensors``) plus the
+    few the tree, sharded and remap layers use; it decides nothing about bytes. Routes come
+    from :func:`read_route`, checks from :func:`verify_point`, reads from
+    :class:`TensorReader` and :class:`BoxReader`, whole loads from :func:`_load_by_route`.
     """
 
     def __init__(
@@ -1087,23 +1086,12 @@ class SafeOpen:
         #: The options this handle reads with.
         self.options: ReadOptions = options
         self._reader: TensorReader | None = None
-        self._progress = options.progress
         self._source = open_source(source, fs=options.fs,
                                    storage_options=options.storage_options,
                                    progress=options.progress)
         try:
             self._header, self._raw_header = read_header_bytes(self._source)
-            digests = None
-            if options.verify:
-                digests = _integrity.decode(self._header.raw_metadata)
-                if digests is None:
-                    raise ChecksumError(
-                        f"verify=True, but {self._source.name} stores no checksums "
-                        f"(metadata key {CHECKSUM_KEY!r}; write them with checksums=True)"
-                    )
-            mode: MapMode = "copy" if fw == "numpy" else "read"
-            self._reader = TensorReader(self._source, self._header, options, mode=mode,
-                                        digests=digests)
+            self._reader = _open_reader(self._source, self._header, options, fw)
         except BaseException:
             self._source.close()
             raise
@@ -1209,44 +1197,8 @@ class SafeOpen:
 
     def _load_infos(self, infos: list[TensorInfo], sharding: Any,
                     check_names: bool = True) -> dict[str, Any]:
-        reader = self.reader
-        if not self._progress or self._source.remote:  # remote reads show their own bar
-            return self._load_infos_now(reader, infos, sharding, check_names)
-        total = sum(i.nbytes for i in infos)
-        with ProgressBar(total, f"load {os.path.basename(str(self._source.name))}",
-                         True) as bar:
-            reader.progress = bar
-            try:
-                out = self._load_infos_now(reader, infos, sharding, check_names)
-            finally:
-                reader.progress = None
-            if bar.done < total:  # tensors handed out as views are counted here
-                bar.update(total - bar.done)
-        return out
-
-    def _load_infos_now(self, reader: TensorReader, infos: list[TensorInfo], sharding: Any,
-                        check_names: bool) -> dict[str, Any]:
-        """Every tensor of ``infos``, by the route :func:`read_route` gives the reader: a
-        remote FETCH of a whole load streams the tensors into private memory in one pass
-        first (their route is then VIEW); memory routes hand out views (a tensor that
-        needs DECODE takes :meth:`TensorReader.array`), READ spreads positioned reads
-        over the threads (:meth:`TensorReader.copies`). Checksums: tensors handed out as
-        views are checked before any is returned, read ones as they are read
-        (:meth:`TensorReader.begin`, :func:`verify_point`)."""
-        route = reader.route
-        if route is Route.FETCH and infos and self.output is None and self._source.remote:
-            reader = reader.fetched(infos)
-            route = reader.route
-        reader.begin(infos)
-        if self.output is not None:
-            return self.output.load_all(reader, infos, sharding=sharding,
-                                        check_names=check_names)
-        if route in MEMORY_ROUTES and _dtypes.HOST_IS_LITTLE_ENDIAN:
-            return _views(reader, infos)
-        if route is Route.READ:
-            return reader.copies(infos)
-        array = reader.array
-        return {info.name: array(info) for info in infos}
+        return _load_whole(self.reader, self._source, infos, self.output, sharding,
+                           check_names, self.options.progress)
 
     # -- extras
     @property
@@ -1299,6 +1251,69 @@ class SafeOpen:
     def __repr__(self) -> str:
         state = "closed" if self.closed else counted(len(self), "tensor")
         return f"<safecodec.safe_open {self._source.name!r} ({state}), framework={self.framework!r}>"
+
+
+def _open_reader(source: SourceBase, header: Header, options: ReadOptions,
+                 framework: str) -> TensorReader:
+    """The :class:`TensorReader` of a handle on ``source`` (NumPy handles map copy-on-write,
+    JAX ones read-only), with the stored checksums when ``options.verify``.
+
+    Raises:
+        ChecksumError: ``verify=True`` and the file stores no checksums.
+    """
+    digests = None
+    if options.verify:
+        digests = _integrity.decode(header.raw_metadata)
+        if digests is None:
+            raise ChecksumError(
+                f"verify=True, but {source.name} stores no checksums "
+                f"(metadata key {CHECKSUM_KEY!r}; write them with checksums=True)"
+            )
+    mode: MapMode = "copy" if framework == "numpy" else "read"
+    return TensorReader(source, header, options, mode=mode, digests=digests)
+
+
+def _load_whole(reader: TensorReader, source: SourceBase, infos: list[TensorInfo],
+                output: Output | None, sharding: Any, check_names: bool,
+                progress: bool) -> dict[str, Any]:
+    """Whole tensors ``infos`` of a handle, with a progress bar of their bytes when asked
+    for (a remote source shows its transfer's bar instead)."""
+    if not progress or source.remote:
+        return _load_by_route(reader, source, infos, output, sharding, check_names)
+    total = sum(i.nbytes for i in infos)
+    with ProgressBar(total, f"load {os.path.basename(str(source.name))}", True) as bar:
+        reader.progress = bar
+        try:
+            out = _load_by_route(reader, source, infos, output, sharding, check_names)
+        finally:
+            reader.progress = None
+        if bar.done < total:  # tensors handed out as views are counted here
+            bar.update(total - bar.done)
+    return out
+
+
+def _load_by_route(reader: TensorReader, source: SourceBase, infos: list[TensorInfo],
+                   output: Output | None, sharding: Any, check_names: bool) -> dict[str, Any]:
+    """Every tensor of ``infos``, by the route :func:`read_route` gives the reader: a
+    remote FETCH of a whole load streams the tensors into private memory in one pass
+    first (their route is then VIEW); memory routes hand out views (a tensor that
+    needs DECODE takes :meth:`TensorReader.array`), READ spreads positioned reads
+    over the threads (:meth:`TensorReader.copies`). Checksums: tensors handed out as
+    views are checked before any is returned, read ones as they are read
+    (:meth:`TensorReader.begin`, :func:`verify_point`)."""
+    route = reader.route
+    if route is Route.FETCH and infos and output is None and source.remote:
+        reader = reader.fetched(infos)
+        route = reader.route
+    reader.begin(infos)
+    if output is not None:
+        return output.load_all(reader, infos, sharding=sharding, check_names=check_names)
+    if route in MEMORY_ROUTES and _dtypes.HOST_IS_LITTLE_ENDIAN:
+        return _views(reader, infos)
+    if route is Route.READ:
+        return reader.copies(infos)
+    array = reader.array
+    return {info.name: array(info) for info in infos}
 
 
 def handle_options(options: ReadOptions | None, output: Output | None,
