@@ -839,12 +839,11 @@ def load_tree(
         if like is None:
             raise SafecodecError("load_tree(remap=...) needs like=, the template to fill")
         fw = {True: "jax", False: "numpy", None: None}[_want_jax(framework)]
-        tree = remap.plan(source, like, fs=fs, storage_options=storage_options, framework=fw,
-                          copy=copy).load()
-        if with_metadata:
-            with _open(source, fs=fs, copy=False, jax=False, storage_options=storage_options) as h:
-                return tree, split_metadata(h.header.raw_metadata)[0]
-        return tree
+        planned = remap.plan(source, like, fs=fs, storage_options=storage_options,
+                             framework=fw, copy=copy)
+        user = split_metadata(planned.header.raw_metadata)[0]  # from the header it read
+        tree = planned.load()
+        return (tree, user) if with_metadata else tree
     want_jax = _want_jax(framework)
     template = _flatten_template(like) if like is not None else None
     if template is not None and want_jax is None:

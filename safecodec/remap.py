@@ -1282,6 +1282,13 @@ class Plan:
         self._close = close
         self._rows: list[TargetSummary] | None = None  # computed once, on first use
 
+    @property
+    def header(self) -> Header:
+        """The checkpoint's header the plan was made from (a sharded checkpoint's: every
+        shard's tensors, the index's metadata)."""
+        header: Header = self._handle.header
+        return header
+
     def summary(self) -> dict[str, Any]:
         """Per target and in total, what this process reads.
 

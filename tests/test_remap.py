@@ -117,6 +117,17 @@ def test_llama_into_nnx_matches_numpy(hf, scanned: bool) -> None:
     assert model.embed(jnp.array([1, 2])).shape == (2, H)
 
 
+def test_with_metadata_comes_from_the_planned_header(hf) -> None:
+    directory, _ = hf
+    state, metadata = sc.load_tree(directory, like=abstract_state(True), remap=ck.rules(),
+                                   with_metadata=True)
+    assert isinstance(state, nnx.State)
+    with sc.safe_open(directory) as f:
+        assert metadata == f.metadata()
+        planned = R.plan(f, ck.rules(), like=abstract_state(True))
+        assert planned.header is f.header
+
+
 def test_inverse_round_trip_is_byte_identical_by_the_wheel(hf, tmp_path) -> None:
     directory, t = hf
     rules = ck.rules()
