@@ -320,6 +320,14 @@ def test_deferred_module_imports_on_first_use():
         "True", "replaced", "False"]
 
 
+def test_deferred_refuses_a_relative_name():
+    """A deferred module is named absolutely (the proxy has no package to resolve against)."""
+    from safecodec._lazy import deferred
+
+    with pytest.raises(ValueError, match=r"absolute module name, got '\._remote'"):
+        deferred("._remote")
+
+
 def _import_edges() -> list[tuple[str, str, bool, list[str]]]:
     """(importer, imported module, inside a function, private names taken) for every import
     of one of our modules by another, read from the source (nothing is run)."""
